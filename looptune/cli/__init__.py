@@ -1,0 +1,11 @@
+"""The `looptune` command line: thin typer commands over the Python API."""
+
+from looptune.cli import checkpoint  # noqa: F401  (registers init, info)
+from looptune.cli.app import app
+
+
+def main():
+    app()
+
+
+__all__ = ["app", "main"]

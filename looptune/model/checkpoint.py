@@ -1,0 +1,324 @@
+"""Checkpoint directories: `config.json` + safetensors (one file or index-sharded) + optional
+`tokenizer.json`. Never unpickles. Every failure is a one-line `CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from looptune.errors import CheckpointError, LooptuneError
+from looptune.model.config import PLTConfig, from_hf_dict, to_hf_dict
+from looptune.model.plt import PLTForCausalLM
+from looptune.model.tokenizer import load_tokenizer
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+# Other spellings of the gate tensors, as serving engines name them -> looptune's names.
+ALIASES = [
+    (re.compile(r"model\.gate_projections\.(\d+)\.gate_proj\.(weight|bias)"),
+     r"model.layers.\1.self_attn.gate_projection.\2"),
+    (re.compile(r"model\.gate_projections\.(\d+)\.(weight|bias)"),
+     r"model.layers.\1.self_attn.gate_projection.\2"),
+    (re.compile(r"model\.layers\.(\d+)\.self_attn\.gate_proj\.(weight|bias)"),
+     r"model.layers.\1.self_attn.gate_projection.\2"),
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def canonical_name(name: str) -> str:
+    for pattern, repl in ALIASES:
+        if pattern.fullmatch(name):
+            return pattern.sub(repl, name)
+    return name
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """None/"auto" keeps the stored dtype; a name or a torch.dtype picks one."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return None if dtype in (None, "auto") else dtype
+    if dtype not in DTYPES:
+        raise LooptuneError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LooptuneError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LooptuneError(f"device {device} requested but CUDA is not available here")
+    return dev
+
+
+def read_config(directory: Path) -> tuple[PLTConfig, dict]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    path = directory / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing (a checkpoint needs config.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    cfg = from_hf_dict(raw, str(path))
+    if cfg.tokenizer == "bytes" and cfg.vocab_size < 259:
+        raise CheckpointError(f"{path}: vocab_size {cfg.vocab_size} is too small for the byte "
+                              "tokenizer (needs 259)")
+    return cfg, raw
+
+
+def weight_files(directory: Path) -> list[Path]:
+    index = directory / INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        files = sorted({directory / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{index}: names {f.name}, which is missing")
+        return files
+    if (directory / SINGLE).exists():
+        return [directory / SINGLE]
+    shards = sorted(directory.glob("*.safetensors"))
+    if shards:
+        return shards
+    if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
+        raise CheckpointError(f"{directory}: only pickle weights (.bin/.pt) found; looptune loads "
+                              "safetensors only (convert them first)")
+    raise CheckpointError(f"{directory}: no weights ({SINGLE} or {INDEX}) found")
+
+
+def _read_tensors(files: list[Path], expected: dict[str, torch.Size], tied: bool, device, dtype,
+                  headers_only: bool = False):
+    found: dict[str, tuple[Path, str]] = {}
+    shapes: dict[str, tuple] = {}
+    handles = {}
+    for f in files:
+        try:
+            handles[f] = safe_open(str(f), framework="pt", device=str(device))
+            for name in handles[f].keys():
+                key = canonical_name(name)
+                found[key] = (f, name)
+                shapes[key] = tuple(handles[f].get_slice(name).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: corrupt or truncated safetensors ({e})") from None
+    if tied:
+        found.pop("lm_head.weight", None)  # tied checkpoints sometimes store the copy
+    where = files[0].parent
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        raise CheckpointError(f"{where}: missing tensors: {', '.join(missing[:5])}"
+                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected tensors: {', '.join(unexpected[:5])}"
+                              + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
+    for key, shape in expected.items():
+        if tuple(shape) != shapes[key]:
+            f, name = found[key]
+            raise CheckpointError(f"{f}: tensor {name} has shape {list(shapes[key])}, "
+                                  f"the config implies {list(shape)}")
+    if headers_only:
+        return {}
+    state = {}
+    for key, (f, name) in found.items():
+        try:
+            t = handles[f].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
+        state[key] = t.to(dtype) if dtype is not None else t
+    return state
+
+
+def load_model(path, device="auto", dtype="auto", eval_mode: bool = True):
+    """Load a checkpoint directory: returns `(model, tokenizer)`; tokenizer may be None.
+
+    Builds the model on the meta device and assigns the real tensors, so a large model is
+    never materialised twice.
+    """
+    directory = Path(path)
+    cfg, _ = read_config(directory)
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    files = weight_files(directory)
+    with torch.device("meta"):
+        model = PLTForCausalLM(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = _read_tensors(files, expected, cfg.tie_word_embeddings, device, dtype)
+    model.load_state_dict(state, assign=True)
+    model.checkpoint_dir = directory
+    return (model.eval() if eval_mode else model), load_tokenizer(directory, cfg.tokenizer)
+
+
+def init_weights(model: PLTForCausalLM, seed: int = 0, std: float = 0.02):
+    """Random init in place, on whatever device and dtype the model already lives in."""
+    gen = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif "plt_gate" in name or "gate_projection" in name:
+                p.zero_()  # g = 0.5, as in the released models
+            else:
+                p.normal_(0.0, std, generator=gen)
+    return model
+
+
+def build_model(cfg: PLTConfig, device="cpu", dtype=torch.float32, seed: int = 0):
+    """A randomly initialised model created directly on `device` in `dtype`."""
+    with torch.device("meta"):
+        model = PLTForCausalLM(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    return init_weights(model, seed)
+
+
+def _atomic_write_bytes(path: Path, data: bytes):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model: PLTForCausalLM, directory, max_shard_bytes: int | None = None,
+                    tokenizer_json: Path | None = None, extra_config: dict | None = None):
+    """Write config.json and safetensors (sharded above `max_shard_bytes`); each file atomically,
+    config last so a half-written directory never looks complete."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    shards: list[dict] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    stale = list(directory.glob("model*.safetensors")) + [directory / INDEX]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    if len(shards) == 1:
+        tmp = directory / (SINGLE + ".tmp")
+        save_file(shards[0], str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, directory / SINGLE)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / (fname + ".tmp")), metadata={"format": "pt"})
+            os.replace(directory / (fname + ".tmp"), directory / fname)
+            weight_map.update({name: fname for name in shard})
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": weight_map}
+        _atomic_write_bytes(directory / INDEX, json.dumps(index, indent=2).encode())
+    if tokenizer_json is not None:
+        _atomic_write_bytes(directory / "tokenizer.json", Path(tokenizer_json).read_bytes())
+    config = to_hf_dict(model.config)
+    config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config.update(extra_config or {})
+    _atomic_write_bytes(directory / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    return directory
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def content_hash(path) -> str:
+    """sha256 over config.json and the weight files, in name order (memoised per process on
+    size and mtime). Caches and profiles key on it, so a changed model never reuses results."""
+    directory = Path(path)
+    files = [directory / "config.json"] + weight_files(directory)
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+ARCH_LAYOUTS = {
+    "plt": dict(architecture="IQuestPLTCoderForCausalLM", mode="plt", gate="hidden"),
+    "iquest-loop": dict(architecture="IQuestLoopCoderForCausalLM", mode="plt-noshift",
+                        gate="query", emb_scale=0.0, hidden_scale=1.0, normalize_per_loop=False),
+}
+
+
+def init_checkpoint(directory, preset: str, loops=None, window=None, arch: str = "plt",
+                    seed: int = 0, dtype="auto", device="auto", shard_bytes: int = 2 << 30) -> dict:
+    """`looptune init`: a random checkpoint of a preset shape; returns what was written."""
+    from looptune.model.config import preset_config
+
+    if arch not in ARCH_LAYOUTS:
+        raise LooptuneError(f"--arch must be one of {', '.join(ARCH_LAYOUTS)}, got {arch!r}")
+    directory = Path(directory)
+    if (directory / "config.json").exists():
+        raise LooptuneError(f"{directory} already holds a checkpoint; choose an empty directory")
+    try:
+        cfg = preset_config(preset, num_loops=loops, window=window, **ARCH_LAYOUTS[arch])
+    except ValueError as e:
+        raise LooptuneError(str(e)) from None
+    big = cfg.hidden_size >= 2048
+    torch_dtype = resolve_dtype(dtype) or (torch.bfloat16 if big else torch.float32)
+    model = build_model(cfg, resolve_device(device), torch_dtype, seed)
+    save_checkpoint(model, directory, max_shard_bytes=shard_bytes)
+    return {"path": str(directory), "preset": preset, "parameters": model.num_params(),
+            "loops": cfg.num_loops, "window": cfg.window, "architecture": cfg.architecture,
+            "dtype": str(torch_dtype).removeprefix("torch.")}
+
+
+def describe_checkpoint(path, contexts=(512, 2048, 8192)) -> dict:
+    """`looptune info`: the config, parameter counts and KV bytes per sequence by mode and R.
+
+    Reads only the config and the safetensors headers: nothing is loaded."""
+    from dataclasses import asdict
+
+    from looptune.model.cache import kv_bytes
+    from looptune.model.config import MODES
+
+    directory = Path(path)
+    cfg, raw = read_config(directory)
+    files = weight_files(directory)
+    with torch.device("meta"):
+        model = PLTForCausalLM(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    dtype = _check_headers(files, expected, cfg.tie_word_embeddings)
+    rows = []
+    for mode in MODES:
+        for R in range(1, 5):
+            rows.append({"mode": mode, "loops": R, "bytes": {
+                str(S): kv_bytes(cfg, mode, R, cfg.window, S, 1, dtype) for S in contexts}})
+    return {"path": str(directory), "config": asdict(cfg), "dtype": str(dtype).removeprefix("torch."),
+            "parameters": model.num_params(), "parameters_non_embedding": model.num_params(False),
+            "contexts": list(contexts), "kv_bytes": rows}
+
+
+def _check_headers(files, expected, tied) -> torch.dtype:
+    """Validate names and shapes from the headers alone; the stored dtype of the weights."""
+    _read_tensors(files, expected, tied, "cpu", None, headers_only=True)
+    with safe_open(str(files[0]), framework="pt") as f:
+        return _ST_DTYPES.get(f.get_slice(next(iter(f.keys()))).get_dtype(), torch.float32)
+
+
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "F64": torch.float64}

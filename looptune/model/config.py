@@ -1,0 +1,191 @@
+"""Model configuration, presets and the Hugging Face `config.json` mapping.
+
+Window convention (used everywhere in looptune): `window` W is the number of keys the local
+branch of G-SWA sees, the token itself included. An integer `plt_window_size` in a config.json is
+read as exactly that; a list `[left, right]` is read in the flash-attention convention, left keys
+plus the token itself, so W = left + 1 (LoopCoder-V2's `[64, 0]` gives W = 65). IQuest's
+`loop_window_size` is an integer and is read like the integer form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from looptune.errors import CheckpointError
+
+MODES = ("plt", "plt-noshift", "sequential")
+GATE_KINDS = ("hidden", "query")  # LoopCoder-V2: from RMSNorm(layer input); IQuest: from the query
+PLT_ARCH = "IQuestPLTCoderForCausalLM"
+LOOP_ARCH = "IQuestLoopCoderForCausalLM"
+ARCHITECTURES = (PLT_ARCH, LOOP_ARCH)
+BYTE_VOCAB = 256 + 3  # 256 bytes, then <bos>, <eos>, <pad>
+
+
+@dataclass(frozen=True)
+class PLTConfig:
+    vocab_size: int = 264
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    intermediate_size: int = 176
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    # Loop settings the checkpoint was trained with; each can be overridden at run time.
+    num_loops: int = 2
+    window: int = 64  # local-branch keys, the token itself included (see module docstring)
+    mode: str = "plt"
+    # Loop input for r >= 2: emb_scale * E + hidden_scale * n(h_{r-1}), n the final norm when
+    # normalize_per_loop, else identity. IQuest-Loop is (0, 1, False): the raw previous output.
+    emb_scale: float = 1.0
+    hidden_scale: float = 1.0
+    normalize_per_loop: bool = True
+    gate: str = "hidden"
+    tokenizer: str = "bytes"  # "bytes" (built in) or "tokenizer.json" beside the weights
+    architecture: str = PLT_ARCH
+
+    def __post_init__(self):
+        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "intermediate_size",
+                    "max_position_embeddings", "num_loops", "window")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                             f"of num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
+            raise ValueError("rope_theta and rms_norm_eps must be positive")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.gate not in GATE_KINDS:
+            raise ValueError(f"gate must be one of {', '.join(GATE_KINDS)}, got {self.gate!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; looptune reads "
+                             f"{' and '.join(ARCHITECTURES)}")
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def with_(self, **changes) -> PLTConfig:
+        return replace(self, **changes)
+
+
+# Presets: from test-sized to the exact LoopCoder-V2 7B shape. `family` is the bundled models'
+# shape; `small` is what CPU benchmarks use.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                 head_dim=8, intermediate_size=48, max_position_embeddings=512, window=8),
+    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, intermediate_size=352,
+                  max_position_embeddings=2048, window=64),
+    "family": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
+                   num_key_value_heads=2, head_dim=32, intermediate_size=512,
+                   max_position_embeddings=1024, window=64),
+    "base": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                 head_dim=64, intermediate_size=1408, max_position_embeddings=4096, window=64),
+    "loopcoder-v2-7b": dict(vocab_size=76800, hidden_size=5120, num_hidden_layers=14,
+                            num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+                            intermediate_size=27648, rope_theta=500000.0, rms_norm_eps=1e-5,
+                            max_position_embeddings=32768, tie_word_embeddings=False, window=64,
+                            tokenizer="none"),
+}
+
+
+def preset_config(name: str, **overrides) -> PLTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    values = dict(PRESETS[name])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return PLTConfig(**values)
+
+
+def parse_window(value: Any, key: str) -> int:
+    """An integer is W itself; `[left, right]` is flash-attention's, W = left + 1."""
+    if isinstance(value, list):
+        if len(value) != 2 or not all(isinstance(v, int) for v in value) or value[0] < 0:
+            raise ValueError(f"{key} must be an integer or [left, right], got {value!r}")
+        return value[0] + 1
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{key} must be an integer or [left, right], got {value!r}")
+    return value
+
+
+def from_hf_dict(raw: dict[str, Any], source: str = "config.json") -> PLTConfig:
+    """Read a LoopCoder-V2 or IQuest-Loop style config.json; raise CheckpointError naming it."""
+    try:
+        archs = raw.get("architectures") or [PLT_ARCH]
+        arch = archs[0]
+        base = dict(
+            vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=raw["num_attention_heads"],
+            num_key_value_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"],
+            intermediate_size=raw["intermediate_size"],
+            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tokenizer=raw.get("looptune_tokenizer", "tokenizer.json"),
+            architecture=arch,
+        )
+        if arch == PLT_ARCH:
+            base.update(
+                num_loops=raw.get("plt_num_loops", 2),
+                window=parse_window(raw.get("plt_window_size", 64), "plt_window_size"),
+                mode="plt",
+                normalize_per_loop=bool(raw.get("plt_normalize_per_loop", True)),
+                emb_scale=float(raw.get("plt_emb_scale", 1.0)),
+                hidden_scale=float(raw.get("plt_hidden_scale", 1.0)),
+                gate="hidden" if raw.get("plt_gate_use_hidden_states", True) else "query",
+            )
+        elif arch == LOOP_ARCH:
+            base.update(
+                num_loops=raw.get("loop_num", 2),
+                window=parse_window(raw.get("loop_window_size", 64), "loop_window_size"),
+                mode="plt-noshift", normalize_per_loop=False, emb_scale=0.0, hidden_scale=1.0,
+                gate="query",
+            )
+        else:
+            raise ValueError(f"unknown architecture {arch!r}; looptune reads "
+                             f"{' and '.join(ARCHITECTURES)}")
+        return PLTConfig(**base)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing key {e.args[0]!r}") from None
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def to_hf_dict(cfg: PLTConfig) -> dict[str, Any]:
+    """The config.json for `cfg`, in the layout of its architecture."""
+    out: dict[str, Any] = {
+        "architectures": [cfg.architecture],
+        "model_type": "iquest_plt_coder" if cfg.architecture == PLT_ARCH else "iquest_loopcoder",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size, "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps, "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu",
+        "looptune_tokenizer": cfg.tokenizer,
+    }
+    if cfg.architecture == PLT_ARCH:
+        out.update(plt_num_loops=cfg.num_loops, plt_window_size=cfg.window,
+                   plt_normalize_per_loop=cfg.normalize_per_loop, plt_emb_scale=cfg.emb_scale,
+                   plt_hidden_scale=cfg.hidden_scale,
+                   plt_gate_use_hidden_states=cfg.gate == "hidden")
+    else:
+        out.update(loop_num=cfg.num_loops, loop_window_size=cfg.window)
+    return out
+
+

@@ -1,0 +1,322 @@
+"""The looped decoder: one set of weights, run as `plt`, `plt-noshift` or `sequential`.
+
+Read top to bottom: norms and RoPE, the G-SWA gates, attention, MLP, the layer, the model. The
+math is `../shared/docs/plt-architecture.md`; module and tensor names are the Llama/HF ones, so a
+state dict maps 1:1 onto `config.json` checkpoints.
+
+- Loop 1 is a plain causal decoder pass. For loop r >= 2 the input is
+  `emb_scale * E + hidden_scale * n(h_{r-1})`, shifted right by one token in `plt` (CLP).
+- `plt` and `plt-noshift`: loops r >= 2 attend with G-SWA, `g * Attn(q, K_1, V_1, causal) +
+  (1 - g) * Attn(q, K_r, V_r, last W keys)`, so only loop 1 needs a full-length cache.
+- `sequential`: every loop is a plain causal pass with its own full cache (the baseline).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from looptune.errors import LooptuneError
+from looptune.model.cache import KVCache
+from looptune.model.config import MODES, PLTConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin `[T, head_dim]` for integer `positions` `[T]` (HF rotate-half layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                            dtype=torch.float32) / head_dim)
+    freqs = positions.float()[:, None] * inv_freq  # [T, d_h/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attend(q, k, v, mask=None, causal=False):
+    """SDPA with grouped-query heads at dim -3; `mask` is True where a key may be seen."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=True)
+
+
+class HiddenGate(nn.Module):
+    """LoopCoder-V2's gate: sigmoid(W_g RMSNorm_g(x) + b_g) from the layer input x; W_g `[H, d]`."""
+
+    def __init__(self, cfg: PLTConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(cfg.num_attention_heads, cfg.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(cfg.num_attention_heads))
+        self.gate_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, q):  # h [B, T, d] -> g [B, H, T, 1]
+        logits = F.linear(self.gate_norm(h), self.weight, self.bias)  # [B, T, H]
+        return torch.sigmoid(logits).transpose(1, 2)[..., None]
+
+
+class QueryGate(nn.Module):
+    """IQuest's gate: sigmoid(<q_h, w_h> + b_h) from the post-RoPE query; w `[H, d_h]`."""
+
+    def __init__(self, cfg: PLTConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(cfg.num_attention_heads, cfg.head_dim))
+        self.bias = nn.Parameter(torch.zeros(cfg.num_attention_heads))
+
+    def forward(self, h, q):  # q [B, H, T, d_h] -> g [B, H, T, 1]
+        return torch.sigmoid((q * self.weight[:, None, :]).sum(-1) + self.bias[:, None])[..., None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: PLTConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        if cfg.gate == "hidden":
+            self.plt_gate = HiddenGate(cfg)
+        else:
+            self.gate_projection = QueryGate(cfg)
+
+    def gate(self, h, q):
+        module = self.plt_gate if hasattr(self, "plt_gate") else self.gate_projection
+        return module(h, q)
+
+    def qkv(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, d_h]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, H_kv, T, d_h]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, y):  # y [B, H, T, d_h] -> [B, T, d]
+        B, _, T, _ = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: PLTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: PLTConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward_seq(self, h, cos, sin, loop, gswa, loop1_kv, window_mask):
+        """One loop over a whole sequence. Returns the new h and this loop's (k, v).
+
+        `gswa`: this loop mixes the global branch (`loop1_kv`, loop 1's keys and values of this
+        layer) with its own keys under `window_mask`; otherwise plain causal attention.
+        """
+        attn = self.self_attn
+        q, k, v = attn.qkv(self.input_layernorm(h), cos, sin)
+        if gswa:
+            y_global = attend(q, *loop1_kv, causal=True)
+            y_local = attend(q, k, v, mask=window_mask)
+            g = attn.gate(h, q)
+            y = g * y_global + (1 - g) * y_local
+        else:
+            y = attend(q, k, v, causal=True)
+        h = h + attn.out(y)
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, (k, v)
+
+    def forward_step(self, rows, cos, sin, first_loop, layer, cache: KVCache):
+        """Rows `[B, n, d]` are loops first_loop..first_loop+n-1 of one token at `cache.pos`.
+
+        All rows share one weight read: this is the batched pass that makes PLT decode cheap.
+        """
+        attn = self.self_attn
+        q, k, v = attn.qkv(self.input_layernorm(rows), cos, sin)  # q [B, H, n, d_h]
+        if cache.mode == "sequential":
+            cache.write_full(layer, first_loop, k, v)
+            y = attend(q, *cache.full(layer, first_loop), mask=cache.full_mask())
+        else:
+            n_global = 1 if first_loop == 0 else 0  # loop 1's row feeds the shared cache
+            if n_global:
+                cache.write_full(layer, 0, k[:, :, :1], v[:, :, :1])
+            y = attend(q, *cache.full(layer, 0), mask=cache.full_mask())  # every row reads K_1
+            if q.shape[2] > n_global:
+                lo = first_loop + n_global - 1  # ring index of the first local row
+                hi = first_loop + q.shape[2] - 1
+                cache.write_ring(layer, lo, hi, k[:, :, n_global:], v[:, :, n_global:])
+                q_local = q[:, :, n_global:].transpose(1, 2)[:, :, :, None]  # [B, m, H, 1, d_h]
+                y_local = attend(q_local, *cache.ring(layer, lo, hi), mask=cache.ring_mask())
+                y_local = y_local[:, :, :, 0].transpose(1, 2)  # [B, H, m, d_h]
+                g = attn.gate(rows[:, n_global:], q[:, :, n_global:])
+                y_mixed = g * y[:, :, n_global:] + (1 - g) * y_local
+                y = torch.cat((y[:, :, :n_global], y_mixed), dim=2)
+        rows = rows + attn.out(y)
+        return rows + self.mlp(self.post_attention_layernorm(rows))
+
+
+class PLTBackbone(nn.Module):
+    def __init__(self, cfg: PLTConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class PLTForCausalLM(nn.Module):
+    """`model(ids)` gives logits `[B, T, vocab]` with the checkpoint's loops, mode and window;
+    `model(ids, loops=R, mode=..., window=W)` overrides them."""
+
+    def __init__(self, cfg: PLTConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = PLTBackbone(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    # ----- knobs and helpers -----
+
+    def knobs(self, loops=None, mode=None, window=None) -> tuple[int, str, int]:
+        """The run-time (loops, mode, window), defaulting to the checkpoint's; checked here."""
+        cfg = self.config
+        loops = cfg.num_loops if loops is None else loops
+        mode = cfg.mode if mode is None else mode
+        window = cfg.window if window is None else window
+        if not isinstance(loops, int) or loops < 1:
+            raise LooptuneError(f"loops must be a positive integer, got {loops!r}")
+        if not isinstance(window, int) or window < 1:
+            raise LooptuneError(f"window must be a positive integer, got {window!r}")
+        if mode not in MODES:
+            raise LooptuneError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        return loops, mode, window
+
+    def head(self, h):
+        """Final norm and LM head: logits from any loop's hidden state."""
+        h = self.model.norm(h)
+        if self.config.tie_word_embeddings:
+            return F.linear(h, self.model.embed_tokens.weight)
+        return self.lm_head(h)
+
+    def carried(self, h):
+        """n(h): what one loop hands to the next."""
+        return self.model.norm(h) if self.config.normalize_per_loop else h
+
+    def loop_input(self, emb, carry):
+        return self.config.emb_scale * emb + self.config.hidden_scale * carry
+
+    def _rope(self, positions, dtype):
+        return rope_tables(positions, self.config.head_dim, self.config.rope_theta, dtype)
+
+    # ----- full-sequence forward (training, scoring, prefill) -----
+
+    def forward(self, input_ids, loops=None, mode=None, window=None, return_hidden=False,
+                cache: KVCache | None = None):
+        """Logits `[B, T, vocab]`; with `return_hidden`, also every loop's output `[R][B, T, d]`.
+
+        With `cache` (empty, sized for at least T), this is the prefill: the cache is left
+        holding what incremental decode needs to continue at position T.
+        """
+        R, mode, W = self.knobs(loops, mode, window)
+        B, T = input_ids.shape
+        emb = self.model.embed_tokens(input_ids)  # [B, T, d]
+        cos, sin = self._rope(torch.arange(T, device=input_ids.device), emb.dtype)
+        i = torch.arange(T, device=input_ids.device)
+        window_mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < W)  # [T, T]
+        loop1_kv: list = [None] * len(self.model.layers)
+        hidden, h = [], emb
+        for r in range(R):
+            if r > 0:
+                carry = self.carried(h)
+                if mode == "plt":  # CLP: loop r at position i reads loop r-1 at i-1
+                    if cache is not None:
+                        cache.carry[r - 1].copy_(carry[:, -1])
+                    carry = F.pad(carry[:, :-1], (0, 0, 1, 0))
+                h = self.loop_input(emb, carry)
+            gswa = r > 0 and mode != "sequential"
+            for layer_idx, layer in enumerate(self.model.layers):
+                h, kv = layer.forward_seq(h, cos, sin, r, gswa, loop1_kv[layer_idx], window_mask)
+                if r == 0:
+                    loop1_kv[layer_idx] = kv
+                if cache is not None:
+                    cache.fill(layer_idx, r, *kv)
+            hidden.append(h)
+        if cache is not None:
+            cache.pos.fill_(T)
+        logits = self.head(h)
+        return (logits, hidden) if return_hidden else logits
+
+    # ----- incremental decode -----
+
+    def new_cache(self, batch, max_len, loops=None, mode=None, window=None, dtype=None,
+                  device=None) -> KVCache:
+        R, mode, W = self.knobs(loops, mode, window)
+        p = self.model.embed_tokens.weight
+        return KVCache(self.config, mode, R, W, batch, max_len, dtype or p.dtype, device or p.device)
+
+    def decode_step(self, token_ids, cache: KVCache):
+        """Logits `[B, vocab]` for one new token per sequence at position `cache.pos`."""
+        R, mode = cache.loops, cache.mode
+        emb = self.model.embed_tokens(token_ids)  # [B, d]
+        cos, sin = self._rope(cache.pos.view(1), emb.dtype)
+        if mode == "plt":  # every loop of this token in one pass
+            rows = [emb] + [self.loop_input(emb, cache.carry[r]) for r in range(R - 1)]
+            rows = torch.stack(rows, dim=1)  # [B, R, d]
+            for layer_idx, layer in enumerate(self.model.layers):
+                rows = layer.forward_step(rows, cos, sin, 0, layer_idx, cache)
+            if R > 1:
+                cache.carry.copy_(self.carried(rows[:, :-1]).transpose(0, 1))
+            last = rows[:, -1]
+        else:  # loop r needs loop r-1 of the same token: one pass per loop
+            last = None
+            for r in range(R):
+                row = emb if r == 0 else self.loop_input(emb, self.carried(last))
+                row = row[:, None]
+                for layer_idx, layer in enumerate(self.model.layers):
+                    row = layer.forward_step(row, cos, sin, r, layer_idx, cache)
+                last = row[:, 0]
+        cache.pos += 1
+        return self.head(last)
+
+    # ----- costs -----
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def decode_flops(self, loops: int, context: int, window: int | None = None,
+                     mode: str = "plt") -> int:
+        """Matmul FLOPs for one decoded token of one sequence: 2 x weights touched per loop,
+        plus attention score and value products (QK and PV) over the keys each loop reads.
+        Embedding lookups, norms and softmax are not counted."""
+        cfg = self.config
+        W = cfg.window if window is None else window
+        per_layer = sum(p.numel() for p in self.model.layers[0].parameters())
+        head = cfg.vocab_size * cfg.hidden_size
+        keys = context * loops if mode == "sequential" else context * loops + (loops - 1) * min(W, context)
+        attn = 4 * cfg.num_attention_heads * cfg.head_dim * keys * cfg.num_hidden_layers
+        return 2 * per_layer * cfg.num_hidden_layers * loops + 2 * head + attn
