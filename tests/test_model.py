@@ -1,0 +1,152 @@
+"""The runtime's defining properties: decode equals the full forward, R = 1 is a plain decoder,
+causality, and the cache holds exactly what the formula says."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model
+from looptune.model import MODES, generate, kv_bytes
+from looptune.model.generate import sample
+
+LOOPS = [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("gate", ["hidden", "query"])
+@pytest.mark.parametrize("mode", MODES)
+def test_incremental_decode_equals_full_forward(gate, mode):
+    model = tiny_model(gate)
+    T, W = 21, model.config.window  # longer than the window, so the ring wraps
+    assert T > W
+    ids = torch.randint(0, 256, (3, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for R in LOOPS:
+            full = model(ids, loops=R, mode=mode)
+            cache = model.new_cache(3, T, loops=R, mode=mode)
+            stepwise = torch.stack([model.decode_step(ids[:, t], cache) for t in range(T)], dim=1)
+            torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=0)
+            # prefill part of it, then decode the rest
+            cache = model.new_cache(3, T, loops=R, mode=mode)
+            prefix = model(ids[:, :13], loops=R, mode=mode, cache=cache)
+            rest = torch.stack([model.decode_step(ids[:, t], cache) for t in range(13, T)], dim=1)
+            torch.testing.assert_close(prefix, full[:, :13], atol=1e-5, rtol=0)
+            torch.testing.assert_close(rest, full[:, 13:], atol=1e-5, rtol=0)
+
+
+def test_window_override_changes_plt_but_decode_still_matches():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = model(ids, loops=3, window=4)
+        b = model(ids, loops=3, window=16)
+        assert (a - b).abs().max() > 1e-4  # the window really binds
+        cache = model.new_cache(2, 20, loops=3, window=4)
+        stepwise = torch.stack([model.decode_step(ids[:, t], cache) for t in range(20)], 1)
+    torch.testing.assert_close(stepwise, a, atol=1e-5, rtol=0)
+
+
+def reference_llama(model, ids):
+    """A plain pre-norm Llama decoder written out independently of looptune's modules."""
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    cfg = model.config
+    H, Hkv, dh, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+
+    def norm(x, w):
+        return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+    T = ids.shape[1]
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]  # [T, dh/2]
+    cos, sin = torch.cos(ang), torch.sin(ang)
+
+    def rope(x):  # rotate-half: pairs (i, i + dh/2)
+        x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+    h = sd["model.embed_tokens.weight"][ids]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        x = norm(h, sd[p + "input_layernorm.weight"])
+        q = (x @ sd[p + "self_attn.q_proj.weight"].T).unflatten(-1, (H, dh)).transpose(1, 2)
+        k = (x @ sd[p + "self_attn.k_proj.weight"].T).unflatten(-1, (Hkv, dh)).transpose(1, 2)
+        v = (x @ sd[p + "self_attn.v_proj.weight"].T).unflatten(-1, (Hkv, dh)).transpose(1, 2)
+        q, k = rope(q), rope(k)
+        k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
+        scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), -math.inf)
+        y = (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+        h = h + y @ sd[p + "self_attn.o_proj.weight"].T
+        x = norm(h, sd[p + "post_attention_layernorm.weight"])
+        gate = x @ sd[p + "mlp.gate_proj.weight"].T
+        up = x @ sd[p + "mlp.up_proj.weight"].T
+        h = h + (F.silu(gate) * up) @ sd[p + "mlp.down_proj.weight"].T
+    return norm(h, sd["model.norm.weight"]) @ sd["model.embed_tokens.weight"].T
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_loop_is_a_plain_decoder(mode):
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model(ids, loops=1, mode=mode).double()
+    torch.testing.assert_close(ours, reference_llama(model, ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_causal(mode):
+    model = tiny_model("query")
+    ids = torch.randint(0, 256, (2, 18), generator=torch.Generator().manual_seed(4))
+    changed = ids.clone()
+    t = 11
+    changed[:, t] = (changed[:, t] + 7) % 256
+    with torch.no_grad():
+        for R in LOOPS:
+            a, b = model(ids, loops=R, mode=mode), model(changed, loops=R, mode=mode)
+            torch.testing.assert_close(a[:, :t], b[:, :t], atol=1e-6, rtol=0)
+            assert (a[:, t:] - b[:, t:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_bytes_equal_formula(mode, dtype):
+    model = tiny_model()
+    for R in LOOPS:
+        for context, window, batch in [(5, 8, 1), (40, 8, 3), (40, 64, 2)]:
+            cache = model.new_cache(batch, context, loops=R, mode=mode, window=window, dtype=dtype)
+            expected = kv_bytes(model.config, mode, R, window, context, batch, dtype)
+            assert cache.nbytes() == expected, (mode, R, context, window, batch)
+
+
+def test_formula_matches_the_architecture_doc():
+    from looptune.model import preset_config
+
+    cfg = preset_config("loopcoder-v2-7b")
+    # 56 KiB per token of global cache in bf16 (architecture doc, section 4)
+    assert kv_bytes(cfg, "plt", 1, 64, 1) == 56 * 1024
+    base = kv_bytes(cfg, "plt-noshift", 1, 64, 4096)
+    overhead = kv_bytes(cfg, "plt-noshift", 2, 64, 4096) / base - 1
+    assert abs(overhead - 64 / 4096) < 1e-12  # (R-1) W / S = 1.56%
+    assert kv_bytes(cfg, "sequential", 4, 64, 4096) == 4 * base
+
+
+def test_greedy_generate_matches_full_forward_argmax():
+    model = tiny_model()
+    prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(5))
+    for mode in MODES:
+        out = generate(model, prompt, 10, loops=3, mode=mode)
+        seq = prompt
+        with torch.no_grad():
+            for _ in range(10):
+                nxt = model(seq, loops=3, mode=mode)[:, -1].argmax(-1)
+                seq = torch.cat([seq, nxt[:, None]], 1)
+        assert torch.equal(out, seq[:, 6:])
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = {sample(logits, 1.0, 0.7, gen).item() for _ in range(300)}
+    assert draws == {0, 1}
+    assert sample(logits, 0.0).item() == 0
