@@ -1,6 +1,7 @@
 """The `looptune` command line: thin typer commands over the Python API."""
 
 from looptune.cli import checkpoint  # noqa: F401  (registers init, info)
+from looptune.cli import diagnose  # noqa: F401  (registers diagnose)
 from looptune.cli.app import app
 
 
