@@ -1,0 +1,3 @@
+from looptune.cli import main
+
+main()
