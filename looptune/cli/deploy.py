@@ -1,0 +1,102 @@
+"""`looptune show`, `export` and `generate`: use a deployable profile."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from looptune.cli.app import app, console, emit_json
+
+
+@app.command()
+def show(
+    profile: Annotated[Path, typer.Argument(help="A profile written by `looptune pareto`.")],
+    check: Annotated[bool, typer.Option(help="Check that the model on disk still has the "
+                                             "measured content hash.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the profile as JSON on stdout.")] = False,
+):
+    """Print a deployable profile: the chosen setting, its measured objectives and the front."""
+    from looptune.export.profile import check_model, read_profile
+
+    doc = read_profile(profile)
+    if check and Path(doc["model"]["path"]).exists():
+        check_model(doc, doc["model"]["path"], profile)
+    if json_out:
+        emit_json(doc)
+        return
+    k, o, m = doc["knobs"], doc["objectives"], doc["model"]
+    console.print(f"[bold]{profile}[/]  (schema {doc['schema_version']}, made {doc.get('created', '?')})")
+    console.print(f"model    {m['path']}  {m['architecture']}  sha256 {m['content_hash'][:16]}…")
+    console.print(f"setting  loops {k['loops']}  mode {k['mode']}  window {k['window']}  dtype "
+                  f"{k['dtype']}  compile {k['compile']}  batch {k['batch']}")
+    q, lat = o["quality"], o["latency_ms"]
+    console.print(f"measured {q['metric']} {q['value']:.4f} [{q['ci'][0]:.4f}, {q['ci'][1]:.4f}]  "
+                  f"{lat['metric']} {lat['value']:.3f} ms [{lat['ci'][0]:.3f}, {lat['ci'][1]:.3f}]  "
+                  f"ttft {o.get('ttft_ms', float('nan')):.1f} ms  KV {o['kv_bytes'] / 2**20:.3f} MiB")
+    console.print(f"budgets  {doc.get('budgets')}")
+    dev = doc.get("device") or {}
+    console.print(f"device   {dev.get('device_name', dev.get('device', '?'))}  torch "
+                  f"{dev.get('torch_version', dev.get('torch', '?'))}")
+    table = Table(title="Pareto set")
+    for col in ("member", "R", "W", "dtype", q["metric"], f"{lat['metric']} ms", "KV MiB"):
+        table.add_column(col)
+    for p in doc.get("pareto_set", []):
+        table.add_row(Path(p["knobs"]["checkpoint"]).name, str(p["knobs"]["loops"]),
+                      str(p["knobs"]["window"]), p["knobs"]["dtype"], f"{p['quality']:.4f}",
+                      f"{p['latency_ms']:.3f}", f"{p['kv_bytes'] / 2**20:.3f}")
+    console.print(table)
+
+
+@app.command()
+def export(
+    profile: Annotated[Path, typer.Argument(help="A profile written by `looptune pareto`.")],
+    to: Annotated[str, typer.Option(help="vllm (serve --config YAML), sglang (launch_server "
+                                         "--config YAML) or hf (config.json overlay).")] = "vllm",
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: beside the "
+                                                     "profile, named after it).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the written paths as JSON.")] = False,
+):
+    """Write what a serving engine needs to run the profile's setting on a LoopCoder-V2 or
+    IQuest-Loop checkpoint."""
+    from looptune.export.engines import export_profile
+    from looptune.export.profile import read_profile
+
+    doc = read_profile(profile)
+    out = out or profile.with_suffix("").parent / f"{profile.stem}-{to}"
+    written = export_profile(doc, to, out)
+    if json_out:
+        emit_json({"engine": to, "files": [str(p) for p in written]})
+    else:
+        for p in written:
+            console.print(f"wrote {p}")
+
+
+@app.command()
+def generate(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint (default: the "
+                                                              "profile's model).")] = None,
+    profile: Annotated[Path, typer.Option(help="The profile whose settings to run.")] = ...,
+    prompt: Annotated[str, typer.Option(help="The prompt text.")] = ...,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+):
+    """Run the model with a profile's loops, window and dtype, streaming tokens to stdout."""
+    from looptune.export.runtime import load_profiled
+
+    runner = load_profiled(profile, checkpoint, device)
+    sys.stdout.write(prompt)
+
+    def put(piece: str):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    runner.generate(prompt, on_text=put, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p, seed=seed)
+    sys.stdout.write("\n")
