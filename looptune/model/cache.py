@@ -5,9 +5,13 @@ step can be captured by `torch.compile` or a CUDA graph without recompiling per 
 
 - `full_k/v` `[L, G, B, H_kv, S, d_h]`: full-length caches, G = 1 (loop 1, the shared global
   cache of `plt` / `plt-noshift`) or G = R (`sequential`, one per loop).
-- `ring_k/v` `[L, R-1, B, H_kv, W', d_h]`, W' = min(W, S): the local-branch keys of loops 2..R,
-  position p in slot p % W' (`plt` / `plt-noshift` only).
+- `ring_k/v` `[L, B, H_kv, (R-1) W', d_h]`, W' = min(W, S): the local-branch keys of loops 2..R
+  side by side, loop r's position p in slot (r-2) W' + p % W' (`plt` / `plt-noshift` only). One
+  block per layer lets all local rows of a step attend in one call under a block-diagonal mask.
 - `carry` `[R-1, B, d]`: n(h_r) of the previous position for r < R (`plt` only, the CLP shift).
+
+A decode step calls `begin_step()` once; it makes the write indices and the additive attention
+masks (0 where a key may be seen, -inf where not) that every layer then reuses.
 """
 
 from __future__ import annotations
@@ -50,15 +54,19 @@ class KVCache:
         self.full_k = torch.zeros(full, dtype=dtype, device=device)
         self.full_v = torch.zeros(full, dtype=dtype, device=device)
         rings = loops - 1 if mode != "sequential" else 0
-        self.ring_len = min(window, max_len)
-        ring = (L, rings, batch, H_kv, self.ring_len, d_h)
+        self.ring_len = W = min(window, max_len)
+        ring = (L, batch, H_kv, rings * W, d_h)
         self.ring_k = torch.zeros(ring, dtype=dtype, device=device)
         self.ring_v = torch.zeros(ring, dtype=dtype, device=device)
         carries = loops - 1 if mode == "plt" else 0
         self.carry = torch.zeros((carries, batch, cfg.hidden_size), dtype=dtype, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # next position to write
         self._full_slots = torch.arange(max_len, device=device)
-        self._ring_slots = torch.arange(self.ring_len, device=device)
+        self._ring_slots = torch.arange(rings * W, device=device) % W  # position mod W' per slot
+        self._ring_base = torch.arange(rings, device=device) * W  # first slot of each loop's block
+        self._ring_blocks = (torch.arange(rings, device=device)[:, None]
+                             == torch.arange(rings * W, device=device)[None] // W)  # [R-1, (R-1) W']
+        self.begin_step()
 
     def nbytes(self) -> int:
         """Bytes this cache really holds (the tensors above; not the position counter)."""
@@ -71,27 +79,39 @@ class KVCache:
 
     # ----- decode-time access, position = self.pos -----
 
+    def begin_step(self):
+        """What every layer of the step at `pos` shares, made once: write indices and masks."""
+        zero = torch.zeros((), dtype=self.full_k.dtype, device=self.pos.device)
+        blocked = torch.full((), float("-inf"), dtype=self.full_k.dtype, device=self.pos.device)
+        self._full_at = self.pos.view(1)
+        self._full_mask = torch.where(self._full_slots <= self.pos, zero, blocked)[None]  # [1, S]
+        if self.ring_k.shape[3]:
+            self._ring_at = self._ring_base + self.pos % self.ring_len  # [R-1]
+            # row r sees its own loop's block, and there only the slots written so far
+            seen = self._ring_blocks & (self._ring_slots <= self.pos)
+            self._ring_mask = torch.where(seen, zero, blocked)  # [R-1, (R-1) W']
+
     def write_full(self, layer: int, group: int, k, v):  # k [B, H_kv, 1, d_h]
-        self.full_k[layer, group].index_copy_(2, self.pos.view(1), k)
-        self.full_v[layer, group].index_copy_(2, self.pos.view(1), v)
+        self.full_k[layer, group].index_copy_(2, self._full_at, k)
+        self.full_v[layer, group].index_copy_(2, self._full_at, v)
 
     def full(self, layer: int, group: int):
         return self.full_k[layer, group], self.full_v[layer, group]
 
     def full_mask(self):
-        return (self._full_slots <= self.pos)[None]  # [1, S]
+        return self._full_mask  # [1, S]
 
-    def write_ring(self, layer: int, lo: int, hi: int, k, v):  # k [B, H_kv, m, d_h], m = hi - lo
-        slot = (self.pos % self.ring_len).view(1)
-        self.ring_k[layer, lo:hi].index_copy_(3, slot, k.permute(2, 0, 1, 3)[:, :, :, None])
-        self.ring_v[layer, lo:hi].index_copy_(3, slot, v.permute(2, 0, 1, 3)[:, :, :, None])
+    def write_ring(self, layer: int, lo: int, hi: int, k, v):  # loops lo+2..hi+1, k [B, H_kv, m, d_h]
+        self.ring_k[layer].index_copy_(2, self._ring_at[lo:hi], k)
+        self.ring_v[layer].index_copy_(2, self._ring_at[lo:hi], v)
 
-    def ring(self, layer: int, lo: int, hi: int):  # -> [B, m, H_kv, W', d_h]
-        return (self.ring_k[layer, lo:hi].transpose(0, 1), self.ring_v[layer, lo:hi].transpose(0, 1))
+    def ring(self, layer: int, lo: int, hi: int):  # -> [B, H_kv, m W', d_h]
+        W = self.ring_len
+        return self.ring_k[layer, :, :, lo * W:hi * W], self.ring_v[layer, :, :, lo * W:hi * W]
 
-    def ring_mask(self):
-        # Slot j holds the newest position p = j (mod W'), p <= pos; empty only before pos reaches j.
-        return (self._ring_slots <= self.pos)[None]  # [1, W']
+    def ring_mask(self, lo: int, hi: int):  # [m, m W']
+        W = self.ring_len
+        return self._ring_mask[lo:hi, lo * W:hi * W]
 
     # ----- prefill -----
 
@@ -107,6 +127,6 @@ class KVCache:
             return
         keep = min(T, self.ring_len)
         positions = torch.arange(T - keep, T, device=k.device)
-        slots = positions % self.ring_len
-        self.ring_k[layer, loop - 1].index_copy_(2, slots, k[:, :, T - keep:])
-        self.ring_v[layer, loop - 1].index_copy_(2, slots, v[:, :, T - keep:])
+        slots = (loop - 1) * self.ring_len + positions % self.ring_len
+        self.ring_k[layer].index_copy_(2, slots, k[:, :, T - keep:])
+        self.ring_v[layer].index_copy_(2, slots, v[:, :, T - keep:])

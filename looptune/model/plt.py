@@ -28,11 +28,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
+    def unit(self, x):
+        """x / rms(x), computed in float32 and returned in x's dtype (the part before the weight)."""
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+
+    def forward(self, x):
+        return self.weight * self.unit(x)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -65,8 +68,10 @@ class HiddenGate(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.num_attention_heads))
         self.gate_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, q):  # h [B, T, d] -> g [B, H, T, 1]
-        logits = F.linear(self.gate_norm(h), self.weight, self.bias)  # [B, T, H]
+    def forward(self, h, q, h_unit=None):  # h [B, T, d] -> g [B, H, T, 1]
+        """`h_unit`, if given, is `RMSNorm.unit(h)` already computed with the same eps."""
+        x = self.gate_norm(h) if h_unit is None else self.gate_norm.weight * h_unit
+        logits = F.linear(x, self.weight, self.bias)  # [B, T, H]
         return torch.sigmoid(logits).transpose(1, 2)[..., None]
 
 
@@ -78,7 +83,7 @@ class QueryGate(nn.Module):
         self.weight = nn.Parameter(torch.zeros(cfg.num_attention_heads, cfg.head_dim))
         self.bias = nn.Parameter(torch.zeros(cfg.num_attention_heads))
 
-    def forward(self, h, q):  # q [B, H, T, d_h] -> g [B, H, T, 1]
+    def forward(self, h, q, h_unit=None):  # q [B, H, T, d_h] -> g [B, H, T, 1]
         return torch.sigmoid((q * self.weight[:, None, :]).sum(-1) + self.bias[:, None])[..., None]
 
 
@@ -95,9 +100,9 @@ class Attention(nn.Module):
         else:
             self.gate_projection = QueryGate(cfg)
 
-    def gate(self, h, q):
+    def gate(self, h, q, h_unit=None):
         module = self.plt_gate if hasattr(self, "plt_gate") else self.gate_projection
-        return module(h, q)
+        return module(h, q, h_unit)
 
     def qkv(self, x, cos, sin):
         B, T, _ = x.shape
@@ -155,7 +160,9 @@ class DecoderLayer(nn.Module):
         All rows share one weight read: this is the batched pass that makes PLT decode cheap.
         """
         attn = self.self_attn
-        q, k, v = attn.qkv(self.input_layernorm(rows), cos, sin)  # q [B, H, n, d_h]
+        # rows / rms(rows) once: the input norm and the hidden gate's norm share it (same eps)
+        unit = self.input_layernorm.unit(rows)
+        q, k, v = attn.qkv(self.input_layernorm.weight * unit, cos, sin)  # q [B, H, n, d_h]
         if cache.mode == "sequential":
             cache.write_full(layer, first_loop, k, v)
             y = attend(q, *cache.full(layer, first_loop), mask=cache.full_mask())
@@ -164,16 +171,15 @@ class DecoderLayer(nn.Module):
             if n_global:
                 cache.write_full(layer, 0, k[:, :, :1], v[:, :, :1])
             y = attend(q, *cache.full(layer, 0), mask=cache.full_mask())  # every row reads K_1
-            if q.shape[2] > n_global:
+            if q.shape[2] > n_global:  # rows of loops >= 2: G-SWA, all in one local call
                 lo = first_loop + n_global - 1  # ring index of the first local row
                 hi = first_loop + q.shape[2] - 1
+                q_local = q[:, :, n_global:]  # [B, H, m, d_h]
                 cache.write_ring(layer, lo, hi, k[:, :, n_global:], v[:, :, n_global:])
-                q_local = q[:, :, n_global:].transpose(1, 2)[:, :, :, None]  # [B, m, H, 1, d_h]
-                y_local = attend(q_local, *cache.ring(layer, lo, hi), mask=cache.ring_mask())
-                y_local = y_local[:, :, :, 0].transpose(1, 2)  # [B, H, m, d_h]
-                g = attn.gate(rows[:, n_global:], q[:, :, n_global:])
-                y_mixed = g * y[:, :, n_global:] + (1 - g) * y_local
-                y = torch.cat((y[:, :, :n_global], y_mixed), dim=2)
+                y_local = attend(q_local, *cache.ring(layer, lo, hi), mask=cache.ring_mask(lo, hi))
+                g = attn.gate(rows[:, n_global:], q_local, unit[:, n_global:])
+                y_mixed = torch.lerp(y_local, y[:, :, n_global:], g)  # g * global + (1 - g) * local
+                y = torch.cat((y[:, :, :n_global], y_mixed), dim=2) if n_global else y_mixed
         rows = rows + attn.out(y)
         return rows + self.mlp(self.post_attention_layernorm(rows))
 
@@ -279,11 +285,14 @@ class PLTForCausalLM(nn.Module):
     def decode_step(self, token_ids, cache: KVCache):
         """Logits `[B, vocab]` for one new token per sequence at position `cache.pos`."""
         R, mode = cache.loops, cache.mode
+        cache.begin_step()
         emb = self.model.embed_tokens(token_ids)  # [B, d]
         cos, sin = self._rope(cache.pos.view(1), emb.dtype)
         if mode == "plt":  # every loop of this token in one pass
-            rows = [emb] + [self.loop_input(emb, cache.carry[r]) for r in range(R - 1)]
-            rows = torch.stack(rows, dim=1)  # [B, R, d]
+            rows = emb[:, None]  # [B, 1, d]
+            if R > 1:
+                carried = self.loop_input(rows, cache.carry.transpose(0, 1))  # [B, R-1, d]
+                rows = torch.cat((rows, carried), dim=1)  # [B, R, d]
             for layer_idx, layer in enumerate(self.model.layers):
                 rows = layer.forward_step(rows, cos, sin, 0, layer_idx, cache)
             if R > 1:
