@@ -4,9 +4,11 @@ These use a deterministic stand-in for the measurements (a function of the knobs
 Optuna side is tested exactly; tests/test_pareto_cli.py runs the real measurements."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import pytest
 
@@ -106,16 +108,29 @@ WORKER = textwrap.dedent("""
         time.sleep(0.1)  # long enough that both workers are busy at once
         return synthetic(knobs)
 
-    study = run_study(SPACE, slow, Budgets(1.9), 100, {url!r}, "shared")
+    study = run_study(SPACE, slow, Budgets(1.9), 100, {url!r}, {name!r})
     outcomes, front, _ = collect(study)
     best = choose(outcomes, Budgets(1.9)).best
     print(json.dumps({{"best": best.to_dict()["knobs"], "front": sorted(str(o.knobs) for o in front)}}))
 """)
 
 
-def test_two_workers_split_one_study_and_agree(tmp_path):
-    url = f"sqlite:///{tmp_path}/shared.db"
-    script = WORKER.format(tests=str(__import__("pathlib").Path(__file__).parent), url=url)
+def storage_url(kind, tmp_path):
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/shared.db"
+    url = os.environ.get("LOOPTUNE_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("no PostgreSQL server: .ci/run starts one where it can "
+                    "(set LOOPTUNE_TEST_POSTGRES_URL to use your own)")
+    return url
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_two_workers_split_one_study_and_agree(tmp_path, kind):
+    url = storage_url(kind, tmp_path)
+    name = f"shared-{uuid.uuid4().hex[:8]}"
+    script = WORKER.format(tests=str(__import__("pathlib").Path(__file__).parent), url=url,
+                           name=name)
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
@@ -125,7 +140,7 @@ def test_two_workers_split_one_study_and_agree(tmp_path):
     assert docs[0] == docs[1]  # both workers agree on the front and the choice
     import optuna
 
-    study = optuna.load_study(study_name="shared", storage=url)
+    study = optuna.load_study(study_name=name, storage=url)
     finished = [t for t in study.trials if t.state.is_finished()]
     assert {t.system_attrs["grid_id"] for t in finished} == set(range(SPACE.size))
     assert len(finished) <= SPACE.size + 2  # at most a rare race duplicates a point

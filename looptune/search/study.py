@@ -68,7 +68,8 @@ def open_storage(url: str, attempts: int = 5) -> RDBStorage:
                                       max_retry=2))
         except Exception as e:  # sqlalchemy raises many kinds for a bad URL or a dead server
             # Workers starting together race to create the tables; the loser just retries.
-            if "already exists" in str(e) and attempt + 1 < attempts:
+            racing = any(m in str(e) for m in ("already exists", "UNIQUE constraint", "duplicate key"))
+            if racing and attempt + 1 < attempts:
                 time.sleep(0.5 * (attempt + 1))
                 continue
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
