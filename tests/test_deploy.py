@@ -1,0 +1,143 @@
+"""The deployable profile: written by the study, read by show / export / generate."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from looptune.cli import app
+from looptune.model.checkpoint import init_checkpoint
+from looptune.search.choice import Budgets, Outcome
+from looptune.search.pareto import Workload, run_pareto
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def made_profile(tmp_path_factory):
+    """A profile written by `run_pareto` over two real tiny checkpoints; the measurements are a
+    deterministic function of the knobs (the real ones are covered in test_pareto_cli.py)."""
+    tmp_path = tmp_path_factory.mktemp("deploy")
+    ckpts = []
+    for r in (1, 2):
+        init_checkpoint(tmp_path / f"plt-r{r}", "tiny", loops=r, seed=r)
+        ckpts.append(tmp_path / f"plt-r{r}")
+
+    def fake(knobs):
+        q = 3.0 - 0.1 * knobs.loops + (0.05 if knobs.checkpoint.endswith("r1") else 0)
+        return Outcome(knobs, q, (q - 0.01, q + 0.01), 1.0 + knobs.loops, (0.9, 1.1), 5.0,
+                       1024 * knobs.loops, extra={"metric": "bits_per_byte"})
+
+    out = tmp_path / "profiles" / "demo.yaml"
+    result = run_pareto(ckpts, Budgets(3.5), Workload(), trials=50, out=out, evaluator=fake,
+                        plot=tmp_path / "front.png")
+    assert result.profile_path == out
+    return out, result, ckpts
+
+
+def test_profile_holds_the_choice_and_its_evidence(made_profile):
+    out, result, _ = made_profile
+    doc = yaml.safe_load(out.read_text())
+    assert doc["schema_version"] == 1 and doc["kind"] == "looptune-profile"
+    assert doc["knobs"]["loops"] == 2  # best quality within 3.5 ms: R=2 at 3.0 ms
+    assert doc["objectives"]["latency_ms"]["value"] == 3.0
+    assert len(doc["model"]["content_hash"]) == 64
+    assert doc["pareto_set"] and doc["study"]["name"] == "demo"
+    assert (out.parent.parent / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = runner.invoke(app, ["show", str(out), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["knobs"] == doc["knobs"]
+    human = runner.invoke(app, ["show", str(out)])
+    assert human.exit_code == 0 and "Pareto set" in human.stderr
+
+
+def test_wrong_schema_and_foreign_files_are_refused(made_profile, tmp_path):
+    out, _, _ = made_profile
+    doc = yaml.safe_load(out.read_text())
+    doc["schema_version"] = 99
+    bad = tmp_path / "future.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    result = runner.invoke(app, ["show", str(bad)])
+    assert result.exit_code == 2 and "schema version 99 is not supported" in result.stderr
+    foreign = tmp_path / "foreign.yaml"
+    foreign.write_text("model: gpt\n")
+    result = runner.invoke(app, ["show", str(foreign)])
+    assert result.exit_code == 2 and "not a looptune profile" in result.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("kind: [unclosed\n")
+    result = runner.invoke(app, ["show", str(broken)])
+    assert result.exit_code == 2 and "not valid YAML" in result.stderr
+
+
+def test_a_changed_model_no_longer_matches(made_profile):
+    out, _, ckpts = made_profile
+    chosen = yaml.safe_load(out.read_text())["model"]["path"]
+    original = open(f"{chosen}/config.json").read()
+    cfg = json.loads(original)
+    cfg["rms_norm_eps"] = 1e-5
+    try:
+        open(f"{chosen}/config.json", "w").write(json.dumps(cfg))
+        result = runner.invoke(app, ["show", str(out)])
+        assert result.exit_code == 2 and "rerun `looptune pareto`" in result.stderr
+        result = runner.invoke(app, ["generate", "--profile", str(out), "--prompt", "def"])
+        assert result.exit_code == 2 and "measured on model" in result.stderr
+    finally:
+        open(f"{chosen}/config.json", "w").write(original)
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "hf"])
+def test_export_files_parse_and_carry_loops_and_window(made_profile, tmp_path, engine):
+    out, _, _ = made_profile
+    doc = yaml.safe_load(out.read_text())
+    R, W = doc["knobs"]["loops"], doc["knobs"]["window"]
+    result = runner.invoke(app, ["export", str(out), "--to", engine, "--out", str(tmp_path / engine),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    files = json.loads(result.stdout)["files"]
+    if engine == "vllm":
+        cfg = yaml.safe_load(open(files[0]))
+        overrides = json.loads(cfg["hf-overrides"])
+        assert cfg["model"] == doc["model"]["path"] and cfg["max-num-seqs"] == 1
+    elif engine == "sglang":
+        cfg = yaml.safe_load(open(files[0]))
+        overrides = json.loads(cfg["json-model-override-args"])
+        assert cfg["model-path"] == doc["model"]["path"]
+    else:
+        overrides = json.load(open(files[0]))
+        merged = json.load(open(files[1]))
+        assert merged["hidden_size"] == 16 and merged["plt_num_loops"] == R
+    assert overrides["plt_num_loops"] == R
+    assert overrides["plt_window_size"] == [W - 1, 0]  # flash-attention convention: W - 1 left
+
+
+def test_export_to_unknown_engine(made_profile):
+    out, _, _ = made_profile
+    result = runner.invoke(app, ["export", str(out), "--to", "tgi"])
+    assert result.exit_code == 2 and "--to must be one of vllm, sglang, hf" in result.stderr
+
+
+def test_generate_streams_with_the_profile_settings(made_profile):
+    out, _, _ = made_profile
+    result = runner.invoke(app, ["generate", "--profile", str(out), "--prompt", "def f(",
+                                 "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("def f(")
+    from looptune.export.runtime import load_profiled
+
+    runner_model = load_profiled(out, device="cpu")
+    pieces = []
+    text = runner_model.generate("def f(", on_text=pieces.append, max_new_tokens=12)
+    assert "".join(pieces) == text and result.stdout.rstrip("\n") == "def f(" + text
+
+
+def test_nothing_fits_exits_3_with_the_nearest_miss(tmp_path):
+    init_checkpoint(tmp_path / "m", "tiny")
+
+    def slow(knobs):
+        return Outcome(knobs, 2.0, (2, 2), 5.0 + knobs.loops, (5, 6), 1.0, 100)
+
+    result = run_pareto([tmp_path / "m"], Budgets(1.0), Workload(), loops=(1, 2), trials=10,
+                        out=tmp_path / "p.yaml", evaluator=slow)
+    assert result.choice.best is None and result.choice.nearest_miss.knobs.loops == 1
+    assert not (tmp_path / "p.yaml").exists()
