@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from conftest import tiny_model
 from looptune.diagnose import metrics
-from looptune.diagnose.run import (FamilyRow, LoopRow, loop1_kv, loop_with_carry, measure_loops,
-                                   verdict)
+from looptune.diagnose.run import (HELDOUT_DIR, FamilyRow, LoopRow, load_texts, loop1_kv,
+                                   loop_with_carry, measure_loops, verdict)
 from looptune.model.tokenizer import ByteTokenizer
 
 TEXTS = ["def add(a, b):\n    return a + b\n" * 6, "for i in range(10):\n    print(i)\n" * 9,
@@ -133,7 +133,17 @@ def test_verdict_compares_with_the_family():
     assert v.family_agrees is True  # R=4 scores worse than R=3, as predicted
 
 
-# ----- the command -----
+# ----- texts and the command -----
+
+@pytest.mark.skipif(not (HELDOUT_DIR / "MANIFEST.json").exists(), reason="no held-out corpus")
+def test_code_set_is_a_seeded_subset_cut_to_max_bytes():
+    names, texts = load_texts("code", limit=5, seed=1, max_bytes=300)
+    full = load_texts("code", limit=None, max_bytes=None)[0]
+    assert len(names) == len(texts) == 5 and names == [n for n in full if n in names]
+    assert all(0 < len(t.encode()) <= 300 for t in texts)
+    assert load_texts("code", limit=5, seed=1, max_bytes=300) == (names, texts)
+    assert load_texts("code", limit=5, seed=2, max_bytes=300)[0] != names
+
 
 def test_cli_diagnose_json_and_plot(tmp_path):
     from looptune.cli import app

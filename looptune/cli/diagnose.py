@@ -19,7 +19,9 @@ def diagnose(
                                                              "checkpoint's trained R).")] = None,
     set_name: Annotated[str, typer.Option("--set", help="code (the held-out code corpus) or a "
                                                         "JSONL file of {\"text\": ...} lines.")] = "code",
-    limit: Annotated[int, typer.Option(min=1, help="Texts to use: a seeded random subset.")] = 64,
+    limit: Annotated[int, typer.Option(min=1, help="Texts to use: a seeded random subset.")] = 16,
+    max_bytes: Annotated[int, typer.Option(min=0, help="Keep the first N bytes of each text "
+                                                       "(0: whole texts).")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of the subset and the effective-rank sample.")] = 0,
     family: Annotated[bool, typer.Option(help="Score the bundled family at their own R on the "
                                               "same texts and compare.")] = True,
@@ -53,7 +55,7 @@ def diagnose(
                 bar.update(task, description=f"scored family member {Path(value).name}")
 
         diag = run_diagnose(checkpoint, loops, set_name, limit, seed, device, dtype,
-                            family=family, progress=progress)
+                            family=family, max_bytes=max_bytes or None, progress=progress)
     if plot:
         plot_diagnosis(diag, plot)
     if json_out:
@@ -66,7 +68,8 @@ def diagnose(
 
 def _print(diag) -> None:
     console.print(f"[bold]{diag.checkpoint}[/]  trained R={diag.trained_loops}, mode "
-                  f"{diag.mode}, W={diag.window}; {diag.texts} texts, {diag.tokens:,} tokens "
+                  f"{diag.mode}, W={diag.window}; {diag.texts} texts from {diag.set_name}, "
+                  f"{diag.tokens:,} scored tokens "
                   f"({diag.bytes:,} bytes) in windows of {diag.context}; {diag.device} "
                   f"{diag.dtype}")
     table = Table(title="per loop (h_0 = embeddings; norms on the raw residual stream)")

@@ -13,6 +13,10 @@ diagnostics; this computes them for any PLT checkpoint on held-out text. Definit
   ever decodes from, so they start at loop 2. The update cosine at loop r compares
   `h_r - h_{r-1}` with `h_{r-1} - h_{r-2}`; with `h_0 = E` it is defined from loop 2. The offset
   cost exists only at a boundary, so from loop 2 as well.
+- Texts. `--set code` is the held-out code corpus (`looptune/data/heldout/`), one text per file;
+  or a JSONL file of {"text": ...}. A run takes a seeded random subset of `--limit` texts (16)
+  and keeps the first `--max-bytes` (4096) bytes of each, so its cost does not depend on which
+  of the corpus's 38-byte to 94-KB files the subset draws.
 - Tokens. Texts are scored in strided windows of `min(512, context)` tokens (stride half that,
   as `quality.bpb.score_texts`); every metric averages over the scored tokens, each token once.
   The effective rank uses the same seeded sample of up to 4096 of those token states for every
@@ -54,7 +58,8 @@ from looptune.errors import LooptuneError
 
 MAX_WINDOW = 512
 RANK_SAMPLE = 4096
-DEFAULT_LIMIT = 64
+DEFAULT_LIMIT = 16  # texts per run
+MAX_BYTES = 4096  # bytes kept of each text (its beginning)
 HELDOUT_DIR = Path(__file__).resolve().parent.parent / "data" / "heldout"
 
 
@@ -103,6 +108,7 @@ class Diagnosis:
     window: int
     set_name: str
     texts: int
+    max_bytes: int | None  # each text cut to its first max_bytes bytes
     tokens: int
     bytes: int
     context: int
@@ -115,6 +121,7 @@ class Diagnosis:
     rows: list[LoopRow]
     family: list[FamilyRow] = field(default_factory=list)
     verdict: Verdict | None = None
+    items: list[str] = field(default_factory=list)  # names of the texts used
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,42 +129,50 @@ class Diagnosis:
 
 # ----- texts -----
 
-def load_texts(set_name: str, limit: int | None = DEFAULT_LIMIT, seed: int = 0) -> list[str]:
-    """`code`: the held-out code corpus; otherwise a JSONL path of {"text": ...} lines. With
-    `limit`, a seeded random subset of that many texts, kept in corpus order."""
+def load_texts(set_name: str, limit: int | None = DEFAULT_LIMIT, seed: int = 0,
+               max_bytes: int | None = MAX_BYTES) -> tuple[list[str], list[str]]:
+    """`(names, texts)`. `code`: the held-out code corpus, one text per file; otherwise a JSONL
+    path of {"text": ...} lines. With `limit`, a seeded random subset of that many texts, kept in
+    corpus order; with `max_bytes`, each text cut to its first that many UTF-8 bytes (whole
+    characters), so the cost of a run stays predictable whatever files the subset draws."""
     if set_name == "code":
-        texts = _heldout_code()
+        items = _heldout_code()
     else:
-        texts = _jsonl_texts(Path(set_name))
+        items = _jsonl_texts(Path(set_name))
     if limit is not None and limit < 1:
         raise LooptuneError(f"--limit must be at least 1, got {limit}")
-    if limit is not None and limit < len(texts):
-        keep = sorted(random.Random(seed).sample(range(len(texts)), limit))
-        texts = [texts[i] for i in keep]
-    return texts
+    if max_bytes is not None and max_bytes < 1:
+        raise LooptuneError(f"--max-bytes must be at least 1, got {max_bytes}")
+    if limit is not None and limit < len(items):
+        keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+        items = [items[i] for i in keep]
+    if max_bytes is not None:
+        items = [(name, text.encode()[:max_bytes].decode(errors="ignore")) for name, text in items]
+    return [name for name, _ in items], [text for _, text in items]
 
 
-def _heldout_code() -> list[str]:
+def _heldout_code() -> list[tuple[str, str]]:
     try:
         from looptune.train.corpus import heldout_texts
-    except ImportError:
-        files = sorted(HELDOUT_DIR.glob("**/*.py"))
-        texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    except ImportError:  # the corpus reader is not installed: read the directory
+        files = sorted([*HELDOUT_DIR.glob("**/*.py"), *HELDOUT_DIR.glob("**/*.py.txt")])
+        items = [(str(f.relative_to(HELDOUT_DIR)).removesuffix(".txt"),
+                  f.read_text(encoding="utf-8", errors="replace")) for f in files]
     else:
-        texts = list(heldout_texts())
-    texts = [t for t in texts if t]
-    if not texts:
+        items = list(heldout_texts())
+    items = [(name, text) for name, text in items if text]
+    if not items:
         raise LooptuneError(f"the held-out code corpus is empty ({HELDOUT_DIR} has no .py files); "
                             "pass --set with a JSONL file of {\"text\": ...} lines")
-    return texts
+    return items
 
 
-def _jsonl_texts(path: Path) -> list[str]:
+def _jsonl_texts(path: Path) -> list[tuple[str, str]]:
     import json
 
     if not path.is_file():
         raise LooptuneError(f"--set must be 'code' or a JSONL file; {path} does not exist")
-    texts = []
+    items = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -168,10 +183,10 @@ def _jsonl_texts(path: Path) -> list[str]:
         if not isinstance(text, str):
             raise LooptuneError(f"{path}:{n}: \"text\" must be a string")
         if text:
-            texts.append(text)
-    if not texts:
+            items.append((f"{path.name}:{n}", text))
+    if not items:
         raise LooptuneError(f"{path}: no texts")
-    return texts
+    return items
 
 
 # ----- one loop with a chosen carry -----
@@ -364,8 +379,8 @@ def verdict(rows: list[LoopRow], embedding_rank: float, family: list[FamilyRow] 
         helps = None
         rises = "rises" if rows[0].effective_rank > embedding_rank else "does not rise"
         words.append(f"With one loop there is no gain or offset cost to judge another loop by "
-                     f"(the effective rank {rises} from the embeddings' {embedding_rank:.1f} to "
-                     f"{rows[0].effective_rank:.1f}); run with --loops 2 to see what an untrained "
+                     f"(the effective rank {rises} from the embeddings' {embedding_rank:.2f} to "
+                     f"{rows[0].effective_rank:.2f}); run with --loops 2 to see what an untrained "
                      f"second loop does.")
     else:
         prev_rank = rows[-2].effective_rank
@@ -373,7 +388,7 @@ def verdict(rows: list[LoopRow], embedding_rank: float, family: list[FamilyRow] 
         cost = max(last.offset_cost_bits_per_byte, 0.0)
         helps = bool(rising and last.gain_bits_per_byte > cost)
         rank_words = (f"the effective rank {'still rises' if rising else 'no longer rises'} into "
-                      f"loop {R} ({prev_rank:.1f} -> {last.effective_rank:.1f})")
+                      f"loop {R} ({prev_rank:.2f} -> {last.effective_rank:.2f})")
         gain_words = (f"loop {R}'s gain of {_b(last.gain_bits_per_byte)} "
                       f"{'exceeds' if last.gain_bits_per_byte > cost else 'does not exceed'} its "
                       f"offset cost of {_b(last.offset_cost_bits_per_byte)}")
@@ -381,8 +396,10 @@ def verdict(rows: list[LoopRow], embedding_rank: float, family: list[FamilyRow] 
             gain_words += " (negative: the unshifted carry is worse, so the cost counts as 0)"
         words.append(f"Another loop is {'likely' if helps else 'unlikely'} to help: {rank_words}, "
                      f"and {gain_words}.")
-        words.append(f"Decoding is best at loop {best.loop} ({best.bits_per_byte:.3f} bits/byte); "
-                     f"the rule holds through loop {rule_loop}.")
+        through = (f"the rule holds at every loop through {rule_loop}" if rule_loop > 1
+                   else "the rule already fails at loop 2")
+        words.append(f"Stopping early, decoding is best at loop {best.loop} "
+                     f"({best.bits_per_byte:.3f} bits/byte); {through}.")
     if trained_loops is not None and R > trained_loops:
         words.append(f"Loops beyond {trained_loops} were never trained in this checkpoint.")
     fam_best, agrees = None, None
@@ -419,7 +436,8 @@ def _b(x: float) -> str:
 
 def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
              limit: int | None = DEFAULT_LIMIT, seed: int = 0, device="auto", dtype="auto",
-             family: bool = True, batch_size: int = 8, progress=None) -> Diagnosis:
+             family: bool = True, max_bytes: int | None = MAX_BYTES, batch_size: int = 8,
+             progress=None) -> Diagnosis:
     """Per-loop diagnostics of `checkpoint` (default: the bundled model) on held-out texts, with
     the verdict. `progress(kind, n)` is called with ("windows", total) once, then ("window", k)
     as windows finish and ("member", path) per scored family member."""
@@ -434,7 +452,7 @@ def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
     R = cfg.num_loops if loops is None else loops
     if R < 1:
         raise LooptuneError(f"--loops must be at least 1, got {R}")
-    texts = load_texts(set_name, limit, seed)
+    names, texts = load_texts(set_name, limit, seed, max_bytes)
     context = min(MAX_WINDOW, cfg.max_position_embeddings)
     stride = max(context // 2, 1)
     if progress:
@@ -453,9 +471,10 @@ def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
     diag = Diagnosis(
         checkpoint=str(path), content_hash=content_hash(path), trained_loops=cfg.num_loops,
         loops=R, mode=model.knobs()[1], window=model.knobs()[2], set_name=str(set_name),
-        texts=len(texts), tokens=m["tokens"], bytes=m["bytes"], context=context, stride=stride,
+        texts=len(texts), max_bytes=max_bytes, tokens=m["tokens"], bytes=m["bytes"],
+        context=context, stride=stride,
         rank_sample=m["rank_sample"], embedding_effective_rank=m["embedding_effective_rank"],
         device=str(p.device), dtype=str(p.dtype).removeprefix("torch."),
-        torch_version=torch.__version__, rows=rows, family=members)
+        torch_version=torch.__version__, rows=rows, family=members, items=names)
     diag.verdict = verdict(rows, diag.embedding_effective_rank, members, cfg.num_loops)
     return diag
