@@ -87,8 +87,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, intermediate_size=352,
                   max_position_embeddings=2048, window=64),
-    "family": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
-                   num_key_value_heads=2, head_dim=32, intermediate_size=512,
+    # Sized for a 2-core CPU, where it was trained (see looptune/models/README.md).
+    "family": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=32, intermediate_size=192,
                    max_position_embeddings=1024, window=64),
     "base": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                  head_dim=64, intermediate_size=1408, max_position_embeddings=4096, window=64),
