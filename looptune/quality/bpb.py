@@ -1,6 +1,10 @@
 """Bits per byte of texts under a model, scored in sliding windows of the model's context.
 
 Shared by training (held-out loss), `score` (the `code` set and JSONL text sets) and `diagnose`.
+
+`score_loops` scores several loop counts in one forward pass: loop r never reads a later loop, so
+the hidden state after loop r of an R-loop pass is exactly the final state of an r-loop pass, and
+`model.head(h_r)` are the r-loop logits. Scoring R = 1..4 costs one 4-loop pass, not 1+2+3+4.
 """
 
 from __future__ import annotations
@@ -17,67 +21,108 @@ class ItemScore:
     bits: float  # total -log2 p over the scored tokens
     bytes: int  # UTF-8 bytes those tokens stand for
     tokens: int
+    agree: int = 0  # scored tokens whose top-1 prediction equals the reference loop count's
 
     @property
     def bits_per_byte(self) -> float:
         return self.bits / max(self.bytes, 1)
 
 
-def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
-    """(start, end, first_scored) spans over a sequence of n tokens, predicting tokens 1..n-1.
+def windows(n_tokens: int, context: int, stride: int, first: int = 1) -> list[tuple[int, int, int]]:
+    """(start, end, first_scored) spans over a sequence of n tokens, predicting tokens first..n-1.
 
     Each window sees up to `context` tokens; after the first, a window scores only the tokens no
     earlier window scored, so every token is scored exactly once with at least
-    `context - stride` tokens of left context (the usual strided evaluation)."""
-    if n_tokens < 2:
-        return []
-    spans, scored_to = [], 1  # token 0 is context only
+    `context - stride` tokens of left context (the usual strided evaluation). Tokens before
+    `first` (a prompt) are context only; `first` is at least 1, token 0 has nothing to predict it."""
+    scored_to = max(first, 1)
+    spans = []
     while scored_to < n_tokens:
-        end = min(scored_to + stride, n_tokens) if scored_to > 1 else min(context, n_tokens)
+        if not spans and scored_to < context:  # the first window starts at 0 and sees all it can
+            end = min(context, n_tokens)
+        else:
+            end = min(scored_to + stride, n_tokens)
         start = max(0, end - context)
         spans.append((start, end, scored_to))
         scored_to = end
     return spans
 
 
-@torch.no_grad()
 def score_texts(model, tokenizer, texts: list[str], loops=None, mode=None, window=None,
                 context: int | None = None, stride: int | None = None, batch_size: int = 8,
                 progress=None) -> list[ItemScore]:
     """One `ItemScore` per text. A BOS token is prepended when the tokenizer has one, so every
     byte of the text is scored; otherwise the first token is context only."""
+    loops = model.knobs(loops, mode, window)[0]
+    return score_loops(model, tokenizer, texts, [loops], mode=mode, window=window,
+                       context=context, stride=stride, progress=progress,
+                       batch_tokens=batch_size * (context or model.config.max_position_embeddings))[loops]
+
+
+@torch.inference_mode()
+def score_loops(model, tokenizer, texts: list[str], loops: list[int], prompts: list[str] | None = None,
+                reference: int | None = None, mode=None, window=None, context: int | None = None,
+                stride: int | None = None, batch_tokens: int = 8192,
+                progress=None) -> dict[int, list[ItemScore]]:
+    """`{R: [ItemScore per text]}` for every R in `loops`, from one pass at max(loops).
+
+    `prompts[i]`, when given, is context for `texts[i]`: only the text's tokens are scored (the
+    negative log-likelihood of a completion given its prompt). `reference` (default: the largest
+    R) is the loop count whose top-1 predictions `ItemScore.agree` counts agreement with; it is
+    added to the pass if needed. Windows are right-padded into batches of about `batch_tokens`
+    tokens (padding after a causal sequence cannot change the scored positions)."""
     cfg = model.config
     context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    stride = stride or max(context // 2, 1)
+    stride = max(1, min(stride or context // 2, context - 1 if context > 1 else 1))
+    reference = max(loops) if reference is None else reference
+    top = max([*loops, reference])
     device = model.model.embed_tokens.weight.device
     bos = getattr(tokenizer, "bos_id", None)
-    jobs = []  # (item, start, end, first_scored, ids)
-    encoded = []
+    head = [bos] if bos is not None else []
+    nbytes_of = torch.tensor([len(tokenizer.token_bytes(t)) for t in range(cfg.vocab_size)],
+                             device=device)
+    encoded, jobs = [], []  # jobs: (item, start, end, first_scored)
     for i, text in enumerate(texts):
-        ids = ([bos] if bos is not None else []) + tokenizer.encode(text)
+        prompt = head + (tokenizer.encode(prompts[i]) if prompts else [])
+        ids = prompt + tokenizer.encode(text)
         encoded.append(ids)
-        jobs += [(i, s, e, f) for s, e, f in windows(len(ids), context, stride)]
-    bits = [0.0] * len(texts)
-    nbytes = [0] * len(texts)
-    ntok = [0] * len(texts)
-    jobs.sort(key=lambda j: j[2] - j[1])  # batch windows of equal length together
-    for b in range(0, len(jobs), batch_size):
-        group = jobs[b:b + batch_size]
-        length = group[-1][2] - group[-1][1]
-        same = [j for j in group if j[2] - j[1] == length]
-        rest = [j for j in group if j[2] - j[1] != length]
-        for chunk in ([same, *[[j] for j in rest]] if rest else [same]):
-            ids = torch.tensor([encoded[i][s:e] for i, s, e, _ in chunk], device=device)
-            logits = model(ids, loops=loops, mode=mode, window=window).float()
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-            for row, (i, s, e, f) in enumerate(chunk):
-                targets = encoded[i][f:e]
-                bits[i] += nll[row, f - s - 1:].sum().item() / math.log(2)
-                nbytes[i] += sum(len(tokenizer.token_bytes(t)) for t in targets)
-                ntok[i] += len(targets)
+        jobs += [(i, s, e, f) for s, e, f in windows(len(ids), context, stride, len(prompt))]
+    jobs.sort(key=lambda j: j[1] - j[2])  # longest first, so padding stays small
+    n = len(texts)
+    bits = {r: [0.0] * n for r in loops}
+    agree = {r: [0] * n for r in loops}
+    nbytes, ntok = [0] * n, [0] * n
+    b = 0
+    while b < len(jobs):
+        length = jobs[b][2] - jobs[b][1]
+        group = jobs[b:b + max(1, batch_tokens // length)]
+        b += len(group)
+        ids = torch.zeros(len(group), length, dtype=torch.long, device=device)
+        scored = torch.zeros(len(group), length - 1, dtype=torch.bool, device=device)
+        for row, (i, s, e, f) in enumerate(group):
+            ids[row, :e - s] = torch.tensor(encoded[i][s:e])
+            scored[row, f - s - 1:e - s - 1] = True  # position t predicts token t + 1
+        targets = ids[:, 1:]
+        _, hidden = model(ids, loops=top, mode=mode, window=window, return_hidden=True)
+        logits = {r: model.head(hidden[r - 1][:, :-1]).float() for r in {*loops, reference}}
+        ref_top1 = logits[reference].argmax(-1)  # [B, T-1]
+        rows = [j[0] for j in group]
+        for r in loops:
+            nll = F.cross_entropy(logits[r].transpose(1, 2), targets, reduction="none")
+            row_bits = ((nll.double() * scored).sum(1) / math.log(2)).tolist()
+            row_agree = ((logits[r].argmax(-1) == ref_top1) & scored).sum(1).tolist()
+            for row, i in enumerate(rows):
+                bits[r][i] += row_bits[row]
+                agree[r][i] += row_agree[row]
+        row_bytes = (nbytes_of[targets] * scored).sum(1).tolist()
+        row_tokens = scored.sum(1).tolist()
+        for row, i in enumerate(rows):
+            nbytes[i] += row_bytes[row]
+            ntok[i] += row_tokens[row]
         if progress:
             progress(len(group))
-    return [ItemScore(bits[i], nbytes[i], ntok[i]) for i in range(len(texts))]
+    return {r: [ItemScore(bits[r][i], nbytes[i], ntok[i], agree[r][i]) for i in range(n)]
+            for r in loops}
 
 
 def bits_per_byte(items: list[ItemScore]) -> float:
