@@ -1,0 +1,27 @@
+"""Measurement: timers, peak memory, the environment fingerprint, statistics, and the profiler.
+
+`profile_candidates(...) -> list[Measurement]` is the profiler's API; `environment(device, dtype)`
+is the fingerprint every result carries. Heavy imports happen on first use."""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "Measurement": "looptune.measure.profile",
+    "profile_candidates": "looptune.measure.profile",
+    "environment": "looptune.measure.env",
+    "fingerprint": "looptune.measure.env",
+    "gpu_state": "looptune.measure.env",
+    "Timer": "looptune.measure.timers",
+    "LapTimer": "looptune.measure.timers",
+    "PeakMemory": "looptune.measure.memory",
+    "bootstrap_ci": "looptune.measure.stats",
+    "summarize": "looptune.measure.stats",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'looptune.measure' has no attribute {name!r}")

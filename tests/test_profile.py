@@ -1,0 +1,302 @@
+"""`looptune profile`: timers against known sleeps, statistics, memory, the environment, the
+fields of a Measurement, KV measured == analytic, out of memory, Ctrl-C, the result cache and
+the command line. Tiny checkpoints, 8-token prompts, a few decode steps: seconds in all."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from looptune.cli import app
+from looptune.measure import env as envmod
+from looptune.measure.memory import PeakMemory
+from looptune.measure.profile import STATUSES, Measurement, profile_candidates
+from looptune.measure.stats import bootstrap_ci, percentile, summarize
+from looptune.measure.timers import LapTimer, Timer
+from looptune.model.checkpoint import init_checkpoint
+from looptune.model.plt import PLTForCausalLM
+
+runner = CliRunner()
+FAST = dict(prompt_len=8, gen_len=4, min_repeats=2, min_time_s=0.0, device="cpu")
+ISSUE_FIELDS = ["ttft_ms", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_p99", "tpot_ms_p50_ci95",
+                "tokens_per_s", "kv_bytes", "kv_bytes_analytic", "peak_mem_bytes", "environment"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profile") / "tiny"
+    init_checkpoint(path, "tiny", loops=2, device="cpu")
+    return path
+
+
+# ----- timers, statistics, memory, environment -----
+
+def test_timer_measures_known_sleeps():
+    with Timer("cpu") as t:
+        time.sleep(0.05)
+    assert 50 <= t.ms < 50 + 250  # never short; a loaded machine may wake it late
+    with LapTimer("cpu") as laps:
+        for s in (0.01, 0.04, 0.02):
+            time.sleep(s)
+            laps.lap()
+    assert len(laps.ms) == 3
+    for got, want in zip(laps.ms, (10, 40, 20)):
+        assert want <= got < want + 250
+
+
+def test_percentiles_and_bootstrap():
+    runs = [list(np.arange(1.0, 101.0))] * 4
+    assert percentile(runs[0], 50) == pytest.approx(50.5)
+    assert percentile(runs[0], 99) == pytest.approx(99.01)
+    lo, hi = bootstrap_ci(runs, 50)
+    assert lo == hi == pytest.approx(50.5)  # identical runs: no spread between runs
+    rng = np.random.default_rng(0)
+    noisy = [list(rng.normal(10.0 + i % 3, 1.0, 64)) for i in range(8)]
+    s = summarize(noisy)
+    assert s["p50_ci95"][0] < s["p50"] < s["p50_ci95"][1]
+    assert s["p50"] <= s["p90"] <= s["p99"]
+    assert bootstrap_ci(noisy, 50) == bootstrap_ci(noisy, 50)  # seeded
+    assert bootstrap_ci([[5.0]], 50) == (5.0, 5.0)
+    one = bootstrap_ci([[1.0, 2.0, 3.0, 4.0, 100.0]], 50)  # one run: resample its tokens
+    assert one[0] <= 3.0 <= one[1]
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory("cpu") as mem:
+        x = torch.ones(16 << 20, dtype=torch.float32)  # 64 MiB, touched
+        del x
+    assert mem.method.startswith("rss growth")
+    if mem.method == "rss growth (VmHWM)":
+        assert mem.peak_bytes >= 60 << 20
+
+
+def test_environment_and_fingerprint():
+    e = envmod.environment("cpu", torch.float32)
+    for key in ["device", "device_name", "torch", "cuda", "dtype", "threads", "cpu_count",
+                "loadavg", "looptune"]:
+        assert key in e
+    assert e["dtype"] == "float32" and e["threads"] == torch.get_num_threads()
+    fp = envmod.fingerprint(e)
+    assert "loadavg" not in fp and fp["torch"] == torch.__version__ and fp["threads"]
+    assert envmod.gpu_state("cpu") is None
+
+
+def test_throttle_reasons_and_nvidia_smi_parsing(monkeypatch):
+    assert envmod.throttle_reasons(0x0) == []
+    assert envmod.throttle_reasons(0x44) == ["sw_power_cap", "hw_thermal_slowdown"]
+
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = "550.54.15, 1980, 2619, 1980, 312.45, 700.00, 41, P0, 0x0000000000000004\n"
+
+    calls = []
+    monkeypatch.setattr(envmod.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    state = envmod._state_smi("GPU-1234")
+    assert state["sm_clock_mhz"] == 1980 and state["power_w"] == pytest.approx(312.45)
+    assert state["throttle_reasons"] == ["sw_power_cap"] and state["pstate"] == "P0"
+    assert calls[0][-2:] == ["-i", "GPU-1234"]
+
+
+# ----- the profiler -----
+
+def test_fields_present_and_sane(ckpt):
+    ms = profile_candidates([ckpt], loops=[1, 2, 3], modes=["plt", "plt-noshift", "sequential"],
+                            batches=[2], fresh=True, **FAST)
+    assert [(m.mode, m.loops) for m in ms] == [(mode, R) for mode in
+                                                ("plt", "plt-noshift", "sequential")
+                                                for R in (1, 2, 3)]
+    for m in ms:
+        d = m.to_dict()
+        assert all(d[f] is not None for f in ISSUE_FIELDS), m.label
+        json.dumps(d)
+        assert m.status == "ok" and m.feasible and not m.cached and m.error is None
+        assert m.repeats >= 2 and m.decode_steps == m.repeats * 4 and len(m.warmup_ms) == 1
+        assert 0 < m.tpot_ms_p50 <= m.tpot_ms_p90 <= m.tpot_ms_p99
+        lo, hi = m.tpot_ms_p50_ci95
+        assert lo <= m.tpot_ms_p50 <= hi
+        assert m.ttft_ms > 0 and m.tokens_per_s == pytest.approx(2e3 / m.tpot_ms_p50)
+        assert m.peak_mem_bytes >= 0 and m.weights_bytes > 0 and m.compile_ms is None
+        assert m.dtype == "float32" and m.device == "cpu" and m.window == 8
+        assert m.environment["device_name"] and m.environment["torch"] == torch.__version__
+
+
+def test_kv_measured_equals_analytic(ckpt):
+    # window 4 < context 12: the rings wrap; batch 3; every mode and R
+    ms = profile_candidates([ckpt], loops=[1, 2, 4], modes=["plt", "plt-noshift", "sequential"],
+                            batches=[1, 3], window=4, fresh=True, **{**FAST, "min_repeats": 1})
+    for m in ms:
+        assert m.kv_bytes == m.kv_bytes_analytic and m.kv_match, m.label
+    by = {(m.mode, m.loops, m.batch): m.kv_bytes for m in ms}
+    assert by["sequential", 4, 3] == 4 * by["sequential", 1, 3] == 12 * by["sequential", 1, 1]
+    assert by["plt", 4, 1] < by["sequential", 4, 1]
+
+
+def test_modes_none_uses_the_trained_mode(ckpt):
+    (m,) = profile_candidates([ckpt], loops=[2], modes=None, fresh=True, **FAST)
+    assert m.mode == "plt"
+
+
+def _oom_at_batch(batch, error):
+    real = PLTForCausalLM.new_cache
+
+    def new_cache(self, b, *args, **kwargs):
+        if b == batch:
+            raise error
+        return real(self, b, *args, **kwargs)
+    return new_cache
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+])
+def test_out_of_memory_is_infeasible_and_the_run_goes_on(ckpt, monkeypatch, error):
+    monkeypatch.setattr(PLTForCausalLM, "new_cache", _oom_at_batch(4, error))
+    ms = profile_candidates([ckpt], loops=[1, 2], modes=["plt"], batches=[1, 4], fresh=True,
+                            **FAST)
+    ok, oom = ms[:2], ms[2:]
+    assert all(m.status == "ok" and m.tpot_ms_p50 for m in ok)
+    for m in oom:
+        assert m.status == "infeasible" and not m.feasible and m.tpot_ms_p50 is None
+        assert m.error.startswith("out of memory")
+    again = profile_candidates([ckpt], loops=[1, 2], modes=["plt"], batches=[1, 4], **FAST)
+    assert [m.cached for m in again] == [True, True, False, False]  # infeasible: tried again
+
+
+def test_other_errors_are_not_taken_for_out_of_memory(ckpt, monkeypatch):
+    monkeypatch.setattr(PLTForCausalLM, "new_cache", _oom_at_batch(1, RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        profile_candidates([ckpt], loops=[1], modes=["plt"], fresh=True, **FAST)
+
+
+def test_cache_hit_measures_nothing_and_fresh_remeasures(ckpt, monkeypatch):
+    args = dict(loops=[1, 2], modes=["plt"], batches=[1], **FAST)
+    first = profile_candidates([ckpt], **args)
+    assert not any(m.cached for m in first)
+
+    def no_loading(*a, **k):
+        raise AssertionError("a cached candidate must not load the model")
+    monkeypatch.setattr("looptune.model.checkpoint.load_model", no_loading)
+    again = profile_candidates([ckpt], **args)
+    assert all(m.cached for m in again)
+    assert [m.tpot_ms_p50 for m in again] == [m.tpot_ms_p50 for m in first]
+    assert again[0].tpot_ms_p50_ci95 == first[0].tpot_ms_p50_ci95  # tuples survive JSON
+    monkeypatch.undo()
+    fresh = profile_candidates([ckpt], fresh=True, **args)
+    assert not any(m.cached for m in fresh)
+    other = profile_candidates([ckpt], **{**args, "gen_len": 5})  # another candidate: a miss
+    assert not any(m.cached for m in other)
+
+
+def test_candidates_are_interleaved(ckpt):
+    runs = []
+
+    def progress(message):
+        if ": run " in message:
+            runs.append(message.split(":")[0])
+    profile_candidates([ckpt], loops=[1, 2], modes=["plt"], fresh=True, progress=progress,
+                       **{**FAST, "min_repeats": 4})
+    a, b = "tiny plt R=1 B=1", "tiny plt R=2 B=1"
+    assert runs == [a, b, b, a, a, b, b, a]  # never all of A, then all of B
+
+
+def test_ctrl_c_keeps_what_was_measured(ckpt):
+    seen = []
+
+    def progress(message):
+        if ": run " in message:
+            seen.append(message)
+            if len(seen) == 3:
+                raise KeyboardInterrupt
+    ms = profile_candidates([ckpt], loops=[1, 2, 3], modes=["plt"], fresh=True,
+                            progress=progress, **{**FAST, "min_repeats": 3})
+    assert [m.status for m in ms] == ["partial"] * 3
+    assert [m.repeats for m in ms] == [1, 1, 1] and all(m.tpot_ms_p50 for m in ms)
+    assert all(m.error.startswith("interrupted") for m in ms)
+    # nothing partial was cached
+    again = profile_candidates([ckpt], loops=[1], modes=["plt"], **{**FAST, "min_repeats": 3})
+    assert not again[0].cached
+
+    def stop_at_warmup(message):
+        if "warm-up" in message:
+            raise KeyboardInterrupt
+    (m,) = profile_candidates([ckpt], loops=[1], modes=["plt"], fresh=True,
+                              progress=stop_at_warmup, **FAST)
+    assert m.status == "not-measured" and m.repeats == 0 and m.tpot_ms_p50 is None
+    assert m.status in STATUSES
+
+
+def test_measurement_round_trips_through_a_dict(ckpt):
+    (m,) = profile_candidates([ckpt], loops=[1], modes=["plt"], fresh=True, **FAST)
+    back = Measurement.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert back == m
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(loops=[0]), "loops"), (dict(modes=["fast"]), "modes"), (dict(batches=[]), "batches"),
+    (dict(window=0), "window"), (dict(prompt_len=600), "max_position_embeddings"),
+    (dict(dtype="float8"), "dtype"), (dict(device="tpu"), "device"),
+])
+def test_bad_arguments_are_looptune_errors(ckpt, kwargs, message):
+    from looptune.errors import LooptuneError
+
+    with pytest.raises(LooptuneError, match=message):
+        profile_candidates([ckpt], **{**FAST, **kwargs})
+
+
+# ----- the command line -----
+
+@pytest.mark.parametrize("args, message", [
+    (["--loops", "0"], "--loops"), (["--loops", "1,two"], "--loops"),
+    (["--mode", "plt,fast"], "--mode"), (["--batch", "eight"], "--batch"),
+    (["--batch", "0"], "--batch"), (["--dtype", "float8"], "dtype"),
+])
+def test_cli_bad_arguments_exit_2(ckpt, args, message):
+    result = runner.invoke(app, ["profile", str(ckpt), *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_cli_json_is_one_document_on_stdout(ckpt, tmp_path):
+    out = tmp_path / "profile.json"
+    result = runner.invoke(app, ["profile", str(ckpt), "--loops", "1,2", "--mode", "plt",
+                                 "--batch", "1,2", "--prompt-len", "8", "--gen-len", "4",
+                                 "--min-repeats", "2", "--min-time", "0", "--device", "cpu",
+                                 "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert json.loads(out.read_text()) == doc
+    assert doc["environment"]["device"] == "cpu" and not doc["interrupted"]
+    assert len(doc["measurements"]) == 4
+    for rec in doc["measurements"]:
+        assert all(rec[f] is not None for f in ISSUE_FIELDS) and rec["kv_match"]
+    assert "TPOT p50" in result.stderr  # the table went to stderr
+
+
+def test_cli_shows_a_kv_mismatch_loudly(ckpt, monkeypatch):
+    import looptune.model.cache as cache_mod
+
+    real = cache_mod.kv_bytes
+    monkeypatch.setattr(cache_mod, "kv_bytes", lambda *a, **k: real(*a, **k) + 1)
+    result = runner.invoke(app, ["profile", str(ckpt), "--loops", "2", "--mode", "plt",
+                                 "--prompt-len", "8", "--gen-len", "4", "--min-repeats", "1",
+                                 "--min-time", "0", "--device", "cpu", "--fresh"])
+    assert result.exit_code == 1
+    assert "KV MISMATCH" in result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_path(ckpt, compile):
+    ms = profile_candidates([ckpt], loops=[1, 2], modes=["plt", "sequential"], batches=[1],
+                            compile=compile, fresh=True,
+                            **{**FAST, "device": "cuda", "gen_len": 8})
+    for m in ms:
+        assert m.status == "ok" and m.kv_match and m.peak_mem_bytes >= m.weights_bytes
+        assert m.environment["device_type"] == "cuda"
+        assert (m.compile_ms is not None) == compile
