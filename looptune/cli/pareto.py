@@ -41,6 +41,10 @@ def pareto(
     study: Annotated[Optional[str], typer.Option(help="Study name (default: the --out name).")] = None,
     out: Annotated[Path, typer.Option(help="The deployable profile to write.")] = Path("profiles/pareto.yaml"),
     plot: Annotated[Optional[Path], typer.Option(help="Write the front as .png or .html.")] = None,
+    min_time: Annotated[float, typer.Option(
+        "--min-time", min=0.0, help="Seconds of measured decoding per latency candidate.")] = 0.5,
+    repeats: Annotated[int, typer.Option(min=1, help="Minimum measured runs per latency "
+                                                     "candidate.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the sampler and the quality subset.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
@@ -56,7 +60,8 @@ def pareto(
     parse_choice_list(metric, "--metric", list(METRICS))
     budgets = Budgets(budget_ms, budget_kv_mib, budget_ttft_ms)
     work = Workload(batch=batch, prompt_len=prompt_len, gen_len=gen_len, metric=metric,
-                    quality_set=quality_set, limit=limit, seed=seed, device=device)
+                    quality_set=quality_set, limit=limit, seed=seed, device=device,
+                    min_time_s=min_time, min_repeats=repeats)
     members = resolve_checkpoints(checkpoints, family=True)
     dtype_list = parse_choice_list(dtypes, "--dtypes", ["float32", "bfloat16", "float16"]) if dtypes else None
     window_list = parse_int_list(windows, "--windows") if windows else None
@@ -86,13 +91,13 @@ def _print(result, work):
         mark = "[bold green]<- choice[/]" if best is not None and o.knobs == best.knobs else ""
         table.add_row(Path(o.knobs.checkpoint).name, str(o.knobs.loops), str(o.knobs.window),
                       o.knobs.dtype, str(o.knobs.compile),
-                      f"{o.quality:.4f} [{o.quality_ci[0]:.4f}, {o.quality_ci[1]:.4f}]",
+                      f"{o.quality:.4f} ±{(o.quality_ci[1] - o.quality_ci[0]) / 2:.4f}",
                       f"{o.latency_ms:.3f}", f"{o.kv_bytes / 2**20:.3f}", mark)
     console.print(table)
     m = result.measured
     console.print(f"study {result.study_name!r} in {result.storage}: {result.trials} trials over a "
-                  f"grid of {result.grid_size}; new measurements: {m.get('profile', 0)} latency, "
-                  f"{m.get('score', 0)} quality")
+                  f"grid of {result.grid_size}; new measurements: {m.get('latency', 0)} latency, "
+                  f"{m.get('quality_passes', 0)} quality passes")
     for bad in result.infeasible:
         console.print(f"[yellow]infeasible[/] {bad['params']}: {bad['reason']}")
     if best is not None:

@@ -32,7 +32,8 @@ class Workload:
     limit: int | None = 16
     seed: int = 0
     device: str = "auto"
-    min_time_s: float | None = None  # per candidate, passed to profile (None: its default)
+    min_time_s: float = 0.5  # per candidate: profile's stopping rule (both must be reached)
+    min_repeats: int = 3
 
 
 @dataclass
@@ -42,7 +43,8 @@ class Evaluator:
 
     space: Space
     work: Workload
-    measured: dict = field(default_factory=lambda: {"profile": 0, "score": 0})
+    # new (uncached) measurements: latency candidates, and quality passes (one scores every R)
+    measured: dict = field(default_factory=lambda: {"latency": 0, "quality_passes": 0})
     _quality: dict = field(default_factory=dict)
 
     def quality(self, knobs: Knobs):
@@ -54,20 +56,20 @@ class Evaluator:
                                        windows=[knobs.window], sets=[self.work.quality_set],
                                        limit=self.work.limit, seed=self.work.seed,
                                        device=self.work.device, dtype=knobs.dtype)
-            self.measured["score"] += sum(not s.cached for s in scores)
+            self.measured["quality_passes"] += any(not s.cached for s in scores)
             self._quality[key] = {s.loops: s for s in scores}
         return self._quality[key][knobs.loops]
 
     def latency(self, knobs: Knobs):
         from looptune.measure.profile import profile_candidates
 
-        kwargs = {} if self.work.min_time_s is None else {"min_time_s": self.work.min_time_s}
         (m,) = profile_candidates([knobs.checkpoint], loops=[knobs.loops], modes=None,
                                   batches=[self.work.batch], prompt_len=self.work.prompt_len,
                                   gen_len=self.work.gen_len, window=knobs.window,
                                   dtype=knobs.dtype, device=self.work.device,
-                                  compile=knobs.compile, **kwargs)
-        self.measured["profile"] += not m.cached
+                                  compile=knobs.compile, min_repeats=self.work.min_repeats,
+                                  min_time_s=self.work.min_time_s, seed=self.work.seed)
+        self.measured["latency"] += not m.cached
         return m
 
     def __call__(self, knobs: Knobs) -> Outcome:
