@@ -60,8 +60,11 @@ def export(
                                                      "profile, named after it).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the written paths as JSON.")] = False,
 ):
-    """Write what a serving engine needs to run the profile's setting on a LoopCoder-V2 or
-    IQuest-Loop checkpoint."""
+    """Write a serving-engine config (vLLM, SGLang, transformers) for a profile's setting.
+
+    The loop count and window go in as the checkpoint architecture's own config keys
+    (LoopCoder-V2 or IQuest-Loop), through vLLM's hf-overrides or SGLang's
+    json-model-override-args."""
     from looptune.export.engines import export_profile
     from looptune.export.profile import read_profile
 
