@@ -242,3 +242,15 @@ def test_cli_score_json_and_table(tmp_path, checkpoint):
     assert refused.exit_code == 2 and "--execute" in refused.output
     bad = runner.invoke(app, ["score", str(checkpoint), "--set", str(tmp_path / "none.jsonl")])
     assert bad.exit_code == 2 and "none.jsonl" in bad.output
+
+
+def test_texts_are_scored_in_the_context_the_checkpoint_was_trained_with(tmp_path):
+    from looptune.model.checkpoint import save_checkpoint
+
+    ck = save_checkpoint(tiny_model(), tmp_path / "ck",
+                         extra_config={"looptune_train": {"context": 24}})
+    texts = _jsonl(tmp_path / "t.jsonl", [{"text": CODE}])
+    (s,) = score_checkpoints([ck], loops=[2], sets=[str(texts)])
+    assert (s.context, s.stride) == (24, 12)
+    (wide,) = score_checkpoints([ck], loops=[2], sets=[str(texts)], context=64)
+    assert (wide.context, wide.stride) == (64, 32) and not wide.cached

@@ -24,10 +24,15 @@ def score(
                       "(pass@1, needs --execute), or a .jsonl file of {\"text\"} or "
                       "{\"prompt\", \"completion\"} records.")] = None,
     limit: Annotated[Optional[int], typer.Option(
-        min=1, help="Score a seeded, size-stratified random subset of N items per set.")] = None,
+        min=0, help="Score a seeded random subset of N items per set, stratified by size "
+                    "(default: 32 of the 512-byte pieces of code, every item of the other "
+                    "sets; 0: every item).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the subset and the bootstrap.")] = 0,
     mode: Annotated[Optional[str], typer.Option(
         help="plt, plt-noshift or sequential (default: the checkpoint's).")] = None,
+    context: Annotated[Optional[int], typer.Option(
+        min=2, help="Tokens per scoring window (default: the context the checkpoint was "
+                    "trained with, else its max_position_embeddings); windows advance by half.")] = None,
     family: Annotated[bool, typer.Option(
         "--family", help="Score every bundled family member (when no checkpoint is given).")] = False,
     execute: Annotated[bool, typer.Option(
@@ -52,7 +57,8 @@ def score(
             paths, loops=parse_int_list(loops, "--loops"),
             windows=parse_int_list(window, "--window") if window else None,
             sets=set_ or ["code"], limit=limit, seed=seed, mode=mode, device=device,
-            dtype=dtype, execute=execute, use_cache=not no_cache, progress=report)
+            dtype=dtype, execute=execute, context=context, use_cache=not no_cache,
+            progress=report)
     if json_out:
         emit_json(scores_document(scores))
     else:

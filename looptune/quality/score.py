@@ -6,9 +6,10 @@ checkpoint, window and set it scores every requested loop count R and the checkp
 on the same items, and returns one `Score` per requested (checkpoint, R, window, set):
 
 - `bits_per_byte` (code, JSONL texts) and `nll_per_byte` (HumanEval solutions, JSONL
-  completions; in nats, natural log) are pooled over items: total over total bytes. All loop
-  counts come from one forward pass at the largest R, since loop r's state is the final state of
-  an r-loop run (`quality.bpb.score_loops`).
+  completions; in nats, natural log) are pooled over items: total over total bytes. Texts are
+  scored in windows of the context the checkpoint was trained with (`trained_context`),
+  advancing by half of it. All loop counts come from one forward pass at the largest R, since
+  loop r's state is the final state of an r-loop run (`quality.bpb.score_loops`).
 - `pass_at_1` (HumanEval, opt-in with `execute=True`): greedy completions run against the tests
   in the sandbox; one generation per R.
 - Each value has a 95% percentile bootstrap interval over items; each R is compared with the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +71,8 @@ class Score:
     bytes: int  # bytes those tokens stand for
     seconds: float  # wall time of the pass that produced it (shared by the loop counts of it)
     pass_loops: int  # loops of that pass: likelihood sets score R = 1..pass_loops in one pass
+    context: int  # tokens per scoring window
+    stride: int  # tokens a window advances (each scored token has >= context - stride before it)
     device: str
     dtype: str
     torch_version: str
@@ -99,7 +103,8 @@ class Score:
             "items": self.items, "set_items": self.set_items, "scored_tokens": self.tokens,
             "scored_bytes": self.bytes, "seconds": self.seconds,
             "tokens_per_s": self.tokens_per_s, "bytes_per_s": self.bytes_per_s,
-            "pass_loops": self.pass_loops, "device": self.device, "dtype": self.dtype,
+            "pass_loops": self.pass_loops, "context": self.context, "stride": self.stride,
+            "device": self.device, "dtype": self.dtype,
             "torch_version": self.torch_version, "cached": self.cached,
         }
 
@@ -126,9 +131,10 @@ def score_checkpoints(
     `windows`: G-SWA windows to score (default: each checkpoint's trained W). `sets`: names
     (`code`, `humaneval-nll`, `humaneval`) or JSONL paths. `limit`/`seed`: a seeded stratified
     subset of each set (`quality.sets`), the seed also seeds the bootstrap. `mode`: run-time mode
-    (default: the checkpoint's). `context`/`stride`: scoring windows (default: the model's
-    context, half of it). `execute` must be True to score `humaneval` (it runs generated code).
-    Results come from the cache when present unless `use_cache` is False."""
+    (default: the checkpoint's). `context`/`stride`: tokens per scoring window and how far
+    windows advance (default: `trained_context`, half of it). `execute` must be True to score
+    `humaneval` (it runs generated code). Results come from the cache when present unless
+    `use_cache` is False."""
     from looptune.model.checkpoint import content_hash, load_model
 
     if "humaneval" in sets and not execute:
@@ -144,7 +150,8 @@ def score_checkpoints(
         if tokenizer is None:
             raise LooptuneError(f"{ckpt}: the checkpoint has no tokenizer; scoring needs text")
         param = model.model.embed_tokens.weight
-        run = _Run(model, tokenizer, str(ckpt), content_hash(ckpt), mode, context, stride,
+        context_ = context or trained_context(ckpt, model.config)
+        run = _Run(model, tokenizer, str(ckpt), content_hash(ckpt), mode, context_, stride,
                    param.device, str(param.dtype).removeprefix("torch."), cache, use_cache,
                    progress)
         for w in windows or [model.config.window]:
@@ -154,6 +161,18 @@ def score_checkpoints(
                 scores += [_summarise(run, vs, w, r, records, seed, n_boot) for r in loops]
         del model
     return scores
+
+
+def trained_context(checkpoint, cfg) -> int:
+    """The context a checkpoint was trained with, when its config.json records it (looptune's
+    trainer writes `looptune_train.context`), else its `max_position_embeddings`. Scoring in
+    longer windows would measure length extrapolation, not the model."""
+    from looptune.model.checkpoint import read_config
+
+    trained = read_config(Path(checkpoint))[1].get("looptune_train", {}).get("context")
+    if isinstance(trained, int) and 1 < trained <= cfg.max_position_embeddings:
+        return trained
+    return cfg.max_position_embeddings
 
 
 def scores_document(scores: list[Score]) -> dict:
@@ -174,9 +193,8 @@ class _Run:
         self.checkpoint, self.model_hash = checkpoint, model_hash
         self.trained = model.config.num_loops
         self.mode = model.knobs(None, mode, None)[1]
-        cfg_context = model.config.max_position_embeddings
-        self.context = min(context or cfg_context, cfg_context)
-        self.stride = stride or max(self.context // 2, 1)
+        self.context = min(context, model.config.max_position_embeddings)
+        self.stride = min(stride or max(self.context // 2, 1), max(self.context - 1, 1))
         self.device, self.dtype = device, dtype
         self.cache, self.use_cache, self.progress = cache, use_cache, progress
 
@@ -246,12 +264,14 @@ class _Run:
             label = f"{Path(self.checkpoint).name} {vs.name} W={window} R={r}"
             completions, tokens = [], []
             start = time.perf_counter()
-            for i, item in enumerate(vs.items):
-                text, n = complete(self.model, self.tokenizer, item.prompt, r, self.mode, window)
-                completions.append(text)
-                tokens.append(n)
-                if self.progress:
-                    self.progress(label, i + 1, len(vs.items))
+            with _decode_threads(self.model):
+                for i, item in enumerate(vs.items):
+                    text, n = complete(self.model, self.tokenizer, item.prompt, r, self.mode,
+                                       window)
+                    completions.append(text)
+                    tokens.append(n)
+                    if self.progress:
+                        self.progress(label, i + 1, len(vs.items))
             seconds = time.perf_counter() - start
             results = run_tests(vs.items, completions)
             out[r] = {"passed": [int(x.passed) for x in results], "tokens": tokens,
@@ -259,6 +279,23 @@ class _Run:
                       "pass_loops": r, "completions": completions,
                       "results": [x.detail or x.status for x in results]}
         return out
+
+
+@contextmanager
+def _decode_threads(model, small: int = 50_000_000):
+    """One CPU thread while decoding a small model: a decode step is hundreds of tiny ops, and
+    splitting each across threads costs more than it saves (30 ms against 5 ms a token with two
+    threads against one, measured with the family shape on a busy two-core machine)."""
+    param = model.model.embed_tokens.weight
+    if param.device.type != "cpu" or model.num_params() > small:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _summarise(run: _Run, vs: ValidationSet, window: int, r: int, records: dict[int, dict],
@@ -283,7 +320,8 @@ def _summarise(run: _Run, vs: ValidationSet, window: int, r: int, records: dict[
         ci95_low=lo, ci95_high=hi, diff_vs_trained=diff[0], diff_ci95_low=diff[1],
         diff_ci95_high=diff[2], top1_agreement=agreement, items=len(vs.items),
         set_items=vs.total, tokens=sum(rec["tokens"]), bytes=sum(rec["bytes"]),
-        seconds=rec["seconds"], pass_loops=rec["pass_loops"], device=str(run.device),
+        seconds=rec["seconds"], pass_loops=rec["pass_loops"], context=run.context,
+        stride=run.stride, device=str(run.device),
         dtype=run.dtype, torch_version=torch.__version__, cached=rec["cached"])
 
 

