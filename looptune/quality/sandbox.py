@@ -6,17 +6,21 @@ Layers, each covering what the others cannot:
   its own session, so the whole process group is killed at the wall-clock limit.
 - Its working directory is an empty temporary directory (removed afterwards), and its
   environment is scrubbed to PATH, HOME=TMPDIR=that directory and a UTF-8 locale.
-- Resource limits, set by the child on itself before the program runs (soft = hard): CPU
-  seconds, address space, the largest file it may write (its output goes to a file, so a flood
-  of prints is capped too), open files, processes (0; note Linux does not enforce this one for
-  root), no core dumps. Setting them in the child rather than in a `preexec_fn` keeps
-  `subprocess` safe in a parent with threads (torch has several).
+- Resource limits, set by the child on itself before the program runs and not raisable after:
+  CPU seconds (SIGXCPU, then SIGKILL a second later), address space, the largest file it may
+  write (its output goes to a file, so a flood of prints is capped too), open files, processes
+  (0; Linux does not enforce this one for root, hence the hook below), no core dumps. Setting
+  them in the child rather than in a `preexec_fn` keeps `subprocess` safe in a parent with
+  threads (torch has several).
 - An audit hook (`sys.addaudithook`, which cannot be removed) installed before the program:
   writes, renames, deletes and the like are allowed only inside the working directory (paths
-  resolved through symlinks; `dir_fd` forms and `os.open` for writing are refused); spawning or
-  replacing processes (`os.system`, `os.fork`, `os.exec*`, `os.posix_spawn`, `subprocess`,
-  `pty`), signals to other processes, `chdir`, sockets, `ctypes`, raising resource limits and
+  resolved through symlinks; `dir_fd` forms refused; `os.open`, whose audit event does not show
+  a `dir_fd`, may not write or open a directory outside it); spawning or replacing processes
+  (`os.system`, `os.fork`, `os.exec*`, `os.posix_spawn`, `subprocess`, `pty`, importing
+  `_posixsubprocess`), `os.kill`, `chdir`, sockets, `ctypes`, raising resource limits and
   walking the garbage collector are refused with a `PermissionError`.
+- No namespaces: they need privileges or user namespaces that containers often lack, so the
+  network is refused by the hook alone.
 
 rlimits are the hard boundary; the audit hook is a tripwire against accidents, not a defence
 against code written to escape it (no Python-level sandbox is; a container or VM is). The
@@ -74,10 +78,10 @@ for _kind, _value in ((resource.RLIMIT_AS, _lim["memory_bytes"]),
     resource.setrlimit(_kind, (_value, _value))
 
 _DENY = ("os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
-         "os.startfile", "os.kill", "os.killpg", "os.chdir", "os.chroot", "os.setuid",
-         "subprocess.", "pty.", "socket.", "ctypes.", "resource.setrlimit", "resource.prlimit",
-         "gc.get_", "sys.remote_exec", "webbrowser.", "urllib.", "http.", "ftplib.", "smtplib.",
-         "poplib.", "imaplib.", "nntplib.", "telnetlib.", "winreg.", "msvcrt.")
+         "os.startfile", "os.kill", "os.killpg", "os.chdir", "subprocess.", "pty.", "socket.",
+         "ctypes.", "resource.setrlimit", "resource.prlimit", "gc.get_", "webbrowser.",
+         "urllib.", "http.", "ftplib.", "smtplib.", "poplib.", "imaplib.", "nntplib.",
+         "telnetlib.")
 _NO_IMPORT = ("ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters", "_testcapi",
               "_testinternalcapi")
 # event -> positions of its path arguments and of its dir_fd arguments
