@@ -35,9 +35,9 @@ diagnostics; this computes them for any PLT checkpoint on held-out text. Definit
   cost can come out negative (the model prefers what it was trained on); the verdict floors it
   at zero. `Omega_r` and `Omega_r / mean ||h_{r-1}||` are reported as the paper's descriptive
   numbers. Checkpoints run without the shift (`plt-noshift`, `sequential`) have no offset: cost 0.
-- The rule (the paper's). Loop r pays off when the effective rank still rises into it
-  (`erank_r > erank_{r-1}`, `erank_0` that of `E`) and its marginal gain exceeds the offset
-  cost's effect (`bpb_{r-1} - bpb_r > max(cost_r, 0)`). Another loop is likely to help when the
+- The rule (the paper's). Loop r >= 2 pays off when the effective rank still rises into it
+  (`erank_r > erank_{r-1}`) and its marginal gain exceeds the offset cost's effect
+  (`bpb_{r-1} - bpb_r > max(cost_r, 0)`). Another loop is likely to help when the
   rule holds at the last diagnosed loop. With the bundled family present the verdict sets this
   against the members' measured bits per byte at their own R, on the same texts.
 """
