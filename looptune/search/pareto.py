@@ -116,8 +116,11 @@ def run_pareto(checkpoints: list[Path], budgets: Budgets, work: Workload, window
                loops=(1, 2, 3, 4), dtypes=None, compile_options=None, trials: int = 32,
                storage: str | None = None, study_name: str | None = None,
                out: Path | None = None, plot: Path | None = None,
-               on_trial: Callable | None = None, evaluator=None) -> ParetoResult:
-    """Run or resume the study and write the profile (when something fits) and the plot."""
+               on_trial: Callable | None = None, evaluator=None,
+               sampler_seed: int | None = None) -> ParetoResult:
+    """Run or resume the study and write the profile (when something fits) and the plot.
+
+    `work.seed` seeds the quality subset and, unless `sampler_seed` is given, the sampler."""
     from looptune.model.checkpoint import read_config, resolve_device
 
     configs = [read_config(Path(c))[0] for c in checkpoints]  # fail early on a bad checkpoint
@@ -135,7 +138,8 @@ def run_pareto(checkpoints: list[Path], budgets: Budgets, work: Workload, window
     if storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     evaluate = evaluator or Evaluator(space, work)
-    study = run_study(space, evaluate, budgets, trials, storage, study_name, work.seed, on_trial)
+    seed = work.seed if sampler_seed is None else sampler_seed
+    study = run_study(space, evaluate, budgets, trials, storage, study_name, seed, on_trial)
     outcomes, front, infeasible = collect(study)
     if not outcomes:
         raise LooptuneError("no setting could be measured" +
