@@ -50,9 +50,9 @@ class TrainSettings:
     preset: str
     loops: int
     steps: int
-    batch_size: int = 16
+    batch_size: int = 4
     context: int = 128  # tokens per training window (> the G-SWA window, so the local branch matters)
-    lr: float = 5e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 0  # 0: 5% of the steps
     weight_decay: float = 0.1
@@ -285,8 +285,8 @@ def machine() -> dict:
 
 
 def settings_for(preset: str, loops: int, steps: int | None, tokens: int | None,
-                 corpus_path: Path | None, seed: int, batch_size: int = 16, context: int = 128,
-                 lr: float = 5e-3, save_dtype: str = "float32", manifest_sha256: str = "") -> TrainSettings:
+                 corpus_path: Path | None, seed: int, batch_size: int = 4, context: int = 128,
+                 lr: float = 3e-3, save_dtype: str = "float32", manifest_sha256: str = "") -> TrainSettings:
     if preset not in PRESETS:
         raise LooptuneError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     if (steps is None) == (tokens is None):
@@ -309,7 +309,7 @@ def settings_for(preset: str, loops: int, steps: int | None, tokens: int | None,
 
 def train(out, loops: int, preset: str = "family", steps: int | None = None,
           tokens: int | None = None, corpus: Path | None = None, seed: int = 0,
-          device: str = "auto", batch_size: int = 16, context: int = 128, lr: float = 5e-3,
+          device: str = "auto", batch_size: int = 4, context: int = 128, lr: float = 3e-3,
           save_dtype: str = "float32", eval_every: int | None = None, save_every_s: float = 60.0,
           command: str | None = None, on_step: Callable[[Progress], None] | None = None,
           on_note: Callable[[str], None] | None = None, stop_after: int | None = None) -> TrainResult:
@@ -460,7 +460,8 @@ def model_card(r: TrainResult, meta: dict) -> str:
         f"/{cfg.num_key_value_heads} kv, d_h={cfg.head_dim}, mlp={cfg.intermediate_size}, W={cfg.window} |",
         f"| steps | {r.steps} (batch {s['batch_size']} x {s['context']} tokens) |",
         f"| tokens | {r.tokens:,} |",
-        f"| schedule | AdamW lr {s['lr']}, warm-up {max(1, round(0.05 * s['steps'])) if not s['warmup_steps'] else s['warmup_steps']} steps, cosine to {s['min_lr_ratio']} x lr, "
+        f"| schedule | AdamW lr {s['lr']}, warm-up {TrainSettings(**s).warmup} steps, "
+        f"cosine to {s['min_lr_ratio']} x lr, "
         f"weight decay {s['weight_decay']}, clip {s['grad_clip']} |",
         f"| seed | {s['seed']} |",
         f"| wall time | {r.wall_s:.0f} s |",
