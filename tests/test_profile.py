@@ -166,6 +166,15 @@ def test_out_of_memory_is_infeasible_and_the_run_goes_on(ckpt, monkeypatch, erro
     assert [m.cached for m in again] == [True, True, False, False]  # infeasible: tried again
 
 
+def test_weights_that_do_not_fit_make_every_candidate_infeasible(ckpt, monkeypatch):
+    def load_model(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB")
+    monkeypatch.setattr("looptune.measure.profile.load_model", load_model)
+    ms = profile_candidates([ckpt], loops=[1, 2], modes=["plt"], fresh=True, **FAST)
+    assert [m.status for m in ms] == ["infeasible"] * 2
+    assert all(m.error.startswith("out of memory loading the weights") for m in ms)
+
+
 def test_other_errors_are_not_taken_for_out_of_memory(ckpt, monkeypatch):
     monkeypatch.setattr(PLTForCausalLM, "new_cache", _oom_at_batch(1, RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
@@ -179,12 +188,12 @@ def test_cache_hit_measures_nothing_and_fresh_remeasures(ckpt, monkeypatch):
 
     def no_loading(*a, **k):
         raise AssertionError("a cached candidate must not load the model")
-    monkeypatch.setattr("looptune.model.checkpoint.load_model", no_loading)
-    again = profile_candidates([ckpt], **args)
+    with monkeypatch.context() as patch:  # (undo() would also drop the isolated cache dir)
+        patch.setattr("looptune.measure.profile.load_model", no_loading)
+        again = profile_candidates([ckpt], **args)
     assert all(m.cached for m in again)
     assert [m.tpot_ms_p50 for m in again] == [m.tpot_ms_p50 for m in first]
     assert again[0].tpot_ms_p50_ci95 == first[0].tpot_ms_p50_ci95  # tuples survive JSON
-    monkeypatch.undo()
     fresh = profile_candidates([ckpt], fresh=True, **args)
     assert not any(m.cached for m in fresh)
     other = profile_candidates([ckpt], **{**args, "gen_len": 5})  # another candidate: a miss
@@ -278,10 +287,10 @@ def test_cli_json_is_one_document_on_stdout(ckpt, tmp_path):
 
 
 def test_cli_shows_a_kv_mismatch_loudly(ckpt, monkeypatch):
-    import looptune.model.cache as cache_mod
+    import looptune.measure.profile as profile_mod
 
-    real = cache_mod.kv_bytes
-    monkeypatch.setattr(cache_mod, "kv_bytes", lambda *a, **k: real(*a, **k) + 1)
+    real = profile_mod.kv_bytes
+    monkeypatch.setattr(profile_mod, "kv_bytes", lambda *a, **k: real(*a, **k) + 1)
     result = runner.invoke(app, ["profile", str(ckpt), "--loops", "2", "--mode", "plt",
                                  "--prompt-len", "8", "--gen-len", "4", "--min-repeats", "1",
                                  "--min-time", "0", "--device", "cpu", "--fresh"])

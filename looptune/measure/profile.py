@@ -36,6 +36,13 @@ from looptune.measure.env import environment, fingerprint, gpu_state
 from looptune.measure.memory import PeakMemory
 from looptune.measure.stats import bootstrap_ci, percentile, summarize
 from looptune.measure.timers import LapTimer, Timer, synchronize
+from looptune.model.cache import KVCache, kv_bytes
+from looptune.model.checkpoint import (content_hash, load_model, read_config, resolve_device,
+                                       resolve_dtype, weight_files)
+from looptune.model.config import MODES
+from looptune.model.generate import prefill
+from looptune.model.plt import PLTForCausalLM
+from looptune.store import ResultCache
 
 METHOD = 1  # bump when the way of measuring changes: older cache entries are then not reused
 STATUSES = ("ok", "partial", "not-measured", "infeasible")
@@ -141,20 +148,19 @@ def profile_candidates(checkpoints: Sequence[Path | str], loops: Sequence[int] =
                        progress: Callable[[str], None] | None = None, min_repeats: int = 5,
                        min_time_s: float = 2.0, warmup: int = 1,
                        seed: int = 0) -> list[Measurement]:
-    """Measure every (checkpoint, mode, loops, batch); one Measurement each, in that order.
+    """Measure every (checkpoint, batch, mode, loops); one Measurement each, in that order.
 
     `modes=None` runs each checkpoint in the mode it was trained in; `window=None` uses each
-    checkpoint's trained window; `dtype="auto"` keeps the stored dtype. Raises LooptuneError on
-    bad arguments before anything is measured.
+    checkpoint's trained window; `dtype="auto"` keeps the stored dtype. A candidate is measured
+    until it has `min_repeats` runs and `min_time_s` seconds of them, after `warmup` runs.
+    `progress` receives one human-readable line per event. Cached results are returned as they
+    were measured (`cached=True`) unless `fresh`. Raises LooptuneError on bad arguments before
+    anything is measured; never raises for out of memory or Ctrl-C (see `status`).
     """
-    from looptune.model.checkpoint import content_hash, resolve_device, resolve_dtype
-
     say = progress or (lambda message: None)
     dev = resolve_device(device)
     resolve_dtype(dtype)  # rejects unknown names
     _check_args(loops, modes, batches, prompt_len, gen_len, min_repeats, min_time_s, warmup)
-    from looptune.store import ResultCache
-
     store = ResultCache("profile")
     envs: dict[str, dict] = {}
     cands: list[_Candidate] = []
@@ -196,8 +202,6 @@ def profile_candidates(checkpoints: Sequence[Path | str], loops: Sequence[int] =
 # ----- arguments -----
 
 def _check_args(loops, modes, batches, prompt_len, gen_len, min_repeats, min_time_s, warmup):
-    from looptune.model.config import MODES
-
     def ints(values, name):
         values = list(values)
         if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
@@ -216,9 +220,7 @@ def _check_args(loops, modes, batches, prompt_len, gen_len, min_repeats, min_tim
 
 def _read_checkpoint(path: Path, dtype: str):
     """(config, dtype name) without loading the weights: 'auto' is the stored dtype."""
-    from looptune.model.checkpoint import read_config, resolve_dtype, weight_files
-
-    cfg, raw = read_config(path)
+    cfg, _ = read_config(path)
     chosen = resolve_dtype(dtype)
     if chosen is not None:
         return cfg, str(chosen).removeprefix("torch.")
@@ -230,8 +232,6 @@ def _read_checkpoint(path: Path, dtype: str):
 
 
 def _check_knobs(cfg, loops, mode, window, context, path):
-    from looptune.model.plt import PLTForCausalLM
-
     with torch.device("meta"):
         PLTForCausalLM(cfg).knobs(loops, mode, window)
     if context > cfg.max_position_embeddings:
@@ -242,11 +242,10 @@ def _check_knobs(cfg, loops, mode, window, context, path):
 # ----- measuring -----
 
 def _is_oom(e: BaseException) -> bool:
-    if isinstance(e, torch.OutOfMemoryError):
-        return True
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
     text = str(e).lower()
-    return isinstance(e, (RuntimeError, MemoryError)) and (
-        isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text)
+    return (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
+            or "can't allocate memory" in text)
 
 
 def _free(device):
@@ -255,7 +254,7 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def _held_bytes(cache) -> int:
+def _held_bytes(cache: KVCache) -> int:
     """Bytes of the storages behind the cache's KV tensors: what it really holds."""
     storages = {}
     for t in (cache.full_k, cache.full_v, cache.ring_k, cache.ring_v, cache.carry):
@@ -274,8 +273,6 @@ def _recompile_budget(n: int):
 
 
 def _measure(todo: list[_Candidate], dev, compile, min_repeats, min_time_s, warmup, seed, say):
-    from looptune.model.checkpoint import load_model
-
     cudagraphs = compile and dev.type == "cuda"
     loaded = {}
     try:
@@ -285,18 +282,17 @@ def _measure(todo: list[_Candidate], dev, compile, min_repeats, min_time_s, warm
                 k = (c.path, c.m.dtype)
                 if k not in loaded:
                     say(f"loading {c.path} ({c.m.dtype}, {dev})")
-                    model, _ = load_model(c.path, dev, c.m.dtype)
-                    step = model.decode_step
-                    if compile:
-                        step = torch.compile(step, mode="reduce-overhead" if cudagraphs else None)
-                    loaded[k] = model, step
+                    loaded[k] = _load(c.path, dev, c.m.dtype, compile, cudagraphs)
+                if isinstance(loaded[k], BaseException):
+                    _infeasible(c, "out of memory loading the weights", loaded[k], say)
+                    continue
                 c.model, c.step = loaded[k]
                 c.m.weights_bytes = sum(p.numel() * p.element_size() for p in c.model.parameters())
                 gen = torch.Generator(dev).manual_seed(seed)
                 c.prompt = torch.randint(0, min(c.cfg.vocab_size, 256), (c.m.batch, c.m.prompt_len),
                                          device=dev, generator=gen)
             for c in todo:  # warm-up, apart from the statistics
-                for i in range(warmup):
+                for i in range(warmup if c.m.feasible else 0):
                     say(f"{c.m.label}: warm-up {i + 1}/{warmup}"
                         + (" (compiling)" if compile and i == 0 else ""))
                     if not _attempt(c, dev, cudagraphs, say, warm=True, first=i == 0):
@@ -334,6 +330,28 @@ def _measure(todo: list[_Candidate], dev, compile, min_repeats, min_time_s, warm
         _finish(c, dev, end)
 
 
+def _load(path, dev, dtype, compile, cudagraphs):
+    """(model, decode step), or the out-of-memory error if the weights do not fit."""
+    try:
+        model, _ = load_model(path, dev, dtype)
+    except (RuntimeError, MemoryError) as e:
+        if not _is_oom(e):
+            raise
+        _free(dev)
+        return e
+    step = model.decode_step
+    if compile:
+        step = torch.compile(step, mode="reduce-overhead" if cudagraphs else None)
+    return model, step
+
+
+def _infeasible(c: _Candidate, what: str, e: BaseException, say):
+    c.cache = None
+    c.m.status = "infeasible"
+    c.m.error = f"{what}: " + (str(e).strip().splitlines() or [""])[0][:300]
+    say(f"{c.m.label}: {what}, recorded as infeasible")
+
+
 def _attempt(c: _Candidate, dev, cudagraphs, say, warm: bool, first: bool) -> bool:
     """One run; False (and the candidate infeasible) when it runs out of memory."""
     try:
@@ -341,10 +359,7 @@ def _attempt(c: _Candidate, dev, cudagraphs, say, warm: bool, first: bool) -> bo
     except (RuntimeError, MemoryError) as e:
         if not _is_oom(e):
             raise
-        c.cache = None
-        c.m.status = "infeasible"
-        c.m.error = "out of memory: " + (str(e).strip().splitlines() or [""])[0][:300]
-        say(f"{c.m.label}: out of memory, recorded as infeasible")
+        _infeasible(c, "out of memory", e, say)
         _free(dev)
         return False
     c.m.kv_bytes, c.m.peak_mem_method = held, method
@@ -367,8 +382,6 @@ def _attempt(c: _Candidate, dev, cudagraphs, say, warm: bool, first: bool) -> bo
 def _run(c: _Candidate, dev, cudagraphs, first):
     """Prefill + first token, then gen_len timed greedy decode steps. Returns (ttft_ms,
     [tpot_ms], KV bytes held, memory growth, how memory was measured, compile_ms or None)."""
-    from looptune.model.generate import prefill
-
     m = c.m
     compile_ms = None
     # The first compiled call compiles; with CUDA graphs the next one records the graph.
@@ -405,8 +418,6 @@ def _run(c: _Candidate, dev, cudagraphs, first):
 
 def _finish(c: _Candidate, dev, end: dict):
     """Statistics, peak memory, the analytic KV figure, and the machine's state at the end."""
-    from looptune.model.cache import kv_bytes
-
     m = c.m
     m.kv_bytes_analytic = kv_bytes(c.cfg, m.mode, m.loops, m.window, m.prompt_len + m.gen_len,
                                    m.batch, getattr(torch, m.dtype))
