@@ -8,13 +8,17 @@
 - CUDA: `torch.cuda` peak statistics, reset on entry: max_memory_allocated - memory_allocated
   on entry. The caching allocator's reserve is not counted, only tensors.
 - CPU (Linux): peak resident set growth, VmHWM - VmRSS on entry, with VmHWM reset on entry by
-  writing 5 to /proc/self/clear_refs. Where that cannot be reset, getrusage's ru_maxrss (never
-  reset, so a region that stays below an earlier peak reads 0). Either way it is a lower bound:
-  memory the allocator freed earlier and reuses without asking the kernel does not show.
+  writing 5 to /proc/self/clear_refs, and glibc's free memory handed back first (malloc_trim),
+  so that memory freed by an earlier run and reused without asking the kernel still shows.
+  Where VmHWM cannot be reset, getrusage's ru_maxrss (never reset, so a region that stays below
+  an earlier peak reads 0). A lower bound either way: other allocators may keep freed memory.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import resource
 from pathlib import Path
 
@@ -50,6 +54,23 @@ def reset_peak_rss() -> bool:
     return _status_kib("VmHWM") is not None
 
 
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def trim_heap() -> None:
+    """Return the C heap's free memory to the kernel (glibc's malloc_trim; elsewhere nothing)."""
+    gc.collect()
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
 def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
@@ -66,7 +87,9 @@ class PeakMemory:
             self.method = "cuda max_memory_allocated"
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif reset_peak_rss():
+            return self
+        trim_heap()
+        if reset_peak_rss():
             self.method = "rss growth (VmHWM)"
             self._base = rss_bytes()
         else:
