@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_model
+from looptune.bundled import family_members
 from looptune.diagnose import metrics
 from looptune.diagnose.run import (HELDOUT_DIR, FamilyRow, LoopRow, load_texts, loop1_kv,
                                    loop_with_carry, measure_loops, verdict)
@@ -125,7 +126,7 @@ def test_verdict_follows_the_rule():
 
 
 def test_verdict_compares_with_the_family():
-    family = [FamilyRow(f"plt-r{r}", r, b) for r, b in zip((1, 2, 3, 4), (2.6, 2.4, 2.5, 2.55))]
+    family = [FamilyRow(f"plt-r{r}", r, b, 128) for r, b in zip((1, 2, 3, 4), (2.6, 2.4, 2.5, 2.55))]
     v = verdict(_rows([10, 12], [3.0, 2.5], [0, 0.05]), 8.0, family)  # predicts R=3 helps
     assert v.another_loop_helps is True and v.family_best_loops == 2 and v.family_agrees is False
     assert "disagrees" in v.text
@@ -167,3 +168,18 @@ def test_cli_diagnose_json_and_plot(tmp_path):
     empty.write_text("\n")
     result = CliRunner().invoke(app, ["diagnose", str(ckpt), "--set", str(empty), "--no-family"])
     assert result.exit_code == 2 and "no texts" in result.output
+
+
+@pytest.mark.skipif(len(family_members()) < 3, reason="the bundled family is not installed")
+def test_diagnose_a_bundled_member_against_the_family(tmp_path):
+    from looptune.diagnose import diagnose
+
+    texts = tmp_path / "set.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    diag = diagnose(family_members()[1], set_name=str(texts), device="cpu")
+    assert diag.loops == diag.trained_loops == 2
+    assert [m.loops for m in diag.family] == [1, 2, 3, 4][:len(diag.family)]
+    own = next(m for m in diag.family if m.loops == 2)
+    assert own.bits_per_byte == pytest.approx(diag.rows[-1].bits_per_byte, rel=1e-5)
+    assert diag.verdict.family_best_loops is not None and diag.verdict.family_agrees is not None
+    assert "family" in diag.verdict.text

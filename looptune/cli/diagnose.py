@@ -26,8 +26,8 @@ def diagnose(
     family: Annotated[bool, typer.Option(help="Score the bundled family at their own R on the "
                                               "same texts and compare.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), float32, bfloat16 or "
-                                            "float16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (float32 on a CPU, else the checkpoint's), "
+                                            "float32, bfloat16 or float16.")] = "auto",
     plot: Annotated[Optional[Path], typer.Option(help="Draw gain and cost per loop to this PNG.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ):

@@ -17,8 +17,9 @@ diagnostics; this computes them for any PLT checkpoint on held-out text. Definit
   or a JSONL file of {"text": ...}. A run takes a seeded random subset of `--limit` texts (16)
   and keeps the first `--max-bytes` (4096) bytes of each, so its cost does not depend on which
   of the corpus's 38-byte to 94-KB files the subset draws.
-- Tokens. Texts are scored in strided windows of `min(512, context)` tokens (stride half that,
-  as `quality.bpb.score_texts`); every metric averages over the scored tokens, each token once.
+- Tokens. Texts are scored in strided windows of `min(512, context)` tokens, where the context
+  is the one the checkpoint was trained with (`quality.score.trained_context`: scoring longer
+  windows would measure length extrapolation), stride half that, as `quality.bpb.score_texts`; every metric averages over the scored tokens, each token once.
   The effective rank uses the same seeded sample of up to 4096 of those token states for every
   loop (float64 SVD, states not centred).
 - Quality if decoding stopped at loop r. PLT's loop r never reads a later loop, so the states of
@@ -86,6 +87,7 @@ class FamilyRow:
     path: str
     loops: int  # the member's own R
     bits_per_byte: float
+    context: int  # window tokens: min(512, the member's trained context); stride half that
 
 
 @dataclass
@@ -327,11 +329,13 @@ def measure_loops(model, tokenizer, texts, loops, context, stride, batch_size=8,
 
 # ----- the family at their own R -----
 
-def family_scores(texts, context, stride, device="auto", dtype="auto", progress=None):
-    """Bits per byte of each bundled member at its own R on `texts` (cached on disk)."""
+def family_scores(texts, device="auto", dtype="auto", progress=None):
+    """Bits per byte of each bundled member at its own R on `texts` (cached on disk), in windows
+    of min(512, its trained context)."""
     from looptune.bundled import family_members
     from looptune.model import content_hash, load_model
     from looptune.quality.bpb import bits_per_byte, score_texts
+    from looptune.quality.score import trained_context
     from looptune.store import ResultCache
 
     cache = ResultCache("diagnose-family")
@@ -339,13 +343,15 @@ def family_scores(texts, context, stride, device="auto", dtype="auto", progress=
     out = []
     for path in family_members():
         model, tok = load_model(path, device, dtype)
+        context = min(MAX_WINDOW, trained_context(path, model.config))
+        stride = max(context // 2, 1)
         key = {"model": content_hash(path), "texts": digest, "context": context, "stride": stride,
                "dtype": str(next(model.parameters()).dtype), "bpb": 1}
         hit = cache.get(key)
         if hit is None:
             hit = bits_per_byte(score_texts(model, tok, texts, context=context, stride=stride))
             cache.put(key, hit)
-        out.append(FamilyRow(str(path), model.config.num_loops, hit))
+        out.append(FamilyRow(str(path), model.config.num_loops, hit, context))
         if progress:
             progress(path)
     return out
@@ -439,12 +445,16 @@ def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
              family: bool = True, max_bytes: int | None = MAX_BYTES, batch_size: int = 8,
              progress=None) -> Diagnosis:
     """Per-loop diagnostics of `checkpoint` (default: the bundled model) on held-out texts, with
-    the verdict. `progress(kind, n)` is called with ("windows", total) once, then ("window", k)
+    the verdict. `dtype="auto"` is float32 on a CPU and the stored dtype elsewhere. `progress(kind, n)` is called with ("windows", total) once, then ("window", k)
     as windows finish and ("member", path) per scored family member."""
     from looptune.bundled import resolve_checkpoints
     from looptune.model import content_hash, load_model
+    from looptune.model.checkpoint import resolve_device
+    from looptune.quality.score import trained_context
 
     path = resolve_checkpoints([checkpoint] if checkpoint else None)[0]
+    if dtype == "auto" and resolve_device(device).type == "cpu":
+        dtype = "float32"  # bf16 matmuls are slow on CPUs, and norms, KL and SVD want precision
     model, tokenizer = load_model(path, device, dtype)
     if tokenizer is None:
         raise LooptuneError(f"{path} has no tokenizer; diagnose needs one to read text")
@@ -453,7 +463,7 @@ def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
     if R < 1:
         raise LooptuneError(f"--loops must be at least 1, got {R}")
     names, texts = load_texts(set_name, limit, seed, max_bytes)
-    context = min(MAX_WINDOW, cfg.max_position_embeddings)
+    context = min(MAX_WINDOW, trained_context(path, cfg))
     stride = max(context // 2, 1)
     if progress:
         from looptune.quality.bpb import windows
@@ -465,7 +475,7 @@ def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
     rows = [LoopRow(trained=row["loop"] <= cfg.num_loops, **row) for row in m["rows"]]
     members = []
     if family:
-        members = family_scores(texts, context, stride, device, dtype,
+        members = family_scores(texts, device, dtype,
                                 progress=(lambda p: progress("member", p)) if progress else None)
     p = next(model.parameters())
     diag = Diagnosis(
