@@ -76,7 +76,7 @@ def _cached(path: Path, key: str, compute):
     return cache[key]
 
 
-def bundle_family(out: Path, models_dir: Path = MODELS_DIR) -> dict:
+def bundle_family(out: Path, models_dir: Path = MODELS_DIR, full_heldout: bool = False) -> dict:
     """Copy the trained members into the package (bf16 as trained), score them, write the cards."""
     from looptune.train.corpus import stdlib_corpus
     from looptune.train.ngram import KneserNey
@@ -110,6 +110,9 @@ def bundle_family(out: Path, models_dir: Path = MODELS_DIR) -> dict:
             cross[(R, r)] = _cached(scores_path, f"r{R}@{r}", lambda R=R, r=r: score_sample(
                 models_dir / f"plt-r{R}", sample, r, context)[0])
             print(f"plt-r{R} at R={r}: {cross[(R, r)]:.4f} bpb", flush=True)
+    full = {R: _cached(scores_path, f"full r{R}", lambda R=R: score_sample(
+        models_dir / f"plt-r{R}", data.heldout, R, context)[0]) for R in LOOPS} \
+        if full_heldout else {R: None for R in LOOPS}
     checks = {R: _cached(scores_path, f"check r{R}", lambda R=R: score_sample(
         models_dir / f"plt-r{R}", check, R, context)[0]) for R in LOOPS}
     sample_bytes = sum(len(t.encode()) for _, t in sample)
@@ -134,6 +137,7 @@ def bundle_family(out: Path, models_dir: Path = MODELS_DIR) -> dict:
             "wall_s": round(results[R]["wall_s"], 1),
             "heldout_bpb": round(cross[(R, R)], 6),
             "heldout_bpb_at": {str(r): round(cross[(R, r)], 6) for r in LOOPS},
+            "full_heldout_bpb": None if full[R] is None else round(full[R], 6),
             "check_bpb": round(checks[R], 6)} for R in LOOPS},
         "ngram_kneser_ney": {str(o): {k: round(v, 6) for k, v in ngram[o].items()}
                              for o in NGRAM_ORDERS},
@@ -160,7 +164,9 @@ def family_card(doc: dict, out: Path) -> str:
         own = m["heldout_bpb"]
         verdict = ("yes" if own < base - 0.05 else ("marginal" if own < base else "**no**")) \
             + f" ({own - base:+.3f})"
+        whole = m["full_heldout_bpb"]
         rows.append(f"| {name} | {m['loops']} | **{own:.4f}** | "
+                    + ("-" if whole is None else f"{whole:.4f}") + " | "
                     + " | ".join(f"{m['heldout_bpb_at'][str(x)]:.4f}" for x in LOOPS)
                     + f" | {verdict} | {m['wall_s'] / 60:.1f} |")
     beaten = [n for n, m in members.items() if m["heldout_bpb"] < base - 0.05]
@@ -215,10 +221,12 @@ bytes in all): whole lines from the middle of each of the {es['files']} files, a
 each, {es['bytes']:,} bytes in total (the full held-out set is too slow to score at R = 4 on
 a CPU sixteen times over). Windows of {doc['context']} bytes (the training context), stride
 {doc['stride']}; the weights as stored (bf16) loaded by `load_model` in float32. Columns R=1..4
-run each member at that loop count; the bold number is its trained R.
+run each member at that loop count; the bold number is its trained R. The "full held-out"
+column scores every byte of all {es['files']} held-out files, at the member's own R only
+(`bundle --full-heldout`; "-" where not run). The difference to the baseline is taken on the evaluation sample.
 
-| member | trained R | at own R | R=1 | R=2 | R=3 | R=4 | beats n-gram order 3 (difference)? | train wall (min) |
-|---|---|---|---|---|---|---|---|---|
+| member | trained R | at own R | full held-out, own R | R=1 | R=2 | R=3 | R=4 | beats n-gram order 3 (difference)? | train wall (min) |
+|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 ## Baseline: smoothed byte n-grams
@@ -256,12 +264,14 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=RECIPE["tokens"], help="tokens per member")
     parser.add_argument("--loops", default="1,2,3,4", help="members to train, in this order")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of this process")
+    parser.add_argument("--full-heldout", action="store_true",
+                        help="bundle: also score every held-out byte at each member's own R")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.action == "train":
         train_family(args.out, args.tokens, [int(x) for x in args.loops.split(",")])
     else:
-        bundle_family(args.out)
+        bundle_family(args.out, full_heldout=args.full_heldout)
     return 0
 
 
