@@ -78,6 +78,20 @@ def test_interrupt_and_resume_gives_the_same_weights(tmp_path, code_dir):
     assert same_weights(tmp_path / "full", tmp_path / "resumed")
 
 
+def test_sigterm_saves_the_state_like_ctrl_c(tmp_path, code_dir):
+    import os
+    import signal
+
+    def terminate(p):
+        if p.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "run", loops=1, steps=5, corpus=code_dir, on_step=terminate, **TINY)
+    state = json.loads((tmp_path / "run" / "train_state" / "state.json").read_text())
+    assert state["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_batches_are_a_function_of_seed_and_step():
     stream = np.arange(1000, dtype=np.uint16)
     assert torch.equal(batch_at(stream, 0, 5, 4, 16), batch_at(stream, 0, 5, 4, 16))

@@ -20,7 +20,9 @@ import math
 import os
 import platform
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -269,6 +271,19 @@ def check_out(out: Path, s: TrainSettings) -> dict | None:
 
 # ----- the loop -----
 
+def _stop_on_sigterm() -> Callable[[], None]:
+    """SIGTERM (a `kill`, a job scheduler) stops training like Ctrl-C, so the state is saved;
+    background jobs often ignore SIGINT. Returns the function that restores the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -356,6 +371,7 @@ def train(out, loops: int, preset: str = "family", steps: int | None = None,
         note(f"resuming {out} at step {start}/{s.steps}")
     out.mkdir(parents=True, exist_ok=True)
 
+    restore = _stop_on_sigterm()
     t0, t_save = time.perf_counter(), time.perf_counter()
     wall0 = meta["wall_s"]
     step, loss_val = start, float("nan")
@@ -390,6 +406,7 @@ def train(out, loops: int, preset: str = "family", steps: int | None = None,
                 save_state(out, model, opt, s, step, meta)
                 t_save = time.perf_counter()
     finally:  # on an interrupt too: the next run resumes from here
+        restore()
         if step > start:
             meta["wall_s"] = wall0 + time.perf_counter() - t0
             save_state(out, model, opt, s, step, meta)
