@@ -10,7 +10,8 @@
 - State: `OUT/train_state/` holds the weights, the optimiser moments and the torch RNG states as
   safetensors plus `state.json` (step, tokens, wall time, the run's settings). Files carry the
   step in their names and `state.json` is replaced last, so a crash mid-save leaves the previous
-  state readable. Never pickles.
+  state readable. Never pickles. A resumed run matches an uninterrupted one bit for bit on the
+  same machine, device and torch thread count (float reductions may differ across those).
 """
 
 from __future__ import annotations
