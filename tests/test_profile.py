@@ -309,3 +309,34 @@ def test_cuda_path(ckpt, compile):
         assert m.status == "ok" and m.kv_match and m.peak_mem_bytes >= m.weights_bytes
         assert m.environment["device_type"] == "cuda"
         assert (m.compile_ms is not None) == compile
+
+
+def test_cli_ctrl_c_prints_what_was_measured_and_exits_130(ckpt, monkeypatch):
+    import looptune.measure.profile as profile_mod
+
+    real, calls = profile_mod._attempt, []
+
+    def attempt(c, *a, **k):
+        calls.append(c)
+        if len(calls) == 4:  # two warm-ups, one measured run each, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(c, *a, **k)
+    monkeypatch.setattr(profile_mod, "_attempt", attempt)
+    result = runner.invoke(app, ["profile", str(ckpt), "--loops", "1,2", "--mode", "plt",
+                                 "--prompt-len", "8", "--gen-len", "4", "--min-repeats", "3",
+                                 "--min-time", "0", "--device", "cpu", "--fresh", "--json"])
+    assert result.exit_code == 130
+    doc = json.loads(result.stdout)
+    assert doc["interrupted"]
+    assert [m["status"] for m in doc["measurements"]] == ["partial", "not-measured"]
+    assert doc["measurements"][0]["tpot_ms_p50"] > 0
+    assert "partial" in result.stderr and "not measured" in result.stderr
+
+
+def test_cli_without_a_checkpoint_or_bundled_model_is_a_clear_error(monkeypatch, tmp_path):
+    import looptune.bundled as bundled
+
+    monkeypatch.setattr(bundled, "MODELS_DIR", tmp_path / "none")
+    result = runner.invoke(app, ["profile"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: no checkpoint given")
