@@ -20,7 +20,7 @@ from looptune.model.checkpoint import init_checkpoint
 from looptune.model.plt import PLTForCausalLM
 
 runner = CliRunner()
-FAST = dict(prompt_len=8, gen_len=4, min_repeats=2, min_time_s=0.0, device="cpu")
+FAST = dict(prompt_len=8, gen_len=4, min_repeats=2, min_time_s=0.0, device="cpu", warmup=0)
 ISSUE_FIELDS = ["ttft_ms", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_p99", "tpot_ms_p50_ci95",
                 "tokens_per_s", "kv_bytes", "kv_bytes_analytic", "peak_mem_bytes", "environment"]
 
@@ -104,7 +104,7 @@ def test_throttle_reasons_and_nvidia_smi_parsing(monkeypatch):
 
 def test_fields_present_and_sane(ckpt):
     ms = profile_candidates([ckpt], loops=[1, 2, 3], modes=["plt", "plt-noshift", "sequential"],
-                            batches=[2], fresh=True, **FAST)
+                            batches=[2], fresh=True, **{**FAST, "warmup": 1})
     assert [(m.mode, m.loops) for m in ms] == [(mode, R) for mode in
                                                 ("plt", "plt-noshift", "sequential")
                                                 for R in (1, 2, 3)]
@@ -126,7 +126,8 @@ def test_fields_present_and_sane(ckpt):
 def test_kv_measured_equals_analytic(ckpt):
     # window 4 < context 12: the rings wrap; batch 3; every mode and R
     ms = profile_candidates([ckpt], loops=[1, 2, 4], modes=["plt", "plt-noshift", "sequential"],
-                            batches=[1, 3], window=4, fresh=True, **{**FAST, "min_repeats": 1})
+                            batches=[1, 3], window=4, fresh=True,
+                            **{**FAST, "min_repeats": 1, "gen_len": 2})
     for m in ms:
         assert m.kv_bytes == m.kv_bytes_analytic and m.kv_match, m.label
     by = {(m.mode, m.loops, m.batch): m.kv_bytes for m in ms}
@@ -233,7 +234,7 @@ def test_ctrl_c_keeps_what_was_measured(ckpt):
         if "warm-up" in message:
             raise KeyboardInterrupt
     (m,) = profile_candidates([ckpt], loops=[1], modes=["plt"], fresh=True,
-                              progress=stop_at_warmup, **FAST)
+                              progress=stop_at_warmup, **{**FAST, "warmup": 1})
     assert m.status == "not-measured" and m.repeats == 0 and m.tpot_ms_p50 is None
     assert m.status in STATUSES
 

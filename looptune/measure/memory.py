@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import resource
 from pathlib import Path
 
@@ -66,7 +65,6 @@ _LIBC = _libc()
 
 def trim_heap() -> None:
     """Return the C heap's free memory to the kernel (glibc's malloc_trim; elsewhere nothing)."""
-    gc.collect()
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
 
