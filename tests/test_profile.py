@@ -299,6 +299,14 @@ def test_cli_shows_a_kv_mismatch_loudly(ckpt, monkeypatch):
     assert "KV MISMATCH" in result.stderr
 
 
+@pytest.mark.slow
+def test_compiled_decode_on_the_cpu(ckpt):
+    (m,) = profile_candidates([ckpt], loops=[2], modes=["plt"], compile=True, fresh=True,
+                              **{**FAST, "warmup": 1})
+    assert m.status == "ok" and m.kv_match and m.compile_ms > 0 and m.tpot_ms_p50 > 0
+    assert m.compile_ms > m.tpot_ms_p50  # compilation is reported apart, not in the statistics
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("compile", [False, True])

@@ -386,6 +386,7 @@ def _run(c: _Candidate, dev, cudagraphs, first):
     compile_ms = None
     # The first compiled call compiles; with CUDA graphs the next one records the graph.
     n_compile = (2 if cudagraphs else 1) if (first and m.compile) else 0
+    kept = _held_bytes(c.cache) if c.cache is not None else 0  # allocated before the region
     synchronize(dev)
     with PeakMemory(dev) as mem:
         cache = c.cache
@@ -412,8 +413,7 @@ def _run(c: _Candidate, dev, cudagraphs, first):
         held = _held_bytes(cache)
         ttft, tpot = first_token.ms, laps.ms
         del cache, token
-    persistent = _held_bytes(c.cache) if c.cache is not None else 0
-    return ttft, tpot, held, mem.peak_bytes + persistent, mem.method, compile_ms
+    return ttft, tpot, held, mem.peak_bytes + kept, mem.method, compile_ms
 
 
 def _finish(c: _Candidate, dev, end: dict):
