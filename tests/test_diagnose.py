@@ -86,7 +86,7 @@ def test_bits_per_byte_at_loop_r_equals_a_run_with_r_loops():
     from looptune.quality.bpb import bits_per_byte, score_texts
 
     model, tok = tiny_model(), ByteTokenizer()
-    m = measure_loops(model, tok, TEXTS, 3, context=64, stride=32)
+    m = measure_loops(model, tok, TEXTS, 3, context=64, stride=32, oracle=True)
     assert m["bytes"] == sum(len(t.encode()) for t in TEXTS)
     for row in m["rows"]:
         direct = bits_per_byte(score_texts(model, tok, TEXTS, loops=row["loop"], context=64,
@@ -97,40 +97,46 @@ def test_bits_per_byte_at_loop_r_equals_a_run_with_r_loops():
     noshift = bits_per_byte(score_texts(model, tok, TEXTS, loops=2, mode="plt-noshift",
                                         context=64, stride=32))
     assert r2["bits_per_byte_unshifted"] == pytest.approx(noshift, rel=1e-5)
+    for row in m["rows"][1:]:  # the offset in bits, at the loop's own exchange rate
+        gain = row["gain_bits_per_byte"]
+        expected = gain * row["offset_cost"] / row["step_size"] if gain > 0 else None
+        assert row["offset_cost_bits_per_byte"] == (expected and pytest.approx(expected))
 
 
 # ----- the verdict -----
 
-def _row(r, rank, bpb, cost=0.0):
-    return LoopRow(loop=r, trained=True, step_size=1.0, hidden_norm=1.0, effective_rank=rank,
-                   bits_per_byte=bpb, offset_cost_bits_per_byte=None if r == 1 else cost)
-
-
-def _rows(ranks, bpbs, costs):
-    rows = [_row(r, k, b, c) for r, (k, b, c) in enumerate(zip(ranks, bpbs, costs), 1)]
-    for prev, row in zip(rows, rows[1:]):
-        row.gain_bits_per_byte = prev.bits_per_byte - row.bits_per_byte
+def _rows(ranks, bpbs, steps, omegas):
+    """Rows as `measure_loops` makes them: the cost is the gain at the step's exchange rate."""
+    rows = []
+    for r, (rank, bpb, step, omega) in enumerate(zip(ranks, bpbs, steps, omegas), 1):
+        row = LoopRow(loop=r, trained=True, step_size=step, hidden_norm=1.0, effective_rank=rank,
+                      bits_per_byte=bpb)
+        if r > 1:
+            row.offset_cost, row.gain_bits_per_byte = omega, rows[-1].bits_per_byte - bpb
+            if row.gain_bits_per_byte > 0:
+                row.offset_cost_bits_per_byte = row.gain_bits_per_byte * omega / step
+        rows.append(row)
     return rows
 
 
 def test_verdict_follows_the_rule():
-    helps = verdict(_rows([10, 12, 13], [3.0, 2.5, 2.3], [0, 0.05, 0.05]), 8.0)
+    helps = verdict(_rows([10, 12, 13], [3.0, 2.5, 2.3], [5, 4, 3], [0, 2, 2]), 8.0)
     assert helps.another_loop_helps is True and helps.rule_loop == 3 and helps.best_loop == 3
-    stalls = verdict(_rows([10, 12, 11], [3.0, 2.5, 2.4], [0, 0.05, 0.05]), 8.0)  # rank falls
+    stalls = verdict(_rows([10, 12, 11], [3.0, 2.5, 2.4], [5, 4, 3], [0, 2, 2]), 8.0)  # rank falls
     assert stalls.another_loop_helps is False and stalls.rule_loop == 2
-    costly = verdict(_rows([10, 12, 13], [3.0, 2.5, 2.48], [0, 0.05, 0.05]), 8.0)  # gain < cost
-    assert costly.another_loop_helps is False
-    negative = verdict(_rows([10, 12, 13], [3.0, 2.5, 2.51], [0, 0.05, -0.1]), 8.0)
-    assert negative.another_loop_helps is False  # a negative cost is floored at 0
-    assert verdict(_rows([10], [3.0], [0]), 8.0).another_loop_helps is None
+    costly = verdict(_rows([10, 12, 13], [3.0, 2.5, 2.3], [5, 4, 1], [0, 2, 2]), 8.0)  # step < Omega
+    assert costly.another_loop_helps is False and "does not exceed" in costly.text
+    worse = verdict(_rows([10, 12, 13], [3.0, 2.5, 2.51], [5, 4, 3], [0, 2, 2]), 8.0)
+    assert worse.another_loop_helps is False and worse.best_loop == 2  # no gain: no cost defined
+    assert verdict(_rows([10], [3.0], [5], [0]), 8.0).another_loop_helps is None
 
 
 def test_verdict_compares_with_the_family():
     family = [FamilyRow(f"plt-r{r}", r, b, 128) for r, b in zip((1, 2, 3, 4), (2.6, 2.4, 2.5, 2.55))]
-    v = verdict(_rows([10, 12], [3.0, 2.5], [0, 0.05]), 8.0, family)  # predicts R=3 helps
+    v = verdict(_rows([10, 12], [3.0, 2.5], [5, 4], [0, 2]), 8.0, family)  # predicts R=3 helps
     assert v.another_loop_helps is True and v.family_best_loops == 2 and v.family_agrees is False
     assert "disagrees" in v.text
-    v = verdict(_rows([10, 12, 11], [3.0, 2.5, 2.4], [0, 0.05, 0.05]), 8.0, family)
+    v = verdict(_rows([10, 12, 11], [3.0, 2.5, 2.4], [5, 4, 3], [0, 2, 2]), 8.0, family)
     assert v.family_agrees is True  # R=4 scores worse than R=3, as predicted
 
 
@@ -163,6 +169,13 @@ def test_cli_diagnose_json_and_plot(tmp_path):
     assert doc["rows"][0]["kl_nats"] is None and doc["rows"][1]["kl_nats"] >= 0
     assert isinstance(doc["verdict"]["text"], str) and doc["verdict"]["text"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    args = ["diagnose", str(ckpt), "--set", str(texts), "--no-family", "--limit", "1", "--loops", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "per loop" in result.output and "Another loop is" in result.output
+    result = CliRunner().invoke(app, args + ["--oracle", "--json"])
+    assert json.loads(result.stdout)["rows"][1]["unshifted_cost_bits_per_byte"] is not None
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

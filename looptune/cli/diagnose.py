@@ -28,6 +28,9 @@ def diagnose(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (float32 on a CPU, else the checkpoint's), "
                                             "float32, bfloat16 or float16.")] = "auto",
+    oracle: Annotated[bool, typer.Option(help="Also rerun each loop r >= 2 with its carry "
+                                              "unshifted and report the bits that changes (R - 1 "
+                                              "more loops of compute).")] = False,
     plot: Annotated[Optional[Path], typer.Option(help="Draw gain and cost per loop to this PNG.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ):
@@ -35,8 +38,9 @@ def diagnose(
     direction, offset cost and bits per byte if decoding stopped there, then a verdict on
     whether another loop is likely to help.
 
-    The offset cost is measured in bits: loop r rerun with its carry at its own position
-    instead of shifted one token (see looptune.diagnose.run for every definition)."""
+    The offset cost Omega is put in bits at each loop's own exchange rate (bits gained per unit
+    of step), so the verdict compares like with like; see looptune.diagnose.run for every
+    definition."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from looptune.diagnose import diagnose as run_diagnose
@@ -55,7 +59,8 @@ def diagnose(
                 bar.update(task, description=f"scored family member {Path(value).name}")
 
         diag = run_diagnose(checkpoint, loops, set_name, limit, seed, device, dtype,
-                            family=family, max_bytes=max_bytes or None, progress=progress)
+                            family=family, max_bytes=max_bytes or None, oracle=oracle,
+                            progress=progress)
     if plot:
         plot_diagnosis(diag, plot)
     if json_out:
@@ -73,18 +78,21 @@ def _print(diag) -> None:
                   f"({diag.bytes:,} bytes) in windows of {diag.context}; {diag.device} "
                   f"{diag.dtype}")
     table = Table(title="per loop (h_0 = embeddings; norms on the raw residual stream)")
-    for name in ("loop", "step ||dh||", "||h||", "KL nats", "eff. rank", "cos(dh_r, dh_r-1)",
-                 "Omega", "Omega/||h||", "bpb", "gain bpb", "offset cost bpb", "rule"):
+    oracle = any(r.unshifted_cost_bits_per_byte is not None for r in diag.rows)
+    names = ["loop", "step ||dh||", "||h||", "KL nats", "eff. rank", "cos(dh_r, dh_r-1)",
+             "Omega", "Omega/||h||", "bpb", "gain bpb", "offset cost bpb", "rule"]
+    for name in names + (["unshifted: cost bpb"] if oracle else []):
         table.add_column(name, justify="right")
-    table.add_row("0", "", "", "", f"{diag.embedding_effective_rank:.1f}", "", "", "", "", "",
-                  "", "")
+    table.add_row("0", "", "", "", f"{diag.embedding_effective_rank:.1f}",
+                  *[""] * (len(names) - 5 + oracle))
     for r in diag.rows:
         table.add_row(f"{r.loop}" + ("" if r.trained else "*"), _f(r.step_size, 3),
                       _f(r.hidden_norm, 3), _f(r.kl_nats, 3), _f(r.effective_rank, 1),
                       _f(r.update_cosine, 2), _f(r.offset_cost, 3), _f(r.offset_cost_relative, 3),
                       _f(r.bits_per_byte, 4), _f(r.gain_bits_per_byte, 4, sign=True),
                       _f(r.offset_cost_bits_per_byte, 4, sign=True),
-                      "" if r.rule_holds is None else ("holds" if r.rule_holds else "fails"))
+                      "" if r.rule_holds is None else ("holds" if r.rule_holds else "fails"),
+                      *([_f(r.unshifted_cost_bits_per_byte, 4, sign=True)] if oracle else []))
     console.print(table)
     if any(not r.trained for r in diag.rows):
         console.print("* beyond the checkpoint's trained loop count")

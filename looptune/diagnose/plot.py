@@ -7,7 +7,7 @@ from pathlib import Path
 
 def plot_diagnosis(diag, path) -> Path:
     """Left: each loop's marginal gain and offset cost, both in bits per byte (the verdict's
-    comparison). Right: the effective rank per loop (loop 0 = the embeddings) and the relative
+    comparison; no cost bar where the loop gained nothing). Right: the effective rank per loop (loop 0 = the embeddings) and the relative
     offset `Omega_r / mean ||h_{r-1}||`, the paper's descriptive numbers."""
     import matplotlib
 
@@ -22,8 +22,8 @@ def plot_diagnosis(diag, path) -> Path:
         x = [r.loop for r in later]
         ax.bar([v - 0.2 for v in x], [r.gain_bits_per_byte for r in later], 0.4,
                label="marginal gain: bpb(r-1) - bpb(r)")
-        ax.bar([v + 0.2 for v in x], [r.offset_cost_bits_per_byte for r in later], 0.4,
-               label="offset cost: bpb(r) - bpb(r, unshifted carry)")
+        ax.bar([v + 0.2 for v in x], [r.offset_cost_bits_per_byte or 0.0 for r in later], 0.4,
+               label="offset cost: gain x Omega / step")
         ax.set_xticks(x)
     else:
         ax.text(0.5, 0.5, "one loop: no gain or cost", ha="center", va="center",
