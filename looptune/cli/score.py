@@ -39,7 +39,8 @@ def score(
         "--execute", help="Allow running generated code (needed by the humaneval set).")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute cached results.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (as stored), float32, bfloat16, float16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (as stored on a GPU, float32 on the CPU), "
+                                            "float32, bfloat16, float16.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ):
     """Score quality per (checkpoint, loops, window, set): bits per byte of held-out code,
