@@ -30,7 +30,8 @@ def test_orthogonal_equal_rows_have_full_effective_rank():
     assert metrics.effective_rank(3 * torch.eye(8)) == pytest.approx(8.0, rel=1e-9)
     # two equal singular values and one twice as large: exp of the entropy of (1/4, 1/4, 1/2)
     expected = math.exp(-(0.25 * math.log(0.25) * 2 + 0.5 * math.log(0.5)))
-    assert metrics.effective_rank(torch.diag(torch.tensor([1.0, 1.0, 2.0]))) == pytest.approx(expected)
+    diagonal = torch.diag(torch.tensor([1.0, 1.0, 2.0]))
+    assert metrics.effective_rank(diagonal) == pytest.approx(expected)
     assert metrics.effective_rank(torch.zeros(4, 3)) == 0.0
 
 
@@ -93,7 +94,8 @@ def test_bits_per_byte_at_loop_r_equals_a_run_with_r_loops():
                                            stride=32))
         assert row["bits_per_byte"] == pytest.approx(direct, rel=1e-5)
     r2 = m["rows"][1]
-    assert r2["gain_bits_per_byte"] == pytest.approx(m["rows"][0]["bits_per_byte"] - r2["bits_per_byte"])
+    gain = m["rows"][0]["bits_per_byte"] - r2["bits_per_byte"]
+    assert r2["gain_bits_per_byte"] == pytest.approx(gain)
     noshift = bits_per_byte(score_texts(model, tok, TEXTS, loops=2, mode="plt-noshift",
                                         context=64, stride=32))
     assert r2["bits_per_byte_unshifted"] == pytest.approx(noshift, rel=1e-5)
@@ -124,7 +126,7 @@ def test_verdict_follows_the_rule():
     assert helps.another_loop_helps is True and helps.rule_loop == 3 and helps.best_loop == 3
     stalls = verdict(_rows([10, 12, 11], [3.0, 2.5, 2.4], [5, 4, 3], [0, 2, 2]), 8.0)  # rank falls
     assert stalls.another_loop_helps is False and stalls.rule_loop == 2
-    costly = verdict(_rows([10, 12, 13], [3.0, 2.5, 2.3], [5, 4, 1], [0, 2, 2]), 8.0)  # step < Omega
+    costly = verdict(_rows([10, 12, 13], [3.0, 2.5, 2.3], [5, 4, 1], [0, 2, 2]), 8.0)  # step<Omega
     assert costly.another_loop_helps is False and "does not exceed" in costly.text
     worse = verdict(_rows([10, 12, 13], [3.0, 2.5, 2.51], [5, 4, 3], [0, 2, 2]), 8.0)
     assert worse.another_loop_helps is False and worse.best_loop == 2  # no gain: no cost defined
@@ -132,7 +134,8 @@ def test_verdict_follows_the_rule():
 
 
 def test_verdict_compares_with_the_family():
-    family = [FamilyRow(f"plt-r{r}", r, b, 128) for r, b in zip((1, 2, 3, 4), (2.6, 2.4, 2.5, 2.55))]
+    bpb = (2.6, 2.4, 2.5, 2.55)
+    family = [FamilyRow(f"plt-r{r}", r, b, 128) for r, b in zip((1, 2, 3, 4), bpb)]
     v = verdict(_rows([10, 12], [3.0, 2.5], [5, 4], [0, 2]), 8.0, family)  # predicts R=3 helps
     assert v.another_loop_helps is True and v.family_best_loops == 2 and v.family_agrees is False
     assert "disagrees" in v.text
@@ -170,7 +173,8 @@ def test_cli_diagnose_json_and_plot(tmp_path):
     assert isinstance(doc["verdict"]["text"], str) and doc["verdict"]["text"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    args = ["diagnose", str(ckpt), "--set", str(texts), "--no-family", "--limit", "1", "--loops", "2"]
+    args = ["diagnose", str(ckpt), "--set", str(texts), "--no-family", "--limit", "1",
+            "--loops", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "per loop" in result.output and "Another loop is" in result.output

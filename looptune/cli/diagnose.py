@@ -17,12 +17,14 @@ def diagnose(
                                                               "the bundled model).")] = None,
     loops: Annotated[Optional[int], typer.Option(min=1, help="Loops to run (default: the "
                                                              "checkpoint's trained R).")] = None,
-    set_name: Annotated[str, typer.Option("--set", help="code (the held-out code corpus) or a "
-                                                        "JSONL file of {\"text\": ...} lines.")] = "code",
+    set_name: Annotated[str, typer.Option(
+        "--set", help="code (the held-out code corpus) or a JSONL file of {\"text\": ...} "
+                      "lines.")] = "code",
     limit: Annotated[int, typer.Option(min=1, help="Texts to use: a seeded random subset.")] = 16,
     max_bytes: Annotated[int, typer.Option(min=0, help="Keep the first N bytes of each text "
                                                        "(0: whole texts).")] = 4096,
-    seed: Annotated[int, typer.Option(help="Seed of the subset and the effective-rank sample.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the subset and the effective-rank "
+                                           "sample.")] = 0,
     family: Annotated[bool, typer.Option(help="Score the bundled family at their own R on the "
                                               "same texts and compare.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
@@ -31,8 +33,10 @@ def diagnose(
     oracle: Annotated[bool, typer.Option(help="Also rerun each loop r >= 2 with its carry "
                                               "unshifted and report the bits that changes (R - 1 "
                                               "more loops of compute).")] = False,
-    plot: Annotated[Optional[Path], typer.Option(help="Draw gain and cost per loop to this PNG.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Draw gain and cost per loop to this "
+                                                      "PNG.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on "
+                                                          "stdout.")] = False,
 ):
     """Why a loop count wins: per loop, step size, output change (KL), effective rank, update
     direction, offset cost and bits per byte if decoding stopped there, then a verdict on

@@ -7,8 +7,9 @@ from pathlib import Path
 
 def plot_diagnosis(diag, path) -> Path:
     """Left: each loop's marginal gain and offset cost, both in bits per byte (the verdict's
-    comparison; no cost bar where the loop gained nothing). Right: the effective rank per loop (loop 0 = the embeddings) and the relative
-    offset `Omega_r / mean ||h_{r-1}||`, the paper's descriptive numbers."""
+    comparison; no cost bar where the loop gained nothing). Right: the effective rank per loop
+    (loop 0 = the embeddings) and the relative offset `Omega_r / mean ||h_{r-1}||`, the paper's
+    descriptive numbers."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -19,9 +19,10 @@ diagnostics; this computes them for any PLT checkpoint on held-out text. Definit
   of the corpus's 38-byte to 94-KB files the subset draws.
 - Tokens. Texts are scored in strided windows of `min(512, context)` tokens, where the context
   is the one the checkpoint was trained with (`quality.score.trained_context`: scoring longer
-  windows would measure length extrapolation), stride half that, as `quality.bpb.score_texts`; every metric averages over the scored tokens, each token once.
-  The effective rank uses the same seeded sample of up to 4096 of those token states for every
-  loop (float64 SVD, states not centred).
+  windows would measure length extrapolation), stride half that, as `quality.bpb.score_texts`;
+  every metric averages over the scored tokens, each token once. The effective rank uses the
+  same seeded sample of up to 4096 of those token states for every loop (float64 SVD, states not
+  centred).
 - Quality if decoding stopped at loop r. PLT's loop r never reads a later loop, so the states of
   one `loops=R` pass are exactly those of a `loops=r` pass; bits per byte at loop r is the
   cross-entropy of `model.head(h_r)` (checked against `score_texts(loops=r)` in the tests).
@@ -87,7 +88,7 @@ class LoopRow:
     offset_cost_bits_per_byte: float | None = None  # gain * Omega / step (estimate; gain > 0)
     bits_per_byte_unshifted: float | None = None  # oracle: loop r fed n(h_{r-1}) unshifted
     unshifted_cost_bits_per_byte: float | None = None  # oracle: bpb_r - bpb_r(unshifted)
-    rule_holds: bool | None = None  # rank rising into r and gain > max(cost, 0)
+    rule_holds: bool | None = None  # rank rising into r, gain > 0 and gain > cost
 
 
 @dataclass
@@ -189,7 +190,8 @@ def _jsonl_texts(path: Path) -> list[tuple[str, str]]:
         try:
             text = json.loads(line)["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise LooptuneError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
+            raise LooptuneError(f"{path}:{n}: expected a JSON object with a \"text\" "
+                                "field") from None
         if not isinstance(text, str):
             raise LooptuneError(f"{path}:{n}: \"text\" must be a string")
         if text:
@@ -470,8 +472,9 @@ def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
              family: bool = True, max_bytes: int | None = MAX_BYTES, oracle: bool = False,
              batch_size: int = 8, progress=None) -> Diagnosis:
     """Per-loop diagnostics of `checkpoint` (default: the bundled model) on held-out texts, with
-    the verdict. `dtype="auto"` is float32 on a CPU and the stored dtype elsewhere. `progress(kind, n)` is called with ("windows", total) once, then ("window", k)
-    as windows finish and ("member", path) per scored family member."""
+    the verdict. `dtype="auto"` is float32 on a CPU and the stored dtype elsewhere.
+    `progress(kind, n)` is called with ("windows", total) once, then ("window", k) as windows
+    finish and ("member", path) per scored family member."""
     from looptune.bundled import resolve_checkpoints
     from looptune.model import content_hash, load_model
     from looptune.model.checkpoint import resolve_device
@@ -496,7 +499,8 @@ def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
         progress("windows", sum(len(windows(len(tokenizer.encode(t)) + bos, context, stride))
                                 for t in texts))
     m = measure_loops(model, tokenizer, texts, R, context, stride, batch_size=batch_size,
-                      seed=seed, oracle=oracle, progress=(lambda k: progress("window", k)) if progress else None)
+                      seed=seed, oracle=oracle,
+                      progress=(lambda k: progress("window", k)) if progress else None)
     rows = [LoopRow(trained=row["loop"] <= cfg.num_loops, **row) for row in m["rows"]]
     members = []
     if family:
