@@ -38,9 +38,11 @@ def diagnose(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on "
                                                           "stdout.")] = False,
 ):
-    """Why a loop count wins: per loop, step size, output change (KL), effective rank, update
-    direction, offset cost and bits per byte if decoding stopped there, then a verdict on
-    whether another loop is likely to help.
+    """Explain why a loop count wins: per-loop gain against the offset cost.
+
+    Per loop: step size, output change (KL), effective rank, update direction, offset cost and
+    bits per byte if decoding stopped there, then a verdict on whether another loop is likely
+    to help.
 
     The offset cost Omega is put in bits at each loop's own exchange rate (bits gained per unit
     of step), so the verdict compares like with like; see looptune.diagnose.run for every

@@ -37,8 +37,10 @@ def profile(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Also write the JSON document here.")] = None,
 ):
-    """Measure TTFT, per-token decode latency (p50/p90/p99), tokens/s, KV bytes and peak memory
-    for every combination of checkpoint, mode, loops and batch.
+    """Measure latency and memory per loop count, mode and batch on the target device.
+
+    For every combination of checkpoint, mode, loops and batch: TTFT, per-token decode latency
+    (p50/p90/p99), tokens/s, KV bytes (measured and analytic) and peak memory.
 
     Candidates are run interleaved (A B C, C B A, ...) after a warm-up, each until both
     --min-repeats runs and --min-time seconds are reached. Results are cached by model hash,

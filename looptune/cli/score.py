@@ -43,8 +43,10 @@ def score(
                                             "float32, bfloat16, float16.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ):
-    """Score quality per (checkpoint, loops, window, set): bits per byte of held-out code,
-    HumanEval NLL per byte, HumanEval pass@1, or your own JSONL.
+    """Measure quality per loop count on small validation sets of real code.
+
+    Per (checkpoint, loops, window, set): bits per byte of held-out code, HumanEval NLL per
+    byte, HumanEval pass@1, or your own JSONL.
 
     Every value has a 95% bootstrap interval over items, and each R is compared with the
     checkpoint's trained R on the same items (paired bootstrap; top-1 next-token agreement).
