@@ -212,7 +212,7 @@ budget, schedule and seed). `plt-r2` is the default model of every looptune comm
 | loss | the `plt` forward, next-byte cross-entropy on the last loop only |
 | stored | bfloat16 safetensors |
 | machine | {m.get('cpu')}, {m.get('torch_threads')} torch threads, shared with other work, `nice -n 19`; torch {m.get('torch')} |
-| total wall time | {total_wall / 60:.1f} min |
+| wall time | {total_wall / 60:.1f} min summed over the members (they ran side by side, one thread each) |
 
 ## Held-out bits per byte
 
