@@ -179,3 +179,36 @@ def test_init_rejects_unknown_preset(tmp_path):
     result = runner.invoke(app, ["init", str(tmp_path / "ck"), "--preset", "huge"])
     assert result.exit_code == 2
     assert "unknown preset 'huge'" in result.stderr
+
+
+def test_tokenizer_json_is_read_with_tokenizers(tmp_path):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "def": 1, "f": 2, "(": 3, ")": 4, ":": 5, "[UNK]": 6}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(Regex(r"\w+|[^\w\s]"), behavior="isolated")])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    model = tiny_model(vocab_size=len(vocab))
+    model.config = model.config.with_(tokenizer="tokenizer.json")
+    save_checkpoint(model, tmp_path / "ck", tokenizer_json=tmp_path / "tokenizer.json")
+    loaded, tokenizer = load_model(tmp_path / "ck", device="cpu")
+    ids = tokenizer.encode("def f():")
+    assert ids == [1, 2, 3, 4, 5] and tokenizer.eos_id == 0
+    assert tokenizer.vocab_size == loaded.config.vocab_size == 7
+    (tmp_path / "ck" / "tokenizer.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="not a readable tokenizer.json"):
+        load_model(tmp_path / "ck", device="cpu")
+
+
+def test_the_7b_preset_has_loopcoder_v2_shape():
+    from looptune.model import PLTForCausalLM, preset_config
+
+    cfg = preset_config("loopcoder-v2-7b")
+    with torch.device("meta"):
+        model = PLTForCausalLM(cfg)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size,
+            cfg.window) == (14, 5120, 40, 8, 128, 27648, 76800, 64)
+    assert 7.0e9 < model.num_params() < 8.0e9
