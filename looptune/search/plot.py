@@ -32,9 +32,9 @@ def front_figure(outcomes: list[Outcome], front: list[Outcome], best: Outcome | 
     ordered = sorted(front, key=lambda o: o.latency_ms)
     ax.plot([o.latency_ms for o in ordered], [o.quality for o in ordered], "o-", color="tab:blue",
             ms=5, label="Pareto set (within budgets)")
-    for o in ordered:
-        ax.annotate(_label(o), (o.latency_ms, o.quality), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+    for i, o in enumerate(ordered):  # alternate above and below so neighbours do not overlap
+        ax.annotate(_label(o), (o.latency_ms, o.quality), fontsize=6, rotation=30,
+                    xytext=(3, 6 if i % 2 == 0 else -12), textcoords="offset points")
     ax.axvline(budgets.latency_ms, color="tab:red", ls="--", lw=1,
                label=f"budget {budgets.latency_ms:g} ms")
     if best is not None:
