@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from looptune.errors import LooptuneError
@@ -121,17 +120,26 @@ def trial_outcome(trial) -> Outcome:
 def run_study(space: Space, evaluate: Callable[[Knobs], Outcome], budgets: Budgets,
               trials: int, storage_url: str, name: str, seed: int = 0,
               on_trial: Callable | None = None):
-    """Run (or resume, or join) the study until it has `trials` finished trials (the whole grid
-    when that is smaller). Returns the study; `collect` reads the plain outcomes back."""
+    """Run (or resume, or join) the study until it has measured `trials` distinct settings (the
+    whole grid when that is smaller). Returns the study; `collect` reads the outcomes back."""
     optuna.logging.set_verbosity(logging.WARNING)
     storage = open_storage(storage_url)
     study = open_study(storage, name, space, trials, seed)
     target = min(trials, space.size)
     grid = space.grid()
 
+    def tried() -> set[tuple]:
+        """Settings already measured in this study (by any worker), infeasible ones included."""
+        done = study.get_trials(deepcopy=False, states=DONE)
+        return {tuple(sorted(t.params.items())) for t in done if not t.user_attrs.get("repeat")}
+
     def objective(trial: optuna.Trial):
         params = {k: trial.suggest_categorical(k, v) for k, v in grid.items()}
         trial.set_user_attr("worker", WORKER)
+        if tuple(sorted(params.items())) in tried():
+            # A sampler may propose a setting twice; a repeat costs nothing and is not counted.
+            trial.set_user_attr("repeat", True)
+            raise optuna.TrialPruned("repeat of a measured setting")
         knobs = Knobs(**params)
         try:
             outcome = evaluate(knobs)
@@ -144,14 +152,16 @@ def run_study(space: Space, evaluate: Callable[[Knobs], Outcome], budgets: Budge
             trial.set_constraint(key, value)
         return outcome.values
 
-    def finished() -> int:
-        return len(study.get_trials(deepcopy=False, states=DONE))
-
-    if finished() < target:
-        callbacks = [MaxTrialsCallback(target, states=DONE)]
+    def stop_when_measured(study, trial):
         if on_trial:
-            callbacks.append(lambda s, t: on_trial(t))
-        study.optimize(objective, n_trials=target, callbacks=callbacks, catch=())
+            on_trial(trial)
+        if len(tried()) >= target:
+            study.stop()
+
+    if len(tried()) < target:
+        # Repeats are skipped cheaply, so allow many more attempts than distinct settings.
+        study.optimize(objective, n_trials=max(10 * target, 50), callbacks=[stop_when_measured],
+                       catch=())
     return study
 
 
@@ -171,5 +181,6 @@ def collect(study) -> tuple[list[Outcome], list[Outcome], list[dict]]:
             front_seen.add(o.knobs)
             front.append(o)
     pruned = [{"params": t.params, "reason": t.user_attrs.get("infeasible", "")}
-              for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))]
+              for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+              if not t.user_attrs.get("repeat")]
     return outcomes, front, pruned
