@@ -141,3 +141,12 @@ def test_nothing_fits_exits_3_with_the_nearest_miss(tmp_path):
                         out=tmp_path / "p.yaml", evaluator=slow)
     assert result.choice.best is None and result.choice.nearest_miss.knobs.loops == 1
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_a_bundled_member_is_recorded_by_name():
+    from looptune.bundled import default_checkpoint
+    from looptune.export.profile import model_path, portable_path
+
+    recorded = portable_path(default_checkpoint())
+    assert recorded == "bundled:plt-r2"
+    assert model_path({"model": {"path": recorded}}) == default_checkpoint()

@@ -20,11 +20,11 @@ def show(
     json_out: Annotated[bool, typer.Option("--json", help="Print the profile as JSON on stdout.")] = False,
 ):
     """Print a deployable profile: the chosen setting, its measured objectives and the front."""
-    from looptune.export.profile import check_model, read_profile
+    from looptune.export.profile import check_model, model_path, read_profile
 
     doc = read_profile(profile)
-    if check and Path(doc["model"]["path"]).exists():
-        check_model(doc, doc["model"]["path"], profile)
+    if check and model_path(doc).exists():
+        check_model(doc, model_path(doc), profile)
     if json_out:
         emit_json(doc)
         return

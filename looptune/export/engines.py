@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from looptune.errors import LooptuneError
+from looptune.export.profile import model_path
 from looptune.model.config import LOOP_ARCH
 from looptune.store import atomic_write_text
 
@@ -40,7 +41,7 @@ def _serving(document: dict) -> tuple[dict, dict, int]:
 
 def vllm_config(document: dict) -> dict:
     knobs, overrides, context = _serving(document)
-    config = {"model": document["model"]["path"], "dtype": knobs["dtype"],
+    config = {"model": str(model_path(document)), "dtype": knobs["dtype"],
               "max-num-seqs": knobs["batch"], "trust-remote-code": True,
               "enforce-eager": not knobs["compile"], "hf-overrides": json.dumps(overrides)}
     if context:
@@ -50,7 +51,7 @@ def vllm_config(document: dict) -> dict:
 
 def sglang_config(document: dict) -> dict:
     knobs, overrides, context = _serving(document)
-    config = {"model-path": document["model"]["path"], "dtype": knobs["dtype"],
+    config = {"model-path": str(model_path(document)), "dtype": knobs["dtype"],
               "max-running-requests": knobs["batch"], "trust-remote-code": True,
               "disable-cuda-graph": not knobs["compile"],
               "json-model-override-args": json.dumps(overrides)}
@@ -75,7 +76,7 @@ def export_profile(document: dict, engine: str, out_dir) -> list[Path]:
     if engine == "hf":
         overlay = hf_overlay(document)
         written = [atomic_write_text(out / "config.overlay.json", json.dumps(overlay, indent=2) + "\n")]
-        base = Path(document["model"]["path"]) / "config.json"
+        base = model_path(document) / "config.json"
         if base.exists():
             merged = {**json.loads(base.read_text()), **overlay}
             written.append(atomic_write_text(out / "config.json", json.dumps(merged, indent=2) + "\n"))

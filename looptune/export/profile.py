@@ -62,6 +62,29 @@ def validate(document, path) -> None:
             raise ProfileError(f"{path}: section {section!r} lacks {', '.join(missing)}")
 
 
+BUNDLED = "bundled:"  # a bundled member is recorded by name, so a profile travels with the repo
+
+
+def portable_path(checkpoint) -> str:
+    """How a profile records a checkpoint: `bundled:NAME` for a bundled member, else absolute."""
+    from looptune.bundled import MODELS_DIR
+
+    path = Path(checkpoint).resolve()
+    if path.parent == MODELS_DIR.resolve():
+        return BUNDLED + path.name
+    return str(path)
+
+
+def model_path(document: dict) -> Path:
+    """The checkpoint directory a profile names, with `bundled:NAME` resolved."""
+    from looptune.bundled import MODELS_DIR
+
+    recorded = document["model"]["path"]
+    if recorded.startswith(BUNDLED):
+        return MODELS_DIR / recorded.removeprefix(BUNDLED)
+    return Path(recorded)
+
+
 def check_model(document: dict, checkpoint, profile_path="profile") -> None:
     """Fail unless `checkpoint` has the content hash the profile was measured on."""
     from looptune.model.checkpoint import content_hash

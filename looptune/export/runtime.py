@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from looptune.errors import LooptuneError
-from looptune.export.profile import check_model, read_profile
+from looptune.export.profile import check_model, model_path, read_profile
 
 
 @dataclass
@@ -74,7 +74,7 @@ def load_profiled(profile_path, checkpoint=None, device="auto") -> ProfiledModel
     from looptune.model.checkpoint import load_model
 
     document = read_profile(profile_path)
-    path = Path(checkpoint) if checkpoint else Path(document["model"]["path"])
+    path = Path(checkpoint) if checkpoint else model_path(document)
     check_model(document, path, profile_path)
     knobs = document["knobs"]
     model, tokenizer = load_model(path, device=device, dtype=knobs["dtype"])

@@ -165,7 +165,7 @@ def _quality_name(work: Workload) -> str:
 
 def _write_profile(out: Path, result: ParetoResult, budgets: Budgets, work: Workload, configs,
                    checkpoints) -> Path:
-    from looptune.export.profile import write_profile
+    from looptune.export.profile import portable_path, write_profile
     from looptune.model.checkpoint import content_hash
 
     best = result.choice.best
@@ -173,7 +173,7 @@ def _write_profile(out: Path, result: ParetoResult, budgets: Budgets, work: Work
     document = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["looptune", *sys.argv[1:]]) if sys.argv else "",
-        "model": {"path": best.knobs.checkpoint, "architecture": cfg.architecture,
+        "model": {"path": portable_path(best.knobs.checkpoint), "architecture": cfg.architecture,
                   "content_hash": content_hash(best.knobs.checkpoint),
                   "trained_loops": cfg.num_loops, "trained_window": cfg.window},
         "knobs": {"loops": best.knobs.loops, "mode": cfg.mode, "window": best.knobs.window,
