@@ -31,8 +31,8 @@ diagnostics; this computes them for any PLT checkpoint on held-out text. Definit
   bits, so they cannot be compared as they stand. Two ways to measure the offset's effect in bits
   on the same weights were tried on the bundled family and rejected: rerunning loop r with the
   oracle unshifted carry `n(h_{r-1,i})` (the `plt-noshift` input for that loop only) costs
-  1.1 to 1.6 bits per byte, about as much as no carry at all, because weights trained with the
-  shift cannot read any other carry (it measures the distribution shift, not the offset); and
+  1 to 3 bits per byte (docs/results.md), about as much as no carry at all, as weights
+  trained with the shift cannot read any other carry (it measures the distribution shift, not the offset); and
   moving the carry a small step toward the unshifted one changes nothing to first order (the
   trained carry sits at a minimum, slope ~0). So the verdict converts Omega into bits at the
   loop's own exchange rate: loop r moved the state by its step `s_r = mean ||h_r - h_{r-1}||` and
