@@ -23,7 +23,8 @@ def profile(
     gen_len: Annotated[int, typer.Option(min=1, help="Decode steps timed per run.")] = 64,
     window: Annotated[Optional[int], typer.Option(
         min=1, help="G-SWA window W (default: each checkpoint's trained W).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto (as stored), float32, bfloat16 or float16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (as stored on a GPU, float32 on the CPU), "
+                                            "float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     compile: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the decode step (CUDA graphs on a GPU).")] = False,

@@ -165,7 +165,7 @@ def profile_candidates(checkpoints: Sequence[Path | str], loops: Sequence[int] =
     envs: dict[str, dict] = {}
     cands: list[_Candidate] = []
     for path in map(Path, checkpoints):
-        cfg, dtype_name = _read_checkpoint(path, dtype)
+        cfg, dtype_name = _read_checkpoint(path, dtype, dev)
         W = window if window is not None else cfg.window
         model_hash = content_hash(path)
         env = envs.setdefault(dtype_name, environment(dev, dtype_name))
@@ -218,12 +218,15 @@ def _check_args(loops, modes, batches, prompt_len, gen_len, min_repeats, min_tim
         raise LooptuneError("min_time_s and warmup must not be negative")
 
 
-def _read_checkpoint(path: Path, dtype: str):
-    """(config, dtype name) without loading the weights: 'auto' is the stored dtype."""
+def _read_checkpoint(path: Path, dtype: str, device: torch.device):
+    """(config, dtype name) without loading the weights: 'auto' is the stored dtype on a GPU
+    and float32 on the CPU (CPUs without bf16 units emulate it, 3-5x slower; as `score`)."""
     cfg, _ = read_config(path)
     chosen = resolve_dtype(dtype)
     if chosen is not None:
         return cfg, str(chosen).removeprefix("torch.")
+    if device.type == "cpu":
+        return cfg, "float32"
     from safetensors import safe_open
 
     with safe_open(str(weight_files(path)[0]), framework="pt") as f:
