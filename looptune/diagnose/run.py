@@ -32,7 +32,8 @@ diagnostics; this computes them for any PLT checkpoint on held-out text. Definit
   on the same weights were tried on the bundled family and rejected: rerunning loop r with the
   oracle unshifted carry `n(h_{r-1,i})` (the `plt-noshift` input for that loop only) costs
   1 to 3 bits per byte (docs/results.md), about as much as no carry at all, as weights
-  trained with the shift cannot read any other carry (it measures the distribution shift, not the offset); and
+  trained with the shift cannot read any other carry (it measures the distribution shift, not
+  the offset); and
   moving the carry a small step toward the unshifted one changes nothing to first order (the
   trained carry sits at a minimum, slope ~0). So the verdict converts Omega into bits at the
   loop's own exchange rate: loop r moved the state by its step `s_r = mean ||h_r - h_{r-1}||` and
@@ -477,12 +478,11 @@ def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
     finish and ("member", path) per scored family member."""
     from looptune.bundled import resolve_checkpoints
     from looptune.model import content_hash, load_model
-    from looptune.model.checkpoint import resolve_device
+    from looptune.model.checkpoint import resolve_device, run_dtype
     from looptune.quality.score import trained_context
 
     path = resolve_checkpoints([checkpoint] if checkpoint else None)[0]
-    if dtype == "auto" and resolve_device(device).type == "cpu":
-        dtype = "float32"  # bf16 matmuls are slow on CPUs, and norms, KL and SVD want precision
+    dtype = run_dtype(dtype, resolve_device(device))  # norms, KL and SVD want float32 on a CPU
     model, tokenizer = load_model(path, device, dtype)
     if tokenizer is None:
         raise LooptuneError(f"{path} has no tokenizer; diagnose needs one to read text")

@@ -38,7 +38,7 @@ from looptune.measure.stats import bootstrap_ci, percentile, summarize
 from looptune.measure.timers import LapTimer, Timer, synchronize
 from looptune.model.cache import KVCache, kv_bytes
 from looptune.model.checkpoint import (content_hash, load_model, read_config, resolve_device,
-                                       resolve_dtype, weight_files)
+                                       resolve_dtype, run_dtype, weight_files)
 from looptune.model.config import MODES
 from looptune.model.generate import prefill
 from looptune.model.plt import PLTForCausalLM
@@ -222,11 +222,9 @@ def _read_checkpoint(path: Path, dtype: str, device: torch.device):
     """(config, dtype name) without loading the weights: 'auto' is the stored dtype on a GPU
     and float32 on the CPU (CPUs without bf16 units emulate it, 3-5x slower; as `score`)."""
     cfg, _ = read_config(path)
-    chosen = resolve_dtype(dtype)
+    chosen = resolve_dtype(run_dtype(dtype, device))
     if chosen is not None:
         return cfg, str(chosen).removeprefix("torch.")
-    if device.type == "cpu":
-        return cfg, "float32"
     from safetensors import safe_open
 
     with safe_open(str(weight_files(path)[0]), framework="pt") as f:

@@ -137,7 +137,7 @@ def score_checkpoints(
     window and how far windows advance (default: `trained_context`, half of it). `execute` must
     be True to score `humaneval` (it runs generated code). Results come from the cache when
     present unless `use_cache` is False."""
-    from looptune.model.checkpoint import content_hash, load_model, resolve_device
+    from looptune.model.checkpoint import content_hash, load_model, resolve_device, run_dtype
 
     if "humaneval" in sets and not execute:
         raise LooptuneError("the humaneval set runs model-generated code; pass --execute to "
@@ -145,8 +145,7 @@ def score_checkpoints(
     if not loops or any(not isinstance(r, int) or r < 1 for r in loops):
         raise LooptuneError(f"loops must be positive integers, got {list(loops)!r}")
     vsets = [load_set(s, limit, seed) for s in sets]  # every set is checked before any scoring
-    if dtype in (None, "auto") and resolve_device(device).type == "cpu":
-        dtype = "float32"  # CPUs emulate half-precision matmuls; the weights are the same
+    dtype = run_dtype(dtype, resolve_device(device))
     cache = ResultCache("score")
     scores = []
     for ckpt in checkpoints:
