@@ -18,6 +18,7 @@ from looptune.errors import CheckpointError, LooptuneError
 from looptune.model.config import PLTConfig, from_hf_dict, to_hf_dict
 from looptune.model.plt import PLTForCausalLM
 from looptune.model.tokenizer import load_tokenizer
+from looptune.store import atomic_write_bytes
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -197,12 +198,6 @@ def build_model(cfg: PLTConfig, device="cpu", dtype=torch.float32, seed: int = 0
     return init_weights(model, seed)
 
 
-def _atomic_write_bytes(path: Path, data: bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(model: PLTForCausalLM, directory, max_shard_bytes: int | None = None,
                     tokenizer_json: Path | None = None, extra_config: dict | None = None):
     """Write config.json and safetensors (sharded above `max_shard_bytes`); each file atomically,
@@ -235,13 +230,13 @@ def save_checkpoint(model: PLTForCausalLM, directory, max_shard_bytes: int | Non
             weight_map.update({name: fname for name in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write_bytes(directory / INDEX, json.dumps(index, indent=2).encode())
+        atomic_write_bytes(directory / INDEX, json.dumps(index, indent=2).encode())
     if tokenizer_json is not None:
-        _atomic_write_bytes(directory / "tokenizer.json", Path(tokenizer_json).read_bytes())
+        atomic_write_bytes(directory / "tokenizer.json", Path(tokenizer_json).read_bytes())
     config = to_hf_dict(model.config)
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     config.update(extra_config or {})
-    _atomic_write_bytes(directory / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write_bytes(directory / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     return directory
 
 

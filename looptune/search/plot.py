@@ -12,7 +12,7 @@ from pathlib import Path
 
 from looptune.errors import LooptuneError
 from looptune.search.choice import Budgets, Outcome
-from looptune.store import atomic_write_text
+from looptune.store import atomic_write_bytes, atomic_write_text
 
 
 def _label(o: Outcome) -> str:
@@ -60,11 +60,7 @@ def write_plot(path, outcomes, front, best, budgets, quality_name, latency_name)
 
     plt.close(fig)
     if suffix == ".png":
-        tmp = path.with_name(path.name + ".tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(path)
-        return path
+        return atomic_write_bytes(path, buf.getvalue())
     rows = "".join(
         f"<tr><td>{html.escape(_label(o))}</td><td>{o.knobs.dtype}</td><td>{o.quality:.4f}</td>"
         f"<td>{o.latency_ms:.3f}</td><td>{o.kv_bytes / 2**20:.3f}</td></tr>"
