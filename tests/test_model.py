@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_model
+
 from looptune.model import MODES, generate, kv_bytes
 from looptune.model.generate import sample
 
@@ -45,6 +45,39 @@ def test_window_override_changes_plt_but_decode_still_matches():
         cache = model.new_cache(2, 20, loops=3, window=4)
         stepwise = torch.stack([model.decode_step(ids[:, t], cache) for t in range(20)], 1)
     torch.testing.assert_close(stepwise, a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_first_and_next_loop_chain_to_the_forward(mode):
+    model = tiny_model("query" if mode == "plt-noshift" else "hidden")
+    ids = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(6))
+    R, W = 4, 5
+    with torch.no_grad():
+        logits, hidden = model(ids, loops=R, mode=mode, window=W, return_hidden=True)
+        h, loop1_kv = model.first_loop(ids, window=W)
+        chained = [h]
+        for _ in range(1, R):
+            shared = None if mode == "sequential" else loop1_kv
+            h = model.next_loop(ids, h, shared, shift=mode == "plt", window=W)
+            chained.append(h)
+    for ours, theirs in zip(chained, hidden, strict=True):
+        assert torch.equal(ours, theirs)
+    assert torch.equal(model.head(h), logits)
+    assert len(loop1_kv) == model.config.num_hidden_layers
+    assert loop1_kv[0][0].shape == (2, model.config.num_key_value_heads, 19,
+                                    model.config.head_dim)
+
+
+def test_unshifted_next_loop_differs_from_the_shifted_one():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        h1, kv = model.first_loop(ids)
+        shifted = model.next_loop(ids, h1, kv, shift=True)
+        oracle = model.next_loop(ids, h1, kv, shift=False)
+        noshift = model(ids, loops=2, mode="plt-noshift", return_hidden=True)[1][1]
+    assert (shifted - oracle).abs().max() > 1e-4
+    torch.testing.assert_close(oracle, noshift, atol=0, rtol=0)
 
 
 def reference_llama(model, ids):

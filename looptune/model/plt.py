@@ -233,8 +233,49 @@ class PLTForCausalLM(nn.Module):
     def loop_input(self, emb, carry):
         return self.config.emb_scale * emb + self.config.hidden_scale * carry
 
-    def _rope(self, positions, dtype):
-        return rope_tables(positions, self.config.head_dim, self.config.rope_theta, dtype)
+    def _positional(self, T, window, dtype, device):
+        """RoPE tables `[T, d_h]` for positions 0..T-1 and the local branch's mask `[T, T]`:
+        True where key j is among the last `window` positions up to query i (itself included)."""
+        i = torch.arange(T, device=device)
+        cos, sin = rope_tables(i, self.config.head_dim, self.config.rope_theta, dtype)
+        return cos, sin, (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+
+    def _loop(self, h, ids, loop1_kv, window):
+        """One pass of the shared block over `h` `[B, T, d]` -> (h, every layer's (k, v))."""
+        cos, sin, window_mask = self._positional(ids.shape[1], window, h.dtype, ids.device)
+        gswa = loop1_kv is not None
+        kvs = []
+        for i, layer in enumerate(self.model.layers):
+            h, kv = layer.forward_seq(h, cos, sin, 0, gswa, loop1_kv[i] if gswa else None,
+                                      window_mask)
+            kvs.append(kv)
+        return h, kvs
+
+    # ----- one loop at a time (the full forward, and `diagnose`) -----
+
+    def first_loop(self, input_ids, window=None):
+        """Loop 1 over `[B, T]` ids: (h1 `[B, T, d]`, the raw residual state leaving loop 1,
+        loop1_kv, every layer's loop-1 (k, v) `[B, H_kv, T, d_h]`, the G-SWA global branch).
+        Loop 1 has no local branch: `window` is only checked, as in `next_loop`."""
+        W = self.knobs(window=window)[2]
+        return self._loop(self.model.embed_tokens(input_ids), input_ids, None, W)
+
+    def next_loop(self, input_ids, h_prev, loop1_kv, shift=True, window=None, return_kv=False):
+        """Loop r >= 2 given loop r-1's raw state `h_prev` `[B, T, d]` -> h_r `[B, T, d]`.
+
+        The input is `emb_scale * E + hidden_scale * n(h_prev)`, the carry shifted one token
+        right when `shift` (CLP, what `plt` runs) or at its own position (`plt-noshift`, or
+        the unshifted oracle). Attention is G-SWA against `loop1_kv` with window W; with
+        `loop1_kv=None` it is plain causal attention (the `sequential` baseline). With
+        `return_kv`, also this loop's (k, v) of every layer.
+        """
+        W = self.knobs(window=window)[2]
+        carry = self.carried(h_prev)
+        if shift:  # CLP: loop r at position i reads loop r-1 at i-1
+            carry = F.pad(carry[:, :-1], (0, 0, 1, 0))
+        h, kvs = self._loop(self.loop_input(self.model.embed_tokens(input_ids), carry),
+                            input_ids, loop1_kv, W)
+        return (h, kvs) if return_kv else h
 
     # ----- full-sequence forward (training, scoring, prefill) -----
 
@@ -246,31 +287,20 @@ class PLTForCausalLM(nn.Module):
         holding what incremental decode needs to continue at position T.
         """
         R, mode, W = self.knobs(loops, mode, window)
-        B, T = input_ids.shape
-        emb = self.model.embed_tokens(input_ids)  # [B, T, d]
-        cos, sin = self._rope(torch.arange(T, device=input_ids.device), emb.dtype)
-        i = torch.arange(T, device=input_ids.device)
-        window_mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < W)  # [T, T]
-        loop1_kv: list = [None] * len(self.model.layers)
-        hidden, h = [], emb
+        h, loop1_kv = self.first_loop(input_ids, W)
+        kvs, hidden = loop1_kv, [h]
         for r in range(R):
             if r > 0:
-                carry = self.carried(h)
-                if mode == "plt":  # CLP: loop r at position i reads loop r-1 at i-1
-                    if cache is not None:
-                        cache.carry[r - 1].copy_(carry[:, -1])
-                    carry = F.pad(carry[:, :-1], (0, 0, 1, 0))
-                h = self.loop_input(emb, carry)
-            gswa = r > 0 and mode != "sequential"
-            for layer_idx, layer in enumerate(self.model.layers):
-                h, kv = layer.forward_seq(h, cos, sin, r, gswa, loop1_kv[layer_idx], window_mask)
-                if r == 0:
-                    loop1_kv[layer_idx] = kv
-                if cache is not None:
+                if cache is not None and mode == "plt":  # loop r+1 of the next token reads it
+                    cache.carry[r - 1].copy_(self.carried(h[:, -1]))
+                shared = None if mode == "sequential" else loop1_kv
+                h, kvs = self.next_loop(input_ids, h, shared, mode == "plt", W, return_kv=True)
+                hidden.append(h)
+            if cache is not None:
+                for layer_idx, kv in enumerate(kvs):
                     cache.fill(layer_idx, r, *kv)
-            hidden.append(h)
         if cache is not None:
-            cache.pos.fill_(T)
+            cache.pos.fill_(input_ids.shape[1])
         logits = self.head(h)
         return (logits, hidden) if return_hidden else logits
 
@@ -287,7 +317,8 @@ class PLTForCausalLM(nn.Module):
         R, mode = cache.loops, cache.mode
         cache.begin_step()
         emb = self.model.embed_tokens(token_ids)  # [B, d]
-        cos, sin = self._rope(cache.pos.view(1), emb.dtype)
+        cos, sin = rope_tables(cache.pos.view(1), self.config.head_dim, self.config.rope_theta,
+                               emb.dtype)
         if mode == "plt":  # every loop of this token in one pass
             rows = emb[:, None]  # [B, 1, d]
             if R > 1:
