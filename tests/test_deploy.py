@@ -1,6 +1,7 @@
 """The deployable profile: written by the study, read by show / export / generate."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -37,7 +38,7 @@ def made_profile(tmp_path_factory):
 
 
 def test_profile_holds_the_choice_and_its_evidence(made_profile):
-    out, result, _ = made_profile
+    out, _, _ = made_profile
     doc = yaml.safe_load(out.read_text())
     assert doc["schema_version"] == 1 and doc["kind"] == "looptune-profile"
     assert doc["knobs"]["loops"] == 2  # best quality within 3.5 ms: R=2 at 3.0 ms
@@ -71,19 +72,19 @@ def test_wrong_schema_and_foreign_files_are_refused(made_profile, tmp_path):
 
 
 def test_a_changed_model_no_longer_matches(made_profile):
-    out, _, ckpts = made_profile
-    chosen = yaml.safe_load(out.read_text())["model"]["path"]
-    original = open(f"{chosen}/config.json").read()
+    out, _, _ = made_profile
+    config = Path(yaml.safe_load(out.read_text())["model"]["path"]) / "config.json"
+    original = config.read_text()
     cfg = json.loads(original)
     cfg["rms_norm_eps"] = 1e-5
     try:
-        open(f"{chosen}/config.json", "w").write(json.dumps(cfg))
+        config.write_text(json.dumps(cfg))
         result = runner.invoke(app, ["show", str(out)])
         assert result.exit_code == 2 and "rerun `looptune pareto`" in result.stderr
         result = runner.invoke(app, ["generate", "--profile", str(out), "--prompt", "def"])
         assert result.exit_code == 2 and "measured on model" in result.stderr
     finally:
-        open(f"{chosen}/config.json", "w").write(original)
+        config.write_text(original)
 
 
 @pytest.mark.parametrize("engine", ["vllm", "sglang", "hf"])
@@ -145,8 +146,48 @@ def test_nothing_fits_exits_3_with_the_nearest_miss(tmp_path):
 
 def test_a_bundled_member_is_recorded_by_name():
     from looptune.bundled import default_checkpoint
-    from looptune.export.profile import model_path, portable_path
+    from looptune.export.deployable import model_path, portable_path, read_profile
 
     recorded = portable_path(default_checkpoint())
     assert recorded == "bundled:plt-r2"
-    assert model_path({"model": {"path": recorded}}) == default_checkpoint()
+    shipped = read_profile(Path(__file__).parent.parent / "profiles" / "cpu-demo.yaml")
+    assert shipped.model.path == recorded and model_path(shipped) == default_checkpoint()
+
+
+@pytest.mark.parametrize("section, key, value, says", [
+    ("knobs", "loops", -3, "knobs.loops must be an integer >= 1, got -3"),
+    ("knobs", "window", "two", "knobs.window must be an integer >= 1, got 'two'"),
+    ("knobs", "loops", True, "knobs.loops must be an integer >= 1, got True"),
+    ("knobs", "compile", "yes", "knobs.compile must be true or false, got 'yes'"),
+    ("knobs", "dtype", "fp8", "knobs.dtype must be one of float32, bfloat16, float16"),
+    ("knobs", "mode", "turbo", "knobs.mode must be one of plt, plt-noshift, sequential"),
+    ("knobs", "batch", 0, "knobs.batch must be an integer >= 1, got 0"),
+    ("model", "content_hash", "abc", "model.content_hash must be a sha256 hex digest"),
+    ("model", "architecture", "GPT2", "model.architecture must be one of"),
+    ("knobs", "loop", 3, "knobs has unknown key 'loop'"),
+])
+def test_hand_edited_knobs_are_one_line_and_exit_2(tmp_path, section, key, value, says):
+    shipped = Path(__file__).parent.parent / "profiles" / "cpu-demo.yaml"
+    doc = yaml.safe_load(shipped.read_text())
+    doc[section][key] = value
+    bad = tmp_path / "edited.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    for command in (["show", str(bad)], ["export", str(bad), "--out", str(tmp_path / "x")],
+                    ["generate", "--profile", str(bad), "--prompt", "def"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, (command, result.output)
+        assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_profile_round_trips_through_the_typed_form(made_profile, tmp_path):
+    from looptune.export.deployable import Profile, read_profile, write_profile
+
+    out, _, _ = made_profile
+    profile = read_profile(out)
+    assert profile.knobs.loops == 2 and profile.objectives.latency_ms.value == 3.0
+    again = write_profile(tmp_path / "again.yaml", profile)
+    assert yaml.safe_load(again.read_text()) == yaml.safe_load(out.read_text())
+    shipped = Path(__file__).parent.parent / "profiles" / "cpu-demo.yaml"
+    doc = yaml.safe_load(shipped.read_text())
+    assert Profile.from_dict(doc, shipped).to_dict() == doc  # the shipped v1 file, unchanged

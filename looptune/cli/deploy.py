@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -20,31 +20,37 @@ def show(
     json_out: Annotated[bool, typer.Option("--json", help="Print the profile as JSON on stdout.")] = False,
 ):
     """Print a deployable profile: the chosen setting, its measured objectives and the front."""
-    from looptune.export.profile import check_model, model_path, read_profile
+    from looptune.export.deployable import check_model, model_path, read_profile
 
-    doc = read_profile(profile)
-    if check and model_path(doc).exists():
-        check_model(doc, model_path(doc), profile)
+    prof = read_profile(profile)
+    if check and model_path(prof).exists():
+        check_model(prof, model_path(prof), profile)
     if json_out:
-        emit_json(doc)
+        emit_json(prof.to_dict())
         return
-    k, o, m = doc["knobs"], doc["objectives"], doc["model"]
-    console.print(f"[bold]{profile}[/]  (schema {doc['schema_version']}, made {doc.get('created', '?')})")
-    console.print(f"model    {m['path']}  {m['architecture']}  sha256 {m['content_hash'][:16]}…")
-    console.print(f"setting  loops {k['loops']}  mode {k['mode']}  window {k['window']}  dtype "
-                  f"{k['dtype']}  compile {k['compile']}  batch {k['batch']}")
-    q, lat = o["quality"], o["latency_ms"]
-    console.print(f"measured {q['metric']} {q['value']:.4f} [{q['ci'][0]:.4f}, {q['ci'][1]:.4f}]  "
-                  f"{lat['metric']} {lat['value']:.3f} ms [{lat['ci'][0]:.3f}, {lat['ci'][1]:.3f}]  "
-                  f"ttft {o.get('ttft_ms', float('nan')):.1f} ms  KV {o['kv_bytes'] / 2**20:.3f} MiB")
-    console.print(f"budgets  {doc.get('budgets')}")
-    dev = doc.get("device") or {}
+    k, o, m = prof.knobs, prof.objectives, prof.model
+    console.print(f"[bold]{profile}[/]  (made {prof.created or '?'})")
+    console.print(f"model    {m.path}  {m.architecture}  sha256 {m.content_hash[:16]}…")
+    console.print(f"setting  loops {k.loops}  mode {k.mode}  window {k.window}  dtype {k.dtype}  "
+                  f"compile {k.compile}  batch {k.batch}")
+    q, lat = o.quality, o.latency_ms
+    ttft = f"{o.ttft_ms:.1f} ms" if o.ttft_ms is not None else "?"
+    console.print(f"measured {q.metric} {q.value:.4f} [{q.ci[0]:.4f}, {q.ci[1]:.4f}]  "
+                  f"{lat.metric} {lat.value:.3f} ms [{lat.ci[0]:.3f}, {lat.ci[1]:.3f}]  "
+                  f"ttft {ttft}  KV {o.kv_bytes / 2**20:.3f} MiB")
+    if prof.budgets:
+        b = prof.budgets
+        limits = [f"{b.metric} <= {b.latency_ms:g} ms"]
+        limits += [f"KV <= {b.kv_mib:g} MiB"] if b.kv_mib is not None else []
+        limits += [f"ttft <= {b.ttft_ms:g} ms"] if b.ttft_ms is not None else []
+        console.print(f"budgets  {'  '.join(limits)}")
+    dev = prof.device
     console.print(f"device   {dev.get('device_name', dev.get('device', '?'))}  torch "
                   f"{dev.get('torch_version', dev.get('torch', '?'))}")
     table = Table(title="Pareto set")
-    for col in ("member", "R", "W", "dtype", q["metric"], f"{lat['metric']} ms", "KV MiB"):
+    for col in ("member", "R", "W", "dtype", q.metric, f"{lat.metric} ms", "KV MiB"):
         table.add_column(col)
-    for p in doc.get("pareto_set", []):
+    for p in prof.pareto_set:
         table.add_row(Path(p["knobs"]["checkpoint"]).name, str(p["knobs"]["loops"]),
                       str(p["knobs"]["window"]), p["knobs"]["dtype"], f"{p['quality']:.4f}",
                       f"{p['latency_ms']:.3f}", f"{p['kv_bytes'] / 2**20:.3f}")
@@ -56,7 +62,7 @@ def export(
     profile: Annotated[Path, typer.Argument(help="A profile written by `looptune pareto`.")],
     to: Annotated[str, typer.Option(help="vllm (serve --config YAML), sglang (launch_server "
                                          "--config YAML) or hf (config.json overlay).")] = "vllm",
-    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: beside the "
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: beside the "
                                                      "profile, named after it).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the written paths as JSON.")] = False,
 ):
@@ -65,8 +71,8 @@ def export(
     The loop count and window go in as the checkpoint architecture's own config keys
     (LoopCoder-V2 or IQuest-Loop), through vLLM's hf-overrides or SGLang's
     json-model-override-args."""
+    from looptune.export.deployable import read_profile
     from looptune.export.engines import export_profile
-    from looptune.export.profile import read_profile
 
     doc = read_profile(profile)
     out = out or profile.with_suffix("").parent / f"{profile.stem}-{to}"
@@ -80,14 +86,14 @@ def export(
 
 @app.command()
 def generate(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint (default: the "
+    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint (default: the "
                                                               "profile's model).")] = None,
     profile: Annotated[Path, typer.Option(help="The profile whose settings to run.")] = ...,
     prompt: Annotated[str, typer.Option(help="The prompt text.")] = ...,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
 ):
     """Run the model with a profile's loops, window and dtype, streaming tokens to stdout."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from looptune.errors import LooptuneError
-from looptune.export.profile import model_path
+from looptune.export.deployable import Profile, model_path
 from looptune.model.config import LOOP_ARCH
 from looptune.store import atomic_write_text
 
@@ -32,40 +32,40 @@ def loop_overrides(architecture: str, loops: int, window: int) -> dict:
     return {"plt_num_loops": loops, "plt_window_size": [window - 1, 0]}
 
 
-def _serving(document: dict) -> tuple[dict, dict, int]:
-    knobs, model = document["knobs"], document["model"]
-    overrides = loop_overrides(model["architecture"], knobs["loops"], knobs["window"])
-    context = knobs.get("prompt_len", 0) + knobs.get("gen_len", 0)
+def _serving(document: Profile):
+    knobs, model = document.knobs, document.model
+    overrides = loop_overrides(model.architecture, knobs.loops, knobs.window)
+    context = (knobs.prompt_len or 0) + (knobs.gen_len or 0)
     return knobs, overrides, context
 
 
-def vllm_config(document: dict) -> dict:
+def vllm_config(document: Profile) -> dict:
     knobs, overrides, context = _serving(document)
-    config = {"model": str(model_path(document)), "dtype": knobs["dtype"],
-              "max-num-seqs": knobs["batch"], "trust-remote-code": True,
-              "enforce-eager": not knobs["compile"], "hf-overrides": json.dumps(overrides)}
+    config = {"model": str(model_path(document)), "dtype": knobs.dtype,
+              "max-num-seqs": knobs.batch, "trust-remote-code": True,
+              "enforce-eager": not knobs.compile, "hf-overrides": json.dumps(overrides)}
     if context:
         config["max-model-len"] = context
     return config
 
 
-def sglang_config(document: dict) -> dict:
+def sglang_config(document: Profile) -> dict:
     knobs, overrides, context = _serving(document)
-    config = {"model-path": str(model_path(document)), "dtype": knobs["dtype"],
-              "max-running-requests": knobs["batch"], "trust-remote-code": True,
-              "disable-cuda-graph": not knobs["compile"],
+    config = {"model-path": str(model_path(document)), "dtype": knobs.dtype,
+              "max-running-requests": knobs.batch, "trust-remote-code": True,
+              "disable-cuda-graph": not knobs.compile,
               "json-model-override-args": json.dumps(overrides)}
     if context:
         config["context-length"] = context
     return config
 
 
-def hf_overlay(document: dict) -> dict:
+def hf_overlay(document: Profile) -> dict:
     knobs, overrides, _ = _serving(document)
-    return {**overrides, "torch_dtype": knobs["dtype"]}
+    return {**overrides, "torch_dtype": knobs.dtype}
 
 
-def export_profile(document: dict, engine: str, out_dir) -> list[Path]:
+def export_profile(document: Profile, engine: str, out_dir) -> list[Path]:
     """Write the engine's files into `out_dir`; returns their paths."""
     out = Path(out_dir)
     if engine == "vllm":

@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 
 from looptune.errors import LooptuneError
-from looptune.export.profile import check_model, model_path, read_profile
+from looptune.export.deployable import Setting, check_model, model_path, read_profile
 
 
 @dataclass
 class ProfiledModel:
     model: object
     tokenizer: object
-    knobs: dict
+    knobs: Setting
     profile_path: Path
 
     def generate(self, prompt: str, on_text: Callable[[str], None] | None = None,
@@ -49,7 +49,7 @@ class ProfiledModel:
         eos = getattr(self.tokenizer, "eos_id", None)
         device = self.model.model.embed_tokens.weight.device
         generate(self.model, torch.tensor([ids], device=device), max_new_tokens,
-                 loops=self.knobs["loops"], mode=self.knobs["mode"], window=self.knobs["window"],
+                 loops=self.knobs.loops, mode=self.knobs.mode, window=self.knobs.window,
                  temperature=temperature, top_p=top_p, seed=seed, stop_id=eos,
                  on_token=lambda t: None if int(t[0]) == eos else text.push(int(t[0])))
         return "".join(pieces)
@@ -73,9 +73,9 @@ def load_profiled(profile_path, checkpoint=None, device="auto") -> ProfiledModel
     the profile's dtype, ready to generate with its loops, mode and window."""
     from looptune.model.checkpoint import load_model
 
-    document = read_profile(profile_path)
-    path = Path(checkpoint) if checkpoint else model_path(document)
-    check_model(document, path, profile_path)
-    knobs = document["knobs"]
-    model, tokenizer = load_model(path, device=device, dtype=knobs["dtype"])
+    profile = read_profile(profile_path)
+    path = Path(checkpoint) if checkpoint else model_path(profile)
+    check_model(profile, path, profile_path)
+    knobs = profile.knobs
+    model, tokenizer = load_model(path, device=device, dtype=knobs.dtype)
     return ProfiledModel(model, tokenizer, knobs, Path(profile_path))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from looptune.errors import LooptuneError, NothingFitsError
+from looptune.export.deployable import Profile
 from looptune.search.choice import Budgets, Choice, Knobs, Outcome, choose, pareto_front
 from looptune.search.study import Infeasible, Space, collect, redact, run_study
 
@@ -61,7 +62,7 @@ class Evaluator:
         return self._quality[key][knobs.loops]
 
     def latency(self, knobs: Knobs):
-        from looptune.measure.profile import profile_candidates
+        from looptune.measure.latency import profile_candidates
 
         (m,) = profile_candidates([knobs.checkpoint], loops=[knobs.loops], modes=None,
                                   batches=[self.work.batch], prompt_len=self.work.prompt_len,
@@ -155,7 +156,11 @@ def run_pareto(checkpoints: list[Path], budgets: Budgets, work: Workload, window
         write_plot(plot, outcomes, front, choice.best, budgets, _quality_name(work),
                    work.metric)
     if choice.best is not None:
-        result.profile_path = _write_profile(out, result, budgets, work, configs, checkpoints)
+        from looptune.export.deployable import write_profile
+
+        command = shlex.join(["looptune", *sys.argv[1:]]) if sys.argv else ""
+        profile = build_profile(result, budgets, work, configs, checkpoints, command)
+        result.profile_path = write_profile(out, profile)
     return result
 
 
@@ -163,46 +168,32 @@ def _quality_name(work: Workload) -> str:
     return "bits_per_byte" if work.quality_set == "code" else f"{work.quality_set} score"
 
 
-def _write_profile(out: Path, result: ParetoResult, budgets: Budgets, work: Workload, configs,
-                   checkpoints) -> Path:
-    from looptune.export.profile import portable_path, write_profile
+def build_profile(result: ParetoResult, budgets: Budgets, work: Workload, configs, checkpoints,
+                  command: str = "") -> Profile:
+    """The deployable profile of the study's recommendation (which must exist); writes nothing."""
+    from looptune.export import deployable as d
     from looptune.model.checkpoint import content_hash
 
     best = result.choice.best
     cfg = configs[[str(c) for c in checkpoints].index(best.knobs.checkpoint)]
-    document = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["looptune", *sys.argv[1:]]) if sys.argv else "",
-        "model": {"path": portable_path(best.knobs.checkpoint), "architecture": cfg.architecture,
-                  "content_hash": content_hash(best.knobs.checkpoint),
-                  "trained_loops": cfg.num_loops, "trained_window": cfg.window},
-        "knobs": {"loops": best.knobs.loops, "mode": cfg.mode, "window": best.knobs.window,
-                  "dtype": best.knobs.dtype, "compile": best.knobs.compile, "batch": work.batch,
-                  "prompt_len": work.prompt_len, "gen_len": work.gen_len},
-        "objectives": {
-            "quality": {"set": work.quality_set, "metric": best.extra.get("metric", "quality"),
-                        "value": best.quality, "ci": list(best.quality_ci),
-                        "limit": work.limit, "seed": work.seed},
-            "latency_ms": {"metric": METRICS[work.metric], "value": best.latency_ms,
-                           "ci": list(best.latency_ci)},
-            "ttft_ms": best.ttft_ms,
-            "kv_bytes": best.kv_bytes,
-            "tokens_per_s": best.extra.get("tokens_per_s"),
-        },
-        "budgets": {"latency_ms": budgets.latency_ms, "kv_mib": budgets.kv_mib,
-                    "ttft_ms": budgets.ttft_ms, "metric": work.metric},
-        "device": best.extra.get("environment", {}),
-        "pareto_set": [_plain(o) for o in result.front],
-        "study": {"storage": result.storage, "name": result.study_name, "trials": result.trials,
-                  "grid_size": result.grid_size, "measurements": result.measured},
-    }
-    return write_profile(out, document)
-
-
-def _plain(o: Outcome) -> dict:
-    d = o.to_dict()
-    d.pop("extra", None)
-    return d
+    return d.Profile(
+        model=d.ModelRef(d.portable_path(best.knobs.checkpoint), cfg.architecture,
+                         content_hash(best.knobs.checkpoint), cfg.num_loops, cfg.window),
+        knobs=d.Setting(best.knobs.loops, cfg.mode, best.knobs.window, best.knobs.dtype,
+                        best.knobs.compile, work.batch, work.prompt_len, work.gen_len),
+        objectives=d.Objectives(
+            d.Quality(work.quality_set, best.extra.get("metric", "quality"), best.quality,
+                      tuple(best.quality_ci), work.limit, work.seed),
+            d.Latency(METRICS[work.metric], best.latency_ms, tuple(best.latency_ci)),
+            kv_bytes=int(best.kv_bytes), ttft_ms=best.ttft_ms,
+            tokens_per_s=best.extra.get("tokens_per_s")),
+        budgets=d.StudyBudgets(budgets.latency_ms, budgets.kv_mib, budgets.ttft_ms, work.metric),
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        command=command,
+        device=best.extra.get("environment", {}),
+        pareto_set=[{k: v for k, v in o.to_dict().items() if k != "extra"} for o in result.front],
+        study={"storage": result.storage, "name": result.study_name, "trials": result.trials,
+               "grid_size": result.grid_size, "measurements": result.measured})
 
 
 def nothing_fits_message(result: ParetoResult, budgets: Budgets) -> NothingFitsError:
