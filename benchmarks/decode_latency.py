@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from looptune.measure.profile import profile_candidates
+from looptune.measure.latency import profile_candidates
 from looptune.model.checkpoint import init_checkpoint
 
 MODES = ("plt", "sequential")

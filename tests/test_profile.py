@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from looptune.cli import app
 from looptune.measure import env as envmod
 from looptune.measure.memory import PeakMemory
-from looptune.measure.profile import STATUSES, Measurement, profile_candidates
+from looptune.measure.latency import STATUSES, Measurement, profile_candidates
 from looptune.measure.stats import bootstrap_ci, percentile, summarize
 from looptune.measure.timers import LapTimer, Timer
 from looptune.model.checkpoint import init_checkpoint
@@ -170,7 +170,7 @@ def test_out_of_memory_is_infeasible_and_the_run_goes_on(ckpt, monkeypatch, erro
 def test_weights_that_do_not_fit_make_every_candidate_infeasible(ckpt, monkeypatch):
     def load_model(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB")
-    monkeypatch.setattr("looptune.measure.profile.load_model", load_model)
+    monkeypatch.setattr("looptune.measure.latency.load_model", load_model)
     ms = profile_candidates([ckpt], loops=[1, 2], modes=["plt"], fresh=True, **FAST)
     assert [m.status for m in ms] == ["infeasible"] * 2
     assert all(m.error.startswith("out of memory loading the weights") for m in ms)
@@ -190,7 +190,7 @@ def test_cache_hit_measures_nothing_and_fresh_remeasures(ckpt, monkeypatch):
     def no_loading(*a, **k):
         raise AssertionError("a cached candidate must not load the model")
     with monkeypatch.context() as patch:  # (undo() would also drop the isolated cache dir)
-        patch.setattr("looptune.measure.profile.load_model", no_loading)
+        patch.setattr("looptune.measure.latency.load_model", no_loading)
         again = profile_candidates([ckpt], **args)
     assert all(m.cached for m in again)
     assert [m.tpot_ms_p50 for m in again] == [m.tpot_ms_p50 for m in first]
@@ -288,7 +288,7 @@ def test_cli_json_is_one_document_on_stdout(ckpt, tmp_path):
 
 
 def test_cli_shows_a_kv_mismatch_loudly(ckpt, monkeypatch):
-    import looptune.measure.profile as profile_mod
+    import looptune.measure.latency as profile_mod
 
     real = profile_mod.kv_bytes
     monkeypatch.setattr(profile_mod, "kv_bytes", lambda *a, **k: real(*a, **k) + 1)
@@ -321,7 +321,7 @@ def test_cuda_path(ckpt, compile):
 
 
 def test_cli_ctrl_c_prints_what_was_measured_and_exits_130(ckpt, monkeypatch):
-    import looptune.measure.profile as profile_mod
+    import looptune.measure.latency as profile_mod
 
     real, calls = profile_mod._attempt, []
 

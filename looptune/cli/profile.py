@@ -52,7 +52,7 @@ def profile(
 
     from looptune.bundled import resolve_checkpoints
     from looptune.measure.env import environment
-    from looptune.measure.profile import document, dumps, profile_candidates
+    from looptune.measure.latency import document, dumps, profile_candidates
     from looptune.model.checkpoint import resolve_device
     from looptune.model.config import MODES
     from looptune.store import atomic_write_text

@@ -6,8 +6,8 @@ is the fingerprint every result carries. Heavy imports happen on first use."""
 from importlib import import_module
 
 _EXPORTS = {
-    "Measurement": "looptune.measure.profile",
-    "profile_candidates": "looptune.measure.profile",
+    "Measurement": "looptune.measure.latency",
+    "profile_candidates": "looptune.measure.latency",
     "environment": "looptune.measure.env",
     "fingerprint": "looptune.measure.env",
     "gpu_state": "looptune.measure.env",
