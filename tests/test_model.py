@@ -16,23 +16,43 @@ LOOPS = [1, 2, 3, 4]
 
 @pytest.mark.parametrize("gate", ["hidden", "query"])
 @pytest.mark.parametrize("mode", MODES)
-def test_incremental_decode_equals_full_forward(gate, mode):
+@pytest.mark.parametrize("W", [5, 32])  # the ring wraps; the window spans the whole context
+def test_incremental_decode_equals_full_forward(gate, mode, W):
     model = tiny_model(gate)
-    T, W = 21, model.config.window  # longer than the window, so the ring wraps
-    assert T > W
+    T = 21
     ids = torch.randint(0, 256, (3, T), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for R in LOOPS:
-            full = model(ids, loops=R, mode=mode)
-            cache = model.new_cache(3, T, loops=R, mode=mode)
+            full = model(ids, loops=R, mode=mode, window=W)
+            cache = model.new_cache(3, T, loops=R, mode=mode, window=W)
             stepwise = torch.stack([model.decode_step(ids[:, t], cache) for t in range(T)], dim=1)
             torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=0)
             # prefill part of it, then decode the rest
-            cache = model.new_cache(3, T, loops=R, mode=mode)
-            prefix = model(ids[:, :13], loops=R, mode=mode, cache=cache)
+            cache = model.new_cache(3, T, loops=R, mode=mode, window=W)
+            prefix = model(ids[:, :13], loops=R, mode=mode, window=W, cache=cache)
             rest = torch.stack([model.decode_step(ids[:, t], cache) for t in range(13, T)], dim=1)
             torch.testing.assert_close(prefix, full[:, :13], atol=1e-5, rtol=0)
             torch.testing.assert_close(rest, full[:, 13:], atol=1e-5, rtol=0)
+
+
+def test_decode_reads_a_power_of_two_span_of_the_cache():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = model(ids, loops=2)
+        cache = model.new_cache(2, 200, loops=2)
+        model(ids[:, :17], loops=2, cache=cache)
+        assert (cache.length, cache.span()) == (17, 32)
+        spans, rest = [], []
+        for t in range(17, 40):
+            spans.append(cache.span())
+            rest.append(model.decode_step(ids[:, t], cache))
+        assert (spans[0], spans[-1], cache.length) == (32, 64, 40)
+        torch.testing.assert_close(torch.stack(rest, 1), full[:, 17:], atol=1e-5, rtol=0)
+        # the whole static cache (what graphs and compile read) gives the same logits
+        cache.reset()
+        static = [model.decode_static(ids[:, t], cache, span=200) for t in range(40)]
+    torch.testing.assert_close(torch.stack(static, 1), full, atol=1e-5, rtol=0)
 
 
 def test_window_override_changes_plt_but_decode_still_matches():

@@ -42,12 +42,21 @@ def kv_bytes(cfg, mode: str, loops: int, window: int, context: int, batch: int =
 
 
 class KVCache:
+    """The decode state of `batch` sequences; it owns the loop-to-slot mapping.
+
+    Loops are numbered from 0 here (loop 0 is the architecture doc's loop 1). A decode step
+    asks for what a loop needs by loop number and never sees a slot index:
+    `write_full` / `full` for the rows that attend causally over a full-length cache (loop 0,
+    and every loop in `sequential`), `write_local` / `local` for the G-SWA rows' own window.
+    """
+
     def __init__(self, cfg, mode: str, loops: int, window: int, batch: int, max_len: int,
                  dtype: torch.dtype, device):
         if max_len > cfg.max_position_embeddings:
             raise LooptuneError(f"context of {max_len} tokens exceeds the model's "
                                 f"max_position_embeddings ({cfg.max_position_embeddings})")
-        self.mode, self.loops, self.window, self.batch, self.max_len = mode, loops, window, batch, max_len
+        self.mode, self.loops, self.window = mode, loops, window
+        self.batch, self.max_len = batch, max_len
         L, H_kv, d_h = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         groups = loops if mode == "sequential" else 1
         full = (L, groups, batch, H_kv, max_len, d_h)
@@ -61,6 +70,9 @@ class KVCache:
         carries = loops - 1 if mode == "plt" else 0
         self.carry = torch.zeros((carries, batch, cfg.hidden_size), dtype=dtype, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # next position to write
+        # The same count on the host, so a step can size its reads without a device sync.
+        # Kept by `filled`, `reset`, `PLTForCausalLM.decode_step` and the runners in step.py.
+        self.length = 0
         self._full_slots = torch.arange(max_len, device=device)
         self._ring_slots = torch.arange(rings * W, device=device) % W  # position mod W' per slot
         self._ring_base = torch.arange(rings, device=device) * W  # first slot of each loop's block
@@ -76,42 +88,64 @@ class KVCache:
     def reset(self):
         self.pos.zero_()
         self.carry.zero_()
+        self.length = 0
+
+    def span(self) -> int:
+        """Full-cache slots the next step must read: the tokens held plus the new one, rounded
+        up to a power of two (so eager decode costs grow with the length, not `max_len`)."""
+        return min(self.max_len, max(16, 1 << self.length.bit_length()))
 
     # ----- decode-time access, position = self.pos -----
 
     def begin_step(self):
-        """What every layer of the step at `pos` shares, made once: write indices and masks."""
+        """What every layer of the step at `pos` shares, made once: write indices and additive
+        masks (0 where a key may be seen, -inf where not). Shapes never depend on `pos`."""
         zero = torch.zeros((), dtype=self.full_k.dtype, device=self.pos.device)
         blocked = torch.full((), float("-inf"), dtype=self.full_k.dtype, device=self.pos.device)
         self._full_at = self.pos.view(1)
         self._full_mask = torch.where(self._full_slots <= self.pos, zero, blocked)[None]  # [1, S]
         if self.ring_k.shape[3]:
             self._ring_at = self._ring_base + self.pos % self.ring_len  # [R-1]
-            # row r sees its own loop's block, and there only the slots written so far
+            # loop r sees its own block, and there only the slots written so far
             seen = self._ring_blocks & (self._ring_slots <= self.pos)
             self._ring_mask = torch.where(seen, zero, blocked)  # [R-1, (R-1) W']
 
-    def write_full(self, layer: int, group: int, k, v):  # k [B, H_kv, 1, d_h]
-        self.full_k[layer, group].index_copy_(2, self._full_at, k)
-        self.full_v[layer, group].index_copy_(2, self._full_at, v)
+    def causal_rows(self, loops: range) -> int:
+        """How many of `loops` (the rows of one step, in order) attend causally over a full
+        cache: loop 0 in `plt` / `plt-noshift`, every loop in `sequential`. The rest are G-SWA."""
+        if self.mode == "sequential":
+            return len(loops)
+        return 1 if loops.start == 0 else 0
 
-    def full(self, layer: int, group: int):
-        return self.full_k[layer, group], self.full_v[layer, group]
+    def _group(self, loop: int) -> int:
+        return loop if self.mode == "sequential" else 0
 
-    def full_mask(self):
-        return self._full_mask  # [1, S]
+    def write_full(self, layer: int, loop: int, k, v):  # k [B, H_kv, 1, d_h]
+        """Store loop `loop`'s keys and values of the new token in its full-length cache."""
+        g = self._group(loop)
+        self.full_k[layer, g].index_copy_(2, self._full_at, k)
+        self.full_v[layer, g].index_copy_(2, self._full_at, v)
 
-    def write_ring(self, layer: int, lo: int, hi: int, k, v):  # loops lo+2..hi+1, k [B, H_kv, m, d_h]
-        self.ring_k[layer].index_copy_(2, self._ring_at[lo:hi], k)
-        self.ring_v[layer].index_copy_(2, self._ring_at[lo:hi], v)
+    def full(self, layer: int, loop: int, span: int):
+        """(k, v, mask) of loop `loop`'s full cache, first `span` slots: every position up to
+        and including the new token (in `plt` / `plt-noshift`, loop 0's: the global branch)."""
+        g = self._group(loop)
+        return (self.full_k[layer, g, :, :, :span], self.full_v[layer, g, :, :, :span],
+                self._full_mask[:, :span])  # [B, H_kv, span, d_h] x 2, [1, span]
 
-    def ring(self, layer: int, lo: int, hi: int):  # -> [B, H_kv, m W', d_h]
-        W = self.ring_len
-        return self.ring_k[layer, :, :, lo * W:hi * W], self.ring_v[layer, :, :, lo * W:hi * W]
+    def write_local(self, layer: int, loops: range, k, v):  # k [B, H_kv, len(loops), d_h]
+        """Push the new token's keys and values of G-SWA loops `loops` (>= 1) into their rings."""
+        at = self._ring_at[loops.start - 1:loops.stop - 1]
+        self.ring_k[layer].index_copy_(2, at, k)
+        self.ring_v[layer].index_copy_(2, at, v)
 
-    def ring_mask(self, lo: int, hi: int):  # [m, m W']
-        W = self.ring_len
-        return self._ring_mask[lo:hi, lo * W:hi * W]
+    def local(self, layer: int, loops: range):
+        """(k, v, mask) of the local branch for G-SWA loops `loops`, all in one attention
+        call: keys `[B, H_kv, len(loops) W', d_h]`, a block-diagonal mask `[len(loops), ...]`
+        letting each loop see its own last W positions, the new token included."""
+        W, lo, hi = self.ring_len, loops.start - 1, loops.stop - 1
+        return (self.ring_k[layer, :, :, lo * W:hi * W], self.ring_v[layer, :, :, lo * W:hi * W],
+                self._ring_mask[lo:hi, lo * W:hi * W])
 
     # ----- prefill -----
 
@@ -120,13 +154,18 @@ class KVCache:
         T = k.shape[2]
         if T > self.max_len:
             raise LooptuneError(f"prompt of {T} tokens does not fit a cache of {self.max_len}")
-        if self.mode == "sequential" or loop == 0:
-            group = loop if self.mode == "sequential" else 0
-            self.full_k[layer, group, :, :, :T] = k
-            self.full_v[layer, group, :, :, :T] = v
+        if self.causal_rows(range(loop, loop + 1)):
+            g = self._group(loop)
+            self.full_k[layer, g, :, :, :T] = k
+            self.full_v[layer, g, :, :, :T] = v
             return
         keep = min(T, self.ring_len)
         positions = torch.arange(T - keep, T, device=k.device)
         slots = (loop - 1) * self.ring_len + positions % self.ring_len
         self.ring_k[layer].index_copy_(2, slots, k[:, :, T - keep:])
         self.ring_v[layer].index_copy_(2, slots, v[:, :, T - keep:])
+
+    def filled(self, length: int):
+        """Mark the prompt's `length` tokens as held (after `fill` of every loop and layer)."""
+        self.pos.fill_(length)
+        self.length = length

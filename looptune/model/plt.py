@@ -54,9 +54,16 @@ def apply_rope(x, cos, sin):
 
 
 def attend(q, k, v, mask=None, causal=False):
-    """SDPA with grouped-query heads at dim -3; `mask` is True where a key may be seen."""
+    """SDPA with grouped-query heads at dim -3. `mask` `[n_q, n_k]` (or broadcastable) is
+    either boolean, True where a key may be seen (full-sequence passes), or additive, 0 where
+    a key may be seen and -inf where not (the decode cache's masks)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                           enable_gqa=True)
+
+
+def gswa_mix(g, y_global, y_local):
+    """The G-SWA output: `g * Attn(q, K_1, V_1) + (1 - g) * Attn(q, K_r, V_r, window W)`."""
+    return g * y_global + (1 - g) * y_local
 
 
 class HiddenGate(nn.Module):
@@ -135,7 +142,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward_seq(self, h, cos, sin, loop, gswa, loop1_kv, window_mask):
+    def forward_seq(self, h, cos, sin, gswa, loop1_kv, window_mask):
         """One loop over a whole sequence. Returns the new h and this loop's (k, v).
 
         `gswa`: this loop mixes the global branch (`loop1_kv`, loop 1's keys and values of this
@@ -144,42 +151,37 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn
         q, k, v = attn.qkv(self.input_layernorm(h), cos, sin)
         if gswa:
-            y_global = attend(q, *loop1_kv, causal=True)
-            y_local = attend(q, k, v, mask=window_mask)
-            g = attn.gate(h, q)
-            y = g * y_global + (1 - g) * y_local
+            y = gswa_mix(attn.gate(h, q), attend(q, *loop1_kv, causal=True),
+                         attend(q, k, v, mask=window_mask))
         else:
             y = attend(q, k, v, causal=True)
         h = h + attn.out(y)
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, (k, v)
 
-    def forward_step(self, rows, cos, sin, first_loop, layer, cache: KVCache):
-        """Rows `[B, n, d]` are loops first_loop..first_loop+n-1 of one token at `cache.pos`.
+    def forward_step(self, rows, cos, sin, loops: range, layer: int, cache: KVCache, span: int):
+        """Rows `[B, n, d]` are loops `loops` (numbered from 0) of one token at `cache.pos`.
 
         All rows share one weight read: this is the batched pass that makes PLT decode cheap.
+        The first rows take the plain path (causal over a full cache: loop 1, or any loop of
+        `sequential`); the rest the G-SWA path, whose global branch is the same attention call
+        over loop 1's cache, so `K_1, V_1` are read once for all R rows.
         """
         attn = self.self_attn
         # rows / rms(rows) once: the input norm and the hidden gate's norm share it (same eps)
         unit = self.input_layernorm.unit(rows)
         q, k, v = attn.qkv(self.input_layernorm.weight * unit, cos, sin)  # q [B, H, n, d_h]
-        if cache.mode == "sequential":
-            cache.write_full(layer, first_loop, k, v)
-            y = attend(q, *cache.full(layer, first_loop), mask=cache.full_mask())
-        else:
-            n_global = 1 if first_loop == 0 else 0  # loop 1's row feeds the shared cache
-            if n_global:
-                cache.write_full(layer, 0, k[:, :, :1], v[:, :, :1])
-            y = attend(q, *cache.full(layer, 0), mask=cache.full_mask())  # every row reads K_1
-            if q.shape[2] > n_global:  # rows of loops >= 2: G-SWA, all in one local call
-                lo = first_loop + n_global - 1  # ring index of the first local row
-                hi = first_loop + q.shape[2] - 1
-                q_local = q[:, :, n_global:]  # [B, H, m, d_h]
-                cache.write_ring(layer, lo, hi, k[:, :, n_global:], v[:, :, n_global:])
-                y_local = attend(q_local, *cache.ring(layer, lo, hi), mask=cache.ring_mask(lo, hi))
-                g = attn.gate(rows[:, n_global:], q_local, unit[:, n_global:])
-                y_mixed = torch.lerp(y_local, y[:, :, n_global:], g)  # g * global + (1 - g) * local
-                y = torch.cat((y[:, :, :n_global], y_mixed), dim=2) if n_global else y_mixed
+        m = cache.causal_rows(loops)
+        if m:  # plain path: append this loop's k, v to its full cache
+            cache.write_full(layer, loops.start, k[:, :, :m], v[:, :, :m])
+        y = attend(q, *cache.full(layer, loops.start, span))  # G-SWA rows: the global branch
+        if m < len(loops):  # G-SWA path: push k, v into the rings, mix in the local branch
+            local = range(loops.start + m, loops.stop)
+            q_r = q[:, :, m:]  # [B, H, n - m, d_h]
+            cache.write_local(layer, local, k[:, :, m:], v[:, :, m:])
+            y_local = attend(q_r, *cache.local(layer, local))
+            y_mixed = gswa_mix(attn.gate(rows[:, m:], q_r, unit[:, m:]), y[:, :, m:], y_local)
+            y = torch.cat((y[:, :, :m], y_mixed), dim=2) if m else y_mixed
         rows = rows + attn.out(y)
         return rows + self.mlp(self.post_attention_layernorm(rows))
 
@@ -246,7 +248,7 @@ class PLTForCausalLM(nn.Module):
         gswa = loop1_kv is not None
         kvs = []
         for i, layer in enumerate(self.model.layers):
-            h, kv = layer.forward_seq(h, cos, sin, 0, gswa, loop1_kv[i] if gswa else None,
+            h, kv = layer.forward_seq(h, cos, sin, gswa, loop1_kv[i] if gswa else None,
                                       window_mask)
             kvs.append(kv)
         return h, kvs
@@ -300,7 +302,7 @@ class PLTForCausalLM(nn.Module):
                 for layer_idx, kv in enumerate(kvs):
                     cache.fill(layer_idx, r, *kv)
         if cache is not None:
-            cache.pos.fill_(input_ids.shape[1])
+            cache.filled(input_ids.shape[1])
         logits = self.head(h)
         return (logits, hidden) if return_hidden else logits
 
@@ -312,33 +314,44 @@ class PLTForCausalLM(nn.Module):
         p = self.model.embed_tokens.weight
         return KVCache(self.config, mode, R, W, batch, max_len, dtype or p.dtype, device or p.device)
 
-    def decode_step(self, token_ids, cache: KVCache):
-        """Logits `[B, vocab]` for one new token per sequence at position `cache.pos`."""
-        R, mode = cache.loops, cache.mode
+    def decode_step(self, token_ids, cache: KVCache, span: int | None = None):
+        """Logits `[B, vocab]` for one new token per sequence at position `cache.pos`.
+
+        `span`: full-cache slots to read, more than the tokens held; by default `cache.span()`,
+        the tokens held rounded up to a power of two, so the cost grows with the length.
+        """
+        logits = self.decode_static(token_ids, cache, cache.span() if span is None else span)
+        cache.length += 1
+        return logits
+
+    def decode_static(self, token_ids, cache: KVCache, span: int):
+        """`decode_step` as tensor work only, what CUDA graphs and `torch.compile` capture:
+        shapes fixed by (batch, span, cache), no host sync, no Python state; `cache.length`
+        is the caller's to advance."""
+        R, cfg = cache.loops, self.config
         cache.begin_step()
-        emb = self.model.embed_tokens(token_ids)  # [B, d]
-        cos, sin = rope_tables(cache.pos.view(1), self.config.head_dim, self.config.rope_theta,
-                               emb.dtype)
-        if mode == "plt":  # every loop of this token in one pass
-            rows = emb[:, None]  # [B, 1, d]
-            if R > 1:
-                carried = self.loop_input(rows, cache.carry.transpose(0, 1))  # [B, R-1, d]
-                rows = torch.cat((rows, carried), dim=1)  # [B, R, d]
-            for layer_idx, layer in enumerate(self.model.layers):
-                rows = layer.forward_step(rows, cos, sin, 0, layer_idx, cache)
+        emb = self.model.embed_tokens(token_ids)[:, None]  # [B, 1, d]
+        cos, sin = rope_tables(cache.pos.view(1), cfg.head_dim, cfg.rope_theta, emb.dtype)
+        if cache.mode == "plt":  # the carry is the previous position's: all R loops in one pass
+            rows = emb
+            if R > 1:  # rows r >= 2: a * E + c * carry[r-1]
+                rows = torch.cat((emb, self.loop_input(emb, cache.carry.transpose(0, 1))), dim=1)
+            rows = self._step_layers(rows, cos, sin, range(R), cache, span)  # [B, R, d]
             if R > 1:
                 cache.carry.copy_(self.carried(rows[:, :-1]).transpose(0, 1))
-            last = rows[:, -1]
         else:  # loop r needs loop r-1 of the same token: one pass per loop
-            last = None
+            rows = emb
             for r in range(R):
-                row = emb if r == 0 else self.loop_input(emb, self.carried(last))
-                row = row[:, None]
-                for layer_idx, layer in enumerate(self.model.layers):
-                    row = layer.forward_step(row, cos, sin, r, layer_idx, cache)
-                last = row[:, 0]
+                if r > 0:
+                    rows = self.loop_input(emb, self.carried(rows))
+                rows = self._step_layers(rows, cos, sin, range(r, r + 1), cache, span)
         cache.pos += 1
-        return self.head(last)
+        return self.head(rows[:, -1])
+
+    def _step_layers(self, rows, cos, sin, loops: range, cache: KVCache, span: int):
+        for i, layer in enumerate(self.model.layers):
+            rows = layer.forward_step(rows, cos, sin, loops, i, cache, span)
+        return rows
 
     # ----- costs -----
 
@@ -347,16 +360,3 @@ class PLTForCausalLM(nn.Module):
         if not embeddings:
             n -= self.model.embed_tokens.weight.numel()
         return n
-
-    def decode_flops(self, loops: int, context: int, window: int | None = None,
-                     mode: str = "plt") -> int:
-        """Matmul FLOPs for one decoded token of one sequence: 2 x weights touched per loop,
-        plus attention score and value products (QK and PV) over the keys each loop reads.
-        Embedding lookups, norms and softmax are not counted."""
-        cfg = self.config
-        W = cfg.window if window is None else window
-        per_layer = sum(p.numel() for p in self.model.layers[0].parameters())
-        head = cfg.vocab_size * cfg.hidden_size
-        keys = context * loops if mode == "sequential" else context * loops + (loops - 1) * min(W, context)
-        attn = 4 * cfg.num_attention_heads * cfg.head_dim * keys * cfg.num_hidden_layers
-        return 2 * per_layer * cfg.num_hidden_layers * loops + 2 * head + attn
