@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from looptune.errors import LooptuneError
-from looptune.quality.bpb import score_loops
+from looptune.quality.bpb import WindowPlan, clamp_window, score_loops
 from looptune.quality.sets import ValidationSet, load_set
 from looptune.quality.stats import N_BOOT, paired_ratio_diff_ci, ratio_ci
 from looptune.store import ResultCache
@@ -196,8 +196,7 @@ class _Run:
         self.checkpoint, self.model_hash = checkpoint, model_hash
         self.trained = model.config.num_loops
         self.mode = model.knobs(None, mode, None)[1]
-        self.context = min(context, model.config.max_position_embeddings)
-        self.stride = min(stride or max(self.context // 2, 1), max(self.context - 1, 1))
+        self.context, self.stride = clamp_window(model.config, context, stride)
         self.device, self.dtype = device, dtype
         self.cache, self.use_cache, self.progress = cache, use_cache, progress
 
@@ -236,11 +235,8 @@ class _Run:
         label = f"{Path(self.checkpoint).name} {vs.name} W={window} R<={top}"
         report = None
         if self.progress:
-            from looptune.quality.bpb import windows as spans
-            bos = int(getattr(self.tokenizer, "bos_id", None) is not None)
-            enc = self.tokenizer.encode
-            total = sum(len(spans(bos + len(enc(x.prompt)) + len(enc(x.text)), self.context,
-                                  self.stride, bos + len(enc(x.prompt)))) for x in vs.items)
+            total = len(WindowPlan(self.tokenizer, texts, self.context, self.stride,
+                                   prompts).jobs)
             done = [0]
 
             def report(n):
@@ -328,4 +324,4 @@ def _summarise(run: _Run, vs: ValidationSet, window: int, r: int, records: dict[
         dtype=run.dtype, torch_version=torch.__version__, cached=rec["cached"])
 
 
-__all__ = ["Score", "score_checkpoints", "scores_document", "DEFAULT_LOOPS"]
+__all__ = ["DEFAULT_LOOPS", "Score", "score_checkpoints", "scores_document"]

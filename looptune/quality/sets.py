@@ -91,7 +91,7 @@ def load_set(name_or_path, limit: int | None = None, seed: int = 0,
     else:
         raise LooptuneError(f"unknown set {name!r}: use {', '.join(NAMED_SETS)} or a .jsonl file")
     if limit is not None and limit < 0:
-        raise LooptuneError(f"--limit must be 0 (every item) or more, got {limit}")
+        raise LooptuneError(f"limit must be 0 (every item) or more, got {limit}")
     digest = hashlib.sha256(json.dumps([asdict(x) for x in items]).encode()).hexdigest()
     strata = item_strata(items)
     keep = subset(strata, limit or None, seed)
@@ -164,7 +164,7 @@ def heldout_files(directory: Path) -> list[tuple[str, str]]:
                  and not p.name.startswith((".", "LICENSE"))]
     if not files:
         raise LooptuneError(f"no held-out code corpus at {directory} (it ships with the bundled "
-                            "family); score a JSONL file with --set path.jsonl instead")
+                            "family); use a JSONL file as the set instead")
     out = []
     for relpath, path, sha in sorted(files):
         try:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from looptune.errors import LooptuneError
+from looptune.quality.sets import heldout_files
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 HELDOUT_DIR = DATA_DIR / "heldout"
@@ -150,15 +151,9 @@ def _read_manifest(path: Path) -> dict:
 
 
 def heldout_texts() -> list[tuple[str, str]]:
-    """The packaged held-out corpus as (relpath, text), in manifest order; sha256-checked."""
-    doc = _read_manifest(HELDOUT_MANIFEST)
-    out = []
-    for entry in doc["files"]:
-        data = (HELDOUT_DIR / (entry["path"] + ".txt")).read_bytes()
-        if sha256_bytes(data) != entry["sha256"]:
-            raise LooptuneError(f"held-out file {entry['path']} does not match its manifest")
-        out.append((entry["path"], data.decode("utf-8")))
-    return out
+    """The packaged held-out corpus as (relpath, text), in path order, sha256-checked: the one
+    reader `score` and `diagnose` use too (`quality.sets.heldout_files`)."""
+    return heldout_files(HELDOUT_DIR)
 
 
 @dataclass
