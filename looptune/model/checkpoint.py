@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +15,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from looptune.errors import CheckpointError, LooptuneError
+from looptune.model.arch import (
+    ARCHITECTURES,
+    ENGINES,
+    PLT,
+    Spelling,
+    detect_spelling,
+    from_canonical,
+    gate_kind_of_shape,
+    to_canonical,
+)
 from looptune.model.config import PLTConfig, from_hf_dict, to_hf_dict
 from looptune.model.plt import PLTForCausalLM
 from looptune.model.tokenizer import load_tokenizer
@@ -23,24 +33,13 @@ from looptune.store import atomic_write_bytes
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
-# Other spellings of the gate tensors, as serving engines name them -> looptune's names.
-ALIASES = [
-    (re.compile(r"model\.gate_projections\.(\d+)\.gate_proj\.(weight|bias)"),
-     r"model.layers.\1.self_attn.gate_projection.\2"),
-    (re.compile(r"model\.gate_projections\.(\d+)\.(weight|bias)"),
-     r"model.layers.\1.self_attn.gate_projection.\2"),
-    (re.compile(r"model\.layers\.(\d+)\.self_attn\.gate_proj\.(weight|bias)"),
-     r"model.layers.\1.self_attn.gate_projection.\2"),
-]
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def canonical_name(name: str) -> str:
-    for pattern, repl in ALIASES:
-        if pattern.fullmatch(name):
-            return pattern.sub(repl, name)
-    return name
+_ST_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+}
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
@@ -87,8 +86,9 @@ def read_config(directory: Path) -> tuple[PLTConfig, dict]:
         raise CheckpointError(f"{path}: expected a JSON object")
     cfg = from_hf_dict(raw, str(path))
     if cfg.tokenizer == "bytes" and cfg.vocab_size < 259:
-        raise CheckpointError(f"{path}: vocab_size {cfg.vocab_size} is too small for the byte "
-                              "tokenizer (needs 259)")
+        raise CheckpointError(
+            f"{path}: vocab_size {cfg.vocab_size} is too small for the byte tokenizer (needs 259)"
+        )
     return cfg, raw
 
 
@@ -110,68 +110,119 @@ def weight_files(directory: Path) -> list[Path]:
     if shards:
         return shards
     if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
-        raise CheckpointError(f"{directory}: only pickle weights (.bin/.pt) found; looptune loads "
-                              "safetensors only (convert them first)")
+        raise CheckpointError(
+            f"{directory}: only pickle weights (.bin/.pt) found; looptune loads "
+            "safetensors only (convert them first)"
+        )
     raise CheckpointError(f"{directory}: no weights ({SINGLE} or {INDEX}) found")
 
 
-def _read_tensors(files: list[Path], expected: dict[str, torch.Size], tied: bool, device, dtype,
-                  headers_only: bool = False):
-    found: dict[str, tuple[Path, str]] = {}
-    shapes: dict[str, tuple] = {}
-    handles = {}
+@dataclass
+class Layout:
+    """What the safetensors headers hold, checked against the config: nothing loaded yet."""
+
+    spelling: Spelling  # how the gate tensors are named
+    tensors: dict[str, tuple[Path, str]]  # looptune's state-dict key -> (file, stored name)
+    dtype: torch.dtype  # the stored dtype of the weights
+
+
+def _fail_count(kind: str, where, names: list[str]):
+    more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+    raise CheckpointError(f"{where}: {kind} tensors: {', '.join(names[:5])}{more}")
+
+
+def read_layout(directory: Path, cfg: PLTConfig, files: list[Path], expected: dict) -> Layout:
+    """Names, shapes and gate spelling from the headers alone; `expected` maps each state-dict
+    key of the model to its shape. Raises a one-line CheckpointError on any disagreement."""
+    stored: dict[str, tuple[Path, tuple, str]] = {}
     for f in files:
         try:
-            handles[f] = safe_open(str(f), framework="pt", device=str(device))
-            for name in handles[f].keys():
-                key = canonical_name(name)
-                found[key] = (f, name)
-                shapes[key] = tuple(handles[f].get_slice(name).get_shape())
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    part = handle.get_slice(name)
+                    stored[name] = (f, tuple(part.get_shape()), part.get_dtype())
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: corrupt or truncated safetensors ({e})") from None
-    if tied:
-        found.pop("lm_head.weight", None)  # tied checkpoints sometimes store the copy
-    where = files[0].parent
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
+    spelling = detect_spelling(cfg.architecture, stored, str(directory))
+    _check_gate_kind(directory, cfg, spelling, stored)
+    renames = to_canonical(spelling, cfg.gate, stored)
+    tensors = {renames.get(name, name): (f, name) for name, (f, _, _) in stored.items()}
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # tied checkpoints sometimes store the copy
+    missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise CheckpointError(f"{where}: missing tensors: {', '.join(missing[:5])}"
-                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+        _fail_count("missing", directory, missing)
+    unexpected = sorted(tensors[k][1] for k in set(tensors) - set(expected))
     if unexpected:
-        raise CheckpointError(f"{where}: unexpected tensors: {', '.join(unexpected[:5])}"
-                              + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
+        _fail_count("unexpected", directory, unexpected)
     for key, shape in expected.items():
-        if tuple(shape) != shapes[key]:
-            f, name = found[key]
-            raise CheckpointError(f"{f}: tensor {name} has shape {list(shapes[key])}, "
-                                  f"the config implies {list(shape)}")
-    if headers_only:
-        return {}
-    state = {}
-    for key, (f, name) in found.items():
-        try:
-            t = handles[f].get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
-        state[key] = t.to(dtype) if dtype is not None else t
-    return state
+        f, name = tensors[key]
+        if tuple(shape) != stored[name][1]:
+            raise CheckpointError(
+                f"{f}: tensor {name} has shape {list(stored[name][1])}, "
+                f"the config implies {list(shape)}"
+            )
+    first = tensors["model.embed_tokens.weight"][1]
+    return Layout(spelling, tensors, _ST_DTYPES.get(stored[first][2], torch.float32))
+
+
+def _check_gate_kind(directory, cfg: PLTConfig, spelling: Spelling, stored: dict):
+    """The gate kind the config gives must match the stored gate's shape (one line naming both)."""
+    weight = f"{spelling.prefix.format(i=0)}.weight"
+    shape = stored[weight][1]
+    kind = gate_kind_of_shape(shape, cfg.hidden_size, cfg.head_dim)
+    if kind is None and f"{spelling.prefix.format(i=0)}.gate_norm.weight" in stored:
+        kind = "hidden"
+    if kind is None or kind == cfg.gate:
+        return
+    arch = ARCHITECTURES[cfg.architecture]
+    said = (
+        f"plt_gate_use_hidden_states: {str(cfg.gate == 'hidden').lower()}"
+        if arch is PLT
+        else f"{arch.name} (always a query gate)"
+    )
+    width = cfg.hidden_size if cfg.gate == "hidden" else cfg.head_dim
+    raise CheckpointError(
+        f"{directory}: config.json says {said}, a {cfg.gate} gate with weight "
+        f"[{cfg.num_attention_heads}, {width}], but {weight} has shape {list(shape)}, "
+        f"a {kind} gate"
+    )
+
+
+def _meta_model(cfg: PLTConfig) -> tuple[PLTForCausalLM, dict]:
+    with torch.device("meta"):
+        model = PLTForCausalLM(cfg)
+    return model, {k: v.shape for k, v in model.state_dict().items()}
 
 
 def load_model(path, device="auto", dtype="auto", eval_mode: bool = True):
     """Load a checkpoint directory: returns `(model, tokenizer)`; tokenizer may be None.
 
-    Builds the model on the meta device and assigns the real tensors, so a large model is
-    never materialised twice.
+    The model is built on the meta device; then each shard is opened in turn and its tensors
+    are read onto `device`, converted to `dtype` and assigned in place, and the shard is closed
+    before the next one. So the weights exist once, on the target device, plus at most one
+    tensor in flight; the CPU never holds a full copy of a GPU-bound model.
     """
     directory = Path(path)
     cfg, _ = read_config(directory)
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     files = weight_files(directory)
-    with torch.device("meta"):
-        model = PLTForCausalLM(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = _read_tensors(files, expected, cfg.tie_word_embeddings, device, dtype)
-    model.load_state_dict(state, assign=True)
+    model, expected = _meta_model(cfg)
+    layout = read_layout(directory, cfg, files, expected)
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for key, (f, name) in layout.tensors.items():
+        by_file.setdefault(f, []).append((key, name))
+    for f, names in by_file.items():
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as handle:
+                shard = {}
+                for key, name in names:
+                    t = handle.get_tensor(name)
+                    shard[key] = t if dtype is None else t.to(dtype)
+                model.load_state_dict(shard, strict=False, assign=True)
+                del shard
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: cannot read its tensors ({e})") from None
     model.checkpoint_dir = directory
     return (model.eval() if eval_mode else model), load_tokenizer(directory, cfg.tokenizer)
 
@@ -198,13 +249,21 @@ def build_model(cfg: PLTConfig, device="cpu", dtype=torch.float32, seed: int = 0
     return init_weights(model, seed)
 
 
-def save_checkpoint(model: PLTForCausalLM, directory, max_shard_bytes: int | None = None,
-                    tokenizer_json: Path | None = None, extra_config: dict | None = None):
+def save_checkpoint(
+    model: PLTForCausalLM,
+    directory,
+    max_shard_bytes: int | None = None,
+    tokenizer_json: Path | None = None,
+    extra_config: dict | None = None,
+):
     """Write config.json and safetensors (sharded above `max_shard_bytes`); each file atomically,
     config last so a half-written directory never looks complete."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    cfg = model.config
+    arch = ARCHITECTURES[cfg.architecture]
+    names = from_canonical(arch.spelling(arch.written), cfg.gate, model.state_dict())
+    state = {names.get(k, k): v.detach().contiguous() for k, v in model.state_dict().items()}
     shards: list[dict] = [{}]
     size = 0
     for name, t in state.items():
@@ -260,38 +319,73 @@ def content_hash(path) -> str:
     return _HASHES[key]
 
 
-ARCH_LAYOUTS = {
-    "plt": dict(architecture="IQuestPLTCoderForCausalLM", mode="plt", gate="hidden"),
-    "iquest-loop": dict(architecture="IQuestLoopCoderForCausalLM", mode="plt-noshift",
-                        gate="query", emb_scale=0.0, hidden_scale=1.0, normalize_per_loop=False),
-}
+INIT_ARCHS = {a.init_name: a for a in ARCHITECTURES.values()}  # `looptune init --arch`
 
 
-def init_checkpoint(directory, preset: str, loops=None, window=None, arch: str = "plt",
-                    seed: int = 0, dtype="auto", device="auto", shard_bytes: int = 2 << 30) -> dict:
+def init_checkpoint(
+    directory,
+    preset: str,
+    loops=None,
+    window=None,
+    arch: str = "plt",
+    seed: int = 0,
+    dtype="auto",
+    device="auto",
+    shard_bytes: int = 2 << 30,
+) -> dict:
     """`looptune init`: a random checkpoint of a preset shape; returns what was written."""
     from looptune.model.config import preset_config
 
-    if arch not in ARCH_LAYOUTS:
-        raise LooptuneError(f"--arch must be one of {', '.join(ARCH_LAYOUTS)}, got {arch!r}")
+    if arch not in INIT_ARCHS:
+        raise LooptuneError(f"arch must be one of {', '.join(INIT_ARCHS)}, got {arch!r}")
     directory = Path(directory)
     if (directory / "config.json").exists():
         raise LooptuneError(f"{directory} already holds a checkpoint; choose an empty directory")
     try:
-        cfg = preset_config(preset, num_loops=loops, window=window, **ARCH_LAYOUTS[arch])
+        cfg = preset_config(
+            preset,
+            num_loops=loops,
+            window=window,
+            architecture=INIT_ARCHS[arch].name,
+            **INIT_ARCHS[arch].init_config,
+        )
     except ValueError as e:
         raise LooptuneError(str(e)) from None
     big = cfg.hidden_size >= 2048
     torch_dtype = resolve_dtype(dtype) or (torch.bfloat16 if big else torch.float32)
     model = build_model(cfg, resolve_device(device), torch_dtype, seed)
     save_checkpoint(model, directory, max_shard_bytes=shard_bytes)
-    return {"path": str(directory), "preset": preset, "parameters": model.num_params(),
-            "loops": cfg.num_loops, "window": cfg.window, "architecture": cfg.architecture,
-            "dtype": str(torch_dtype).removeprefix("torch.")}
+    return {
+        "path": str(directory),
+        "preset": preset,
+        "parameters": model.num_params(),
+        "loops": cfg.num_loops,
+        "window": cfg.window,
+        "architecture": cfg.architecture,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+    }
+
+
+def describe_layout(cfg: PLTConfig, spelling: Spelling) -> dict:
+    """The layout and gate spelling a checkpoint uses and the engines known to load it."""
+    arch = ARCHITECTURES[cfg.architecture]
+    return {
+        "architecture": arch.name,
+        "family": arch.family,
+        "spelling": spelling.key,
+        "label": spelling.label,
+        "gate_tensors": spelling.names(cfg.gate),
+        "gate": cfg.gate,
+        "written_by": list(spelling.writers),
+        "loaded_by": [ENGINES[e] for e in spelling.loaders],
+        "note": spelling.note,
+        "looptune_writes": arch.spelling(arch.written).names(cfg.gate),
+    }
 
 
 def describe_checkpoint(path, contexts=(512, 2048, 8192)) -> dict:
-    """`looptune info`: the config, parameter counts and KV bytes per sequence by mode and R.
+    """`looptune info`: the config, the layout and gate spelling, parameter counts and KV bytes
+    per sequence by mode and R.
 
     Reads only the config and the safetensors headers: nothing is loaded."""
     from dataclasses import asdict
@@ -300,29 +394,29 @@ def describe_checkpoint(path, contexts=(512, 2048, 8192)) -> dict:
     from looptune.model.config import MODES
 
     directory = Path(path)
-    cfg, raw = read_config(directory)
-    files = weight_files(directory)
-    with torch.device("meta"):
-        model = PLTForCausalLM(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    dtype = _check_headers(files, expected, cfg.tie_word_embeddings)
+    cfg, _ = read_config(directory)
+    model, expected = _meta_model(cfg)
+    layout = read_layout(directory, cfg, weight_files(directory), expected)
+    dtype = layout.dtype
     rows = []
     for mode in MODES:
         for R in range(1, 5):
-            rows.append({"mode": mode, "loops": R, "bytes": {
-                str(S): kv_bytes(cfg, mode, R, cfg.window, S, 1, dtype) for S in contexts}})
-    return {"path": str(directory), "config": asdict(cfg),
-            "dtype": str(dtype).removeprefix("torch."),
-            "parameters": model.num_params(), "parameters_non_embedding": model.num_params(False),
-            "contexts": list(contexts), "kv_bytes": rows}
-
-
-def _check_headers(files, expected, tied) -> torch.dtype:
-    """Validate names and shapes from the headers alone; the stored dtype of the weights."""
-    _read_tensors(files, expected, tied, "cpu", None, headers_only=True)
-    with safe_open(str(files[0]), framework="pt") as f:
-        return _ST_DTYPES.get(f.get_slice(next(iter(f.keys()))).get_dtype(), torch.float32)
-
-
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-              "F64": torch.float64}
+            rows.append(
+                {
+                    "mode": mode,
+                    "loops": R,
+                    "bytes": {
+                        str(S): kv_bytes(cfg, mode, R, cfg.window, S, 1, dtype) for S in contexts
+                    },
+                }
+            )
+    return {
+        "path": str(directory),
+        "config": asdict(cfg),
+        "dtype": str(dtype).removeprefix("torch."),
+        "layout": describe_layout(cfg, layout.spelling),
+        "parameters": model.num_params(),
+        "parameters_non_embedding": model.num_params(False),
+        "contexts": list(contexts),
+        "kv_bytes": rows,
+    }

@@ -13,12 +13,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from looptune.errors import CheckpointError
+from looptune.model.arch import ARCHITECTURES, GATE_PARTS, LOOP, PLT, architecture_of
 
 MODES = ("plt", "plt-noshift", "sequential")
-GATE_KINDS = ("hidden", "query")  # LoopCoder-V2: from RMSNorm(layer input); IQuest: from the query
-PLT_ARCH = "IQuestPLTCoderForCausalLM"
-LOOP_ARCH = "IQuestLoopCoderForCausalLM"
-ARCHITECTURES = (PLT_ARCH, LOOP_ARCH)
+GATE_KINDS = tuple(GATE_PARTS)  # "hidden": from RMSNorm(layer input); "query": from the query
+PLT_ARCH, LOOP_ARCH = PLT.name, LOOP.name  # kept for importers (looptune.export.engines)
 BYTE_VOCAB = 256 + 3  # 256 bytes, then <bos>, <eos>, <pad>
 
 
@@ -49,16 +48,27 @@ class PLTConfig:
     architecture: str = PLT_ARCH
 
     def __post_init__(self):
-        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "intermediate_size",
-                    "max_position_embeddings", "num_loops", "window")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_position_embeddings",
+            "num_loops",
+            "window",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
-                             f"of num_key_value_heads ({self.num_key_value_heads})")
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                f"of num_key_value_heads ({self.num_key_value_heads})"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
@@ -68,12 +78,10 @@ class PLTConfig:
         if self.gate not in GATE_KINDS:
             raise ValueError(f"gate must be one of {', '.join(GATE_KINDS)}, got {self.gate!r}")
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.architecture!r}; looptune reads "
-                             f"{' and '.join(ARCHITECTURES)}")
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_key_value_heads * self.head_dim
+            raise ValueError(
+                f"unknown architecture {self.architecture!r}; looptune reads "
+                f"{' and '.join(ARCHITECTURES)}"
+            )
 
     def with_(self, **changes) -> PLTConfig:
         return replace(self, **changes)
@@ -82,22 +90,62 @@ class PLTConfig:
 # Presets: from test-sized to the exact LoopCoder-V2 7B shape. `family` is the bundled models'
 # shape; `small` is what CPU benchmarks use.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                 head_dim=8, intermediate_size=48, max_position_embeddings=512, window=8),
-    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32, intermediate_size=352,
-                  max_position_embeddings=2048, window=64),
+    "tiny": {
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "intermediate_size": 48,
+        "max_position_embeddings": 512,
+        "window": 8,
+    },
+    "small": {
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "intermediate_size": 352,
+        "max_position_embeddings": 2048,
+        "window": 64,
+    },
     # Sized for a 2-core CPU, where it was trained (see looptune/models/README.md).
-    "family": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                   num_key_value_heads=1, head_dim=32, intermediate_size=192,
-                   max_position_embeddings=1024, window=64),
-    "base": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                 head_dim=64, intermediate_size=1408, max_position_embeddings=4096, window=64),
-    "loopcoder-v2-7b": dict(vocab_size=76800, hidden_size=5120, num_hidden_layers=14,
-                            num_attention_heads=40, num_key_value_heads=8, head_dim=128,
-                            intermediate_size=27648, rope_theta=500000.0, rms_norm_eps=1e-5,
-                            max_position_embeddings=32768, tie_word_embeddings=False, window=64,
-                            tokenizer="none"),
+    "family": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "intermediate_size": 192,
+        "max_position_embeddings": 1024,
+        "window": 64,
+    },
+    "base": {
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 64,
+        "intermediate_size": 1408,
+        "max_position_embeddings": 4096,
+        "window": 64,
+    },
+    "loopcoder-v2-7b": {
+        "vocab_size": 76800,
+        "hidden_size": 5120,
+        "num_hidden_layers": 14,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 27648,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+        "window": 64,
+        "tokenizer": "none",
+    },
 }
 
 
@@ -116,50 +164,82 @@ def parse_window(value: Any, key: str) -> int:
             raise ValueError(f"{key} must be an integer or [left, right], got {value!r}")
         return value[0] + 1
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{key} must be an integer or [left, right], got {value!r}")
+        raise TypeError(f"{key} must be an integer or [left, right], got {value!r}")
+    return value
+
+
+def _scale(raw: dict, key: str) -> float:
+    """A CLP scale; `null` (or absent) is 1.0, as configuration_iquestpltcoder.py documents."""
+    value = raw.get(key)
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{key} must be a number or null, got {value!r}")
+    return float(value)
+
+
+def _flag(raw: dict, key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise TypeError(f"{key} must be true or false, got {value!r}")
     return value
 
 
 def from_hf_dict(raw: dict[str, Any], source: str = "config.json") -> PLTConfig:
-    """Read a LoopCoder-V2 or IQuest-Loop style config.json; raise CheckpointError naming it."""
+    """Read a LoopCoder-V2 or IQuest-Loop config.json as its own config class would: a key that
+    is absent or null takes that class's default (see looptune.model.arch). Raises
+    CheckpointError naming `source`."""
     try:
-        archs = raw.get("architectures") or [PLT_ARCH]
-        arch = archs[0]
-        base = dict(
-            vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-            num_hidden_layers=raw["num_hidden_layers"],
-            num_attention_heads=raw["num_attention_heads"],
-            num_key_value_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"],
-            intermediate_size=raw["intermediate_size"],
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=raw.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            tokenizer=raw.get("looptune_tokenizer", "tokenizer.json"),
-            architecture=arch,
-        )
-        if arch == PLT_ARCH:
-            base.update(
-                num_loops=raw.get("plt_num_loops", 2),
-                window=parse_window(raw.get("plt_window_size", 64), "plt_window_size"),
-                mode="plt",
-                normalize_per_loop=bool(raw.get("plt_normalize_per_loop", True)),
-                emb_scale=float(raw.get("plt_emb_scale", 1.0)),
-                hidden_scale=float(raw.get("plt_hidden_scale", 1.0)),
-                gate="hidden" if raw.get("plt_gate_use_hidden_states", True) else "query",
+        arch = architecture_of(raw)
+        defaults = arch.base_defaults
+        if raw.get("rope_scaling") not in (None, {}):
+            raise ValueError(
+                f"rope_scaling {raw['rope_scaling']!r} is not supported "
+                "(looptune implements plain RoPE)"
             )
-        elif arch == LOOP_ARCH:
-            base.update(
-                num_loops=raw.get("loop_num", 2),
-                window=parse_window(raw.get("loop_window_size", 64), "loop_window_size"),
-                mode="plt-noshift", normalize_per_loop=False, emb_scale=0.0, hidden_scale=1.0,
-                gate="query",
+
+        def base(key):
+            value = raw.get(key)
+            return defaults[key] if value is None else value
+
+        heads = raw["num_attention_heads"]
+        values = {
+            "vocab_size": raw["vocab_size"],
+            "hidden_size": raw["hidden_size"],
+            "num_hidden_layers": raw["num_hidden_layers"],
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads
+            if raw.get("num_key_value_heads") is None
+            else raw["num_key_value_heads"],
+            "head_dim": raw.get("head_dim") or raw["hidden_size"] // heads,
+            "intermediate_size": raw["intermediate_size"],
+            "rope_theta": float(base("rope_theta")),
+            "rms_norm_eps": float(base("rms_norm_eps")),
+            "max_position_embeddings": base("max_position_embeddings"),
+            "tie_word_embeddings": bool(base("tie_word_embeddings")),
+            "tokenizer": raw.get("looptune_tokenizer", "tokenizer.json"),
+            "architecture": arch.name,
+            "mode": arch.mode,
+        }
+        loop = {k: (d if raw.get(k) is None else raw[k]) for k, d in arch.loop_keys.items()}
+        if arch is PLT:
+            values.update(
+                num_loops=loop["plt_num_loops"],
+                window=parse_window(loop["plt_window_size"], "plt_window_size"),
+                normalize_per_loop=_flag(raw, "plt_normalize_per_loop", True),
+                emb_scale=_scale(raw, "plt_emb_scale"),
+                hidden_scale=_scale(raw, "plt_hidden_scale"),
+                gate="hidden" if _flag(raw, "plt_gate_use_hidden_states", False) else "query",
             )
         else:
-            raise ValueError(f"unknown architecture {arch!r}; looptune reads "
-                             f"{' and '.join(ARCHITECTURES)}")
-        return PLTConfig(**base)
+            values.update(
+                num_loops=loop["loop_num"],
+                window=parse_window(loop["loop_window_size"], "loop_window_size"),
+                **{k: v for k, v in arch.init_config.items() if k != "mode"},
+            )
+        return PLTConfig(**values)
     except KeyError as e:
         raise CheckpointError(f"{source}: missing key {e.args[0]!r}") from None
     except (ValueError, TypeError) as e:
@@ -167,26 +247,35 @@ def from_hf_dict(raw: dict[str, Any], source: str = "config.json") -> PLTConfig:
 
 
 def to_hf_dict(cfg: PLTConfig) -> dict[str, Any]:
-    """The config.json for `cfg`, in the layout of its architecture."""
+    """The config.json for `cfg`, with the keys and `model_type` its architecture's config class
+    writes (an explicit value for every loop key, so no reader depends on defaults)."""
+    arch = ARCHITECTURES[cfg.architecture]
     out: dict[str, Any] = {
-        "architectures": [cfg.architecture],
-        "model_type": "iquest_plt_coder" if cfg.architecture == PLT_ARCH else "iquest_loopcoder",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "architectures": [arch.name],
+        "model_type": arch.model_types[0],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.intermediate_size, "rope_theta": cfg.rope_theta,
-        "rms_norm_eps": cfg.rms_norm_eps, "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu",
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
         "looptune_tokenizer": cfg.tokenizer,
     }
-    if cfg.architecture == PLT_ARCH:
-        out.update(plt_num_loops=cfg.num_loops, plt_window_size=cfg.window,
-                   plt_normalize_per_loop=cfg.normalize_per_loop, plt_emb_scale=cfg.emb_scale,
-                   plt_hidden_scale=cfg.hidden_scale,
-                   plt_gate_use_hidden_states=cfg.gate == "hidden")
+    if arch is PLT:
+        out.update(
+            plt_num_loops=cfg.num_loops,
+            plt_window_size=cfg.window,
+            plt_normalize_per_loop=cfg.normalize_per_loop,
+            plt_emb_scale=cfg.emb_scale,
+            plt_hidden_scale=cfg.hidden_scale,
+            plt_gate_use_hidden_states=cfg.gate == "hidden",
+        )
     else:
         out.update(loop_num=cfg.num_loops, loop_window_size=cfg.window)
     return out
-
-

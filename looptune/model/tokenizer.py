@@ -31,11 +31,17 @@ class HFTokenizer:
 
         try:
             self._tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises plain Exception on malformed JSON
+        except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception on bad JSON)
             raise CheckpointError(f"{path}: not a readable tokenizer.json ({e})") from None
         self.vocab_size = self._tok.get_vocab_size()
-        self.eos_id = next((self._tok.token_to_id(t) for t in ("<|endoftext|>", "</s>", "<eos>")
-                            if self._tok.token_to_id(t) is not None), None)
+        self.eos_id = next(
+            (
+                self._tok.token_to_id(t)
+                for t in ("<|endoftext|>", "</s>", "<eos>")
+                if self._tok.token_to_id(t) is not None
+            ),
+            None,
+        )
         self.bos_id = self.pad_id = None
 
     def encode(self, text: str) -> list[int]:
