@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 from looptune.errors import LooptuneError
 from looptune.train import corpus as corpus_mod
 from looptune.train.corpus import folder_corpus, heldout_texts, stdlib_corpus
-from looptune.train.ngram import BASE, PAD, KneserNey
-from looptune.train.trainer import batch_at, train
+from looptune.train.data import batch_at
+from looptune.train.ngram import PAD, KneserNey
+from looptune.train.trainer import train
 
-TINY = dict(preset="tiny", batch_size=4, context=32, lr=1e-2, device="cpu")
+TINY = {"preset": "tiny", "batch_size": 4, "context": 32, "lr": 1e-2, "device": "cpu"}
 
 
 @pytest.fixture(autouse=True)
@@ -47,10 +48,18 @@ def same_weights(a, b) -> bool:
 
 # ----- training -----
 
+
 def test_few_steps_lower_the_loss_and_seed_fixes_weights(tmp_path, code_dir):
     losses = []
-    a = train(tmp_path / "a", loops=2, steps=30, corpus=code_dir, seed=3,
-              on_step=lambda p: losses.append(p.loss), **TINY)
+    a = train(
+        tmp_path / "a",
+        loops=2,
+        steps=30,
+        corpus=code_dir,
+        seed=3,
+        on_step=lambda p: losses.append(p.loss),
+        **TINY,
+    )
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
     assert math.isfinite(a.heldout_bpb) and a.heldout_bpb < 8
     train(tmp_path / "b", loops=2, steps=30, corpus=code_dir, seed=3, **TINY)
@@ -68,6 +77,7 @@ def test_interrupt_and_resume_gives_the_same_weights(tmp_path, code_dir):
     def interrupt(p):
         if p.step == 6:
             raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):  # a Ctrl-C mid-run saves the state on the way out
         train(tmp_path / "resumed", on_step=interrupt, **kw)
     state = json.loads((tmp_path / "resumed" / "train_state" / "state.json").read_text())
@@ -85,6 +95,7 @@ def test_sigterm_saves_the_state_like_ctrl_c(tmp_path, code_dir):
     def terminate(p):
         if p.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
+
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "run", loops=1, steps=5, corpus=code_dir, on_step=terminate, **TINY)
     state = json.loads((tmp_path / "run" / "train_state" / "state.json").read_text())
@@ -103,15 +114,41 @@ def test_model_card_records_the_run(tmp_path, code_dir):
     from looptune.cli import app
 
     out = tmp_path / "card"
-    result = runner.invoke(app, ["train", str(out), "--loops", "2", "--preset", "tiny",
-                                 "--steps", "3", "--corpus", str(code_dir), "--context", "32",
-                                 "--batch-size", "2", "--device", "cpu", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(out),
+            "--loops",
+            "2",
+            "--preset",
+            "tiny",
+            "--steps",
+            "3",
+            "--corpus",
+            str(code_dir),
+            "--context",
+            "32",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["steps"] == 3 and doc["tokens"] == 3 * 2 * 32
     card = (out / "README.md").read_text()
-    for needle in ("looptune train", "manifest sha256", "| steps | 3", "| tokens | 192",
-                   "wall time", "machine", "held-out bits per byte"):
+    for needle in (
+        "looptune train",
+        "manifest sha256",
+        "| steps | 3",
+        "| tokens | 192",
+        "wall time",
+        "machine",
+        "held-out bits per byte",
+    ):
         assert needle in card
     from looptune.model import load_model
 
@@ -120,6 +157,7 @@ def test_model_card_records_the_run(tmp_path, code_dir):
 
 
 # ----- clear errors -----
+
 
 def test_bad_corpus_path_is_a_clear_error(tmp_path):
     with pytest.raises(LooptuneError, match="no such file or directory"):
@@ -149,13 +187,25 @@ def test_out_holding_an_unrelated_checkpoint_is_a_clear_error(tmp_path, code_dir
 def test_cli_error_is_one_line(tmp_path):
     from looptune.cli import app
 
-    result = CliRunner().invoke(app, ["train", str(tmp_path / "o"), "--loops", "1", "--steps",
-                                      "1", "--corpus", str(tmp_path / "nope")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(tmp_path / "o"),
+            "--loops",
+            "1",
+            "--steps",
+            "1",
+            "--corpus",
+            str(tmp_path / "nope"),
+        ],
+    )
     assert result.exit_code == 2
     assert "error: --corpus" in result.output and "Traceback" not in result.output
 
 
 # ----- corpus -----
+
 
 def test_heldout_corpus_is_packaged_and_pinned():
     held = heldout_texts()
@@ -191,15 +241,17 @@ def test_folder_corpus_splits_by_file(code_dir):
 
 # ----- n-gram baseline -----
 
+
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 def test_kneser_ney_is_normalised(order):
     model = KneserNey.fit(["def f(x):\n    return x\n", "class A:\n    pass\n"], order)
     for ctx in (b"de", b"zq", b"  ", b""):
-        ctx = ctx[-(order - 1):] if order > 1 else b""
-        seqs = [np.array([PAD] * (order - 1 - len(ctx)) + list(ctx) + [b], dtype=np.int64)
-                for b in range(256)]
+        ctx = ctx[-(order - 1) :] if order > 1 else b""
+        seqs = [
+            np.array([PAD] * (order - 1 - len(ctx)) + list(ctx) + [b], dtype=np.int64)
+            for b in range(256)
+        ]
         assert sum(model.probs(s)[-1] for s in seqs) == pytest.approx(1.0, abs=1e-9)
-    assert BASE == 257
 
 
 def test_higher_order_ngrams_predict_code_better():
@@ -211,17 +263,18 @@ def test_higher_order_ngrams_predict_code_better():
 
 # ----- the bundled family -----
 
+
 def test_bundled_family_matches_its_card():
     from looptune.bundled import MODELS_DIR, default_checkpoint, family_members
     from looptune.model import load_model
-    from looptune.train.trainer import eval_sample, score_sample
+    from looptune.train.evaluate import eval_sample, score_sample
 
     members = family_members()
     assert [p.name for p in members] == ["plt-r1", "plt-r2", "plt-r3", "plt-r4"]
     assert default_checkpoint().name == "plt-r2"
     card = json.loads((MODELS_DIR / "family.json").read_text())
     assert sum(f.stat().st_size for p in members for f in p.iterdir()) < 30e6
-    check = eval_sample(heldout_texts())[:card["check_slice"]["files"]]
+    check = eval_sample(heldout_texts())[: card["check_slice"]["files"]]
     assert [p for p, _ in check] == card["check_slice"]["paths"]
     for path in members:
         entry = card["members"][path.name]

@@ -29,18 +29,27 @@ from looptune.store import atomic_write_text
 
 LOOPS = (1, 2, 3, 4)
 # The recipe of the shipped family; `train` and the card both read it from here.
-RECIPE = dict(preset="family", tokens=1_200_000, batch_size=4, context=128, lr=3e-3, seed=0,
-              save_dtype="bfloat16")
+RECIPE = {
+    "preset": "family",
+    "tokens": 1_200_000,
+    "batch_size": 4,
+    "context": 128,
+    "lr": 3e-3,
+    "seed": 0,
+    "save_dtype": "bfloat16",
+}
 NGRAM_ORDERS = (3, 5)  # the card's baseline is order 3; order 5 is shown for scale
 CHECK_FILES = 4  # the first files of the evaluation sample: the slice the tests rescore
 
 
 def train_command(out: Path, loops: int, tokens: int | None = None, threads: int = 2) -> str:
     r = dict(RECIPE, tokens=tokens or RECIPE["tokens"])
-    return (f"looptune train {out / f'plt-r{loops}'} --loops {loops} --preset {r['preset']} "
-            f"--tokens {r['tokens']} --batch-size {r['batch_size']} --context {r['context']} "
-            f"--lr {r['lr']} --seed {r['seed']} --save-dtype {r['save_dtype']} --threads {threads} "
-            "--device cpu")
+    return (
+        f"looptune train {out / f'plt-r{loops}'} --loops {loops} --preset {r['preset']} "
+        f"--tokens {r['tokens']} --batch-size {r['batch_size']} --context {r['context']} "
+        f"--lr {r['lr']} --seed {r['seed']} --save-dtype {r['save_dtype']} --threads {threads} "
+        "--device cpu"
+    )
 
 
 def train_family(out: Path, tokens: int | None = None, loops=LOOPS):
@@ -51,21 +60,36 @@ def train_family(out: Path, tokens: int | None = None, loops=LOOPS):
         t0 = time.monotonic()
         last = [0.0]
 
-        def log(p, R=R):
+        def log(p, R=R, last=last):
             if time.monotonic() - last[0] > 30 or p.heldout_bpb is not None or p.step == p.steps:
                 last[0] = time.monotonic()
                 held = f"{p.heldout_bpb:.3f}" if p.heldout_bpb is not None else "-"
-                print(f"R={R} step {p.step}/{p.steps} loss {p.loss:.4f} held-out {held} "
-                      f"{p.tokens_per_s:,.0f} tok/s eta {p.eta_s / 60:.1f} min", flush=True)
+                print(
+                    f"R={R} step {p.step}/{p.steps} loss {p.loss:.4f} held-out {held} "
+                    f"{p.tokens_per_s:,.0f} tok/s eta {p.eta_s / 60:.1f} min",
+                    flush=True,
+                )
 
-        result = train(out / f"plt-r{R}", loops=R, preset=RECIPE["preset"],
-                       tokens=tokens or RECIPE["tokens"], seed=RECIPE["seed"], device="cpu",
-                       batch_size=RECIPE["batch_size"], context=RECIPE["context"],
-                       lr=RECIPE["lr"], save_dtype=RECIPE["save_dtype"],
-                       command=train_command(out, R, tokens, torch.get_num_threads()),
-                       on_step=log, on_note=print)
-        print(f"R={R} done: held-out {result.heldout_bpb:.4f} bpb, {result.wall_s:.0f} s "
-              f"(this call {time.monotonic() - t0:.0f} s)", flush=True)
+        result = train(
+            out / f"plt-r{R}",
+            loops=R,
+            preset=RECIPE["preset"],
+            tokens=tokens or RECIPE["tokens"],
+            seed=RECIPE["seed"],
+            device="cpu",
+            batch_size=RECIPE["batch_size"],
+            context=RECIPE["context"],
+            lr=RECIPE["lr"],
+            save_dtype=RECIPE["save_dtype"],
+            command=train_command(out, R, tokens, torch.get_num_threads()),
+            on_step=log,
+            on_note=print,
+        )
+        print(
+            f"R={R} done: held-out {result.heldout_bpb:.4f} bpb, {result.wall_s:.0f} s "
+            f"(this call {time.monotonic() - t0:.0f} s)",
+            flush=True,
+        )
 
 
 def _cached(path: Path, key: str, compute):
@@ -79,8 +103,8 @@ def _cached(path: Path, key: str, compute):
 def bundle_family(out: Path, models_dir: Path = MODELS_DIR, full_heldout: bool = False) -> dict:
     """Copy the trained members into the package (bf16 as trained), score them, write the cards."""
     from looptune.train.corpus import stdlib_corpus
+    from looptune.train.evaluate import eval_sample, score_sample
     from looptune.train.ngram import KneserNey
-    from looptune.train.trainer import eval_sample, score_sample
 
     out = Path(out)
     results = {}
@@ -97,8 +121,15 @@ def bundle_family(out: Path, models_dir: Path = MODELS_DIR, full_heldout: bool =
     if any(settings[R] != settings[1] for R in LOOPS):
         raise SystemExit("the members differ in more than the loop count; retrain them alike")
     st = settings[1]
-    recipe = dict(preset=st["preset"], tokens=results[1]["tokens"], batch_size=st["batch_size"],
-                  context=st["context"], lr=st["lr"], seed=st["seed"], save_dtype=st["save_dtype"])
+    recipe = {
+        "preset": st["preset"],
+        "tokens": results[1]["tokens"],
+        "batch_size": st["batch_size"],
+        "context": st["context"],
+        "lr": st["lr"],
+        "seed": st["seed"],
+        "save_dtype": st["save_dtype"],
+    }
     data = stdlib_corpus()
     sample = eval_sample(data.heldout)
     check = sample[:CHECK_FILES]
@@ -107,43 +138,78 @@ def bundle_family(out: Path, models_dir: Path = MODELS_DIR, full_heldout: bool =
     cross = {}
     for R in LOOPS:
         for r in LOOPS:
-            cross[(R, r)] = _cached(scores_path, f"r{R}@{r}", lambda R=R, r=r: score_sample(
-                models_dir / f"plt-r{R}", sample, r, context)[0])
+            cross[(R, r)] = _cached(
+                scores_path,
+                f"r{R}@{r}",
+                lambda R=R, r=r: score_sample(models_dir / f"plt-r{R}", sample, r, context)[0],
+            )
             print(f"plt-r{R} at R={r}: {cross[(R, r)]:.4f} bpb", flush=True)
-    full = {R: _cached(scores_path, f"full r{R}", lambda R=R: score_sample(
-        models_dir / f"plt-r{R}", data.heldout, R, context)[0]) for R in LOOPS} \
-        if full_heldout else {R: None for R in LOOPS}
-    checks = {R: _cached(scores_path, f"check r{R}", lambda R=R: score_sample(
-        models_dir / f"plt-r{R}", check, R, context)[0]) for R in LOOPS}
+    full = (
+        {
+            R: _cached(
+                scores_path,
+                f"full r{R}",
+                lambda R=R: score_sample(models_dir / f"plt-r{R}", data.heldout, R, context)[0],
+            )
+            for R in LOOPS
+        }
+        if full_heldout
+        else {R: None for R in LOOPS}
+    )
+    checks = {
+        R: _cached(
+            scores_path,
+            f"check r{R}",
+            lambda R=R: score_sample(models_dir / f"plt-r{R}", check, R, context)[0],
+        )
+        for R in LOOPS
+    }
     sample_bytes = sum(len(t.encode()) for _, t in sample)
     heldout_bytes = sum(len(t.encode()) for _, t in data.heldout)
     ngram = {}
     train_texts = [t for _, t in data.train]
     for order in NGRAM_ORDERS:
+
         def fit_and_score(order=order):
             model = KneserNey.fit(train_texts, order)
-            return {"sample": model.bits_per_byte([t for _, t in sample]),
-                    "heldout": model.bits_per_byte([t for _, t in data.heldout])}
+            return {
+                "sample": model.bits_per_byte([t for _, t in sample]),
+                "heldout": model.bits_per_byte([t for _, t in data.heldout]),
+            }
+
         ngram[order] = _cached(scores_path, f"ngram{order}", fit_and_score)
         print(f"Kneser-Ney order {order}: {ngram[order]}", flush=True)
     doc = {
-        "recipe": recipe, "context": context, "stride": None,
-        "eval_sample": {"files": len(sample), "bytes": sample_bytes,
-                        "per_file": None, "heldout_bytes": heldout_bytes},
+        "recipe": recipe,
+        "context": context,
+        "stride": None,
+        "eval_sample": {
+            "files": len(sample),
+            "bytes": sample_bytes,
+            "per_file": None,
+            "heldout_bytes": heldout_bytes,
+        },
         "check_slice": {"files": CHECK_FILES, "paths": [p for p, _ in check]},
         "manifest_sha256": data.manifest_sha256,
-        "members": {f"plt-r{R}": {
-            "loops": R, "steps": results[R]["steps"], "tokens": results[R]["tokens"],
-            "wall_s": round(results[R]["wall_s"], 1),
-            "heldout_bpb": round(cross[(R, R)], 6),
-            "heldout_bpb_at": {str(r): round(cross[(R, r)], 6) for r in LOOPS},
-            "full_heldout_bpb": None if full[R] is None else round(full[R], 6),
-            "check_bpb": round(checks[R], 6)} for R in LOOPS},
-        "ngram_kneser_ney": {str(o): {k: round(v, 6) for k, v in ngram[o].items()}
-                             for o in NGRAM_ORDERS},
+        "members": {
+            f"plt-r{R}": {
+                "loops": R,
+                "steps": results[R]["steps"],
+                "tokens": results[R]["tokens"],
+                "wall_s": round(results[R]["wall_s"], 1),
+                "heldout_bpb": round(cross[(R, R)], 6),
+                "heldout_bpb_at": {str(r): round(cross[(R, r)], 6) for r in LOOPS},
+                "full_heldout_bpb": None if full[R] is None else round(full[R], 6),
+                "check_bpb": round(checks[R], 6),
+            }
+            for R in LOOPS
+        },
+        "ngram_kneser_ney": {
+            str(o): {k: round(v, 6) for k, v in ngram[o].items()} for o in NGRAM_ORDERS
+        },
         "machine": results[1].get("machine"),
     }
-    from looptune.train.trainer import PER_FILE, eval_stride
+    from looptune.train.evaluate import PER_FILE, eval_stride
 
     doc["stride"] = eval_stride(context)
     doc["eval_sample"]["per_file"] = PER_FILE
@@ -162,39 +228,51 @@ def family_card(doc: dict, out: Path) -> str:
     rows = []
     for name, m in members.items():
         own = m["heldout_bpb"]
-        verdict = ("yes" if own < base - 0.05 else ("marginal" if own < base else "**no**")) \
-            + f" ({own - base:+.3f})"
+        verdict = (
+            "yes" if own < base - 0.05 else ("marginal" if own < base else "**no**")
+        ) + f" ({own - base:+.3f})"
         whole = m["full_heldout_bpb"]
-        rows.append(f"| {name} | {m['loops']} | **{own:.4f}** | "
-                    + ("-" if whole is None else f"{whole:.4f}") + " | "
-                    + " | ".join(f"{m['heldout_bpb_at'][str(x)]:.4f}" for x in LOOPS)
-                    + f" | {verdict} | {m['wall_s'] / 60:.1f} |")
+        rows.append(
+            f"| {name} | {m['loops']} | **{own:.4f}** | "
+            + ("-" if whole is None else f"{whole:.4f}")
+            + " | "
+            + " | ".join(f"{m['heldout_bpb_at'][str(x)]:.4f}" for x in LOOPS)
+            + f" | {verdict} | {m['wall_s'] / 60:.1f} |"
+        )
     beaten = [n for n, m in members.items() if m["heldout_bpb"] < base - 0.05]
-    honest = ("Every member beats the order-3 n-gram baseline by more than 0.05 bits per byte."
-              if len(beaten) == len(members) else
-              f"**Not every member beats the order-3 n-gram baseline clearly** (clearly: "
-              f"{', '.join(beaten) or 'none'}). The members are undertrained: the whole family "
-              "had to train in under an hour on a shared 2-core CPU, and a byte-level "
-              "transformer this small needs several million tokens to overtake counted "
-              "trigram statistics. Retrain with a larger `tokens` in the recipe where more "
-              "compute is available.")
+    honest = (
+        "Every member beats the order-3 n-gram baseline by more than 0.05 bits per byte."
+        if len(beaten) == len(members)
+        else f"**Not every member beats the order-3 n-gram baseline clearly** (clearly: "
+        f"{', '.join(beaten) or 'none'}). The members are undertrained: the whole family "
+        "had to train in under an hour on a shared 2-core CPU, and a byte-level "
+        "transformer this small needs several million tokens to overtake counted "
+        "trigram statistics. Retrain with a larger `tokens` in the recipe where more "
+        "compute is available."
+    )
     best5 = doc["ngram_kneser_ney"].get("5", {}).get("sample")
     if best5 is not None:
         beat5 = [n for n, m_ in members.items() if m_["heldout_bpb"] < best5]
-        honest += (f" For scale, the order-5 Kneser-Ney model ({best5:.4f}) is beaten by "
-                   f"{', '.join(beat5)}." if beat5 else
-                   f" For scale, the order-5 Kneser-Ney model ({best5:.4f}) beats every member: "
-                   "these are small models trained briefly on a CPU, useful for exercising "
-                   "looptune, not strong code models.")
+        honest += (
+            f" For scale, the order-5 Kneser-Ney model ({best5:.4f}) is beaten by "
+            f"{', '.join(beat5)}."
+            if beat5
+            else f" For scale, the order-5 Kneser-Ney model ({best5:.4f}) beats every member: "
+            "these are small models trained briefly on a CPU, useful for exercising "
+            "looptune, not strong code models."
+        )
     own = {n: m_["heldout_bpb"] for n, m_ in members.items()}
     best = min(own, key=own.get)
-    honest += (f"\n\nAt an equal token budget `{best}` scores best. Every member is far worse at a loop "
-               "count it was not trained with, so compare loop counts across members (each at "
-               "its own R), not by running one member at several R.")
+    honest += (
+        f"\n\nAt an equal token budget `{best}` scores best. Every member is far worse at a loop "
+        "count it was not trained with, so compare loop counts across members (each at "
+        "its own R), not by running one member at several R."
+    )
     m = doc["machine"] or {}
     ngram_rows = "\n".join(
         f"| Kneser-Ney, order {o} | {v['sample']:.4f} | {v['heldout']:.4f} |"
-        for o, v in doc["ngram_kneser_ney"].items())
+        for o, v in doc["ngram_kneser_ney"].items()
+    )
     total_wall = sum(m_["wall_s"] for m_ in members.values())
     es = doc["eval_sample"]
     return f"""# The bundled PLT code-model family
@@ -205,24 +283,24 @@ budget, schedule and seed). `plt-r2` is the default model of every looptune comm
 
 | | |
 |---|---|
-| shape (preset `{r['preset']}`) | d={cfg.hidden_size}, layers={cfg.num_hidden_layers}, heads={cfg.num_attention_heads}/{cfg.num_key_value_heads} kv, d_h={cfg.head_dim}, mlp={cfg.intermediate_size}, G-SWA window W={cfg.window}, byte vocabulary, tied embeddings |
-| data | CPython {m.get('python')} `Lib/` `.py` files without test suites and generated files, split by file; manifest sha256 `{doc['manifest_sha256']}` |
-| budget | {r['tokens']:,} tokens each ({members['plt-r1']['steps']} steps of {r['batch_size']} x {r['context']} bytes) |
-| schedule | AdamW (0.9, 0.95), peak lr {r['lr']}, 5% linear warm-up, cosine to 0.1 x lr, weight decay 0.1, grad clip 1.0, seed {r['seed']} |
+| shape (preset `{r["preset"]}`) | d={cfg.hidden_size}, layers={cfg.num_hidden_layers}, heads={cfg.num_attention_heads}/{cfg.num_key_value_heads} kv, d_h={cfg.head_dim}, mlp={cfg.intermediate_size}, G-SWA window W={cfg.window}, byte vocabulary, tied embeddings |
+| data | CPython {m.get("python")} `Lib/` `.py` files without test suites and generated files, split by file; manifest sha256 `{doc["manifest_sha256"]}` |
+| budget | {r["tokens"]:,} tokens each ({members["plt-r1"]["steps"]} steps of {r["batch_size"]} x {r["context"]} bytes) |
+| schedule | AdamW (0.9, 0.95), peak lr {r["lr"]}, 5% linear warm-up, cosine to 0.1 x lr, weight decay 0.1, grad clip 1.0, seed {r["seed"]} |
 | loss | the `plt` forward, next-byte cross-entropy on the last loop only |
 | stored | bfloat16 safetensors |
-| machine | {m.get('cpu')}, {m.get('torch_threads')} torch threads, shared with other work, `nice -n 19`; torch {m.get('torch')} |
+| machine | {m.get("cpu")}, {m.get("torch_threads")} torch threads, shared with other work, `nice -n 19`; torch {m.get("torch")} |
 | wall time | {total_wall / 60:.1f} min summed over the members (they ran side by side, one thread each) |
 
 ## Held-out bits per byte
 
-Scored on the evaluation sample of the held-out files (`looptune/data/heldout/`, {es['heldout_bytes']:,}
-bytes in all): whole lines from the middle of each of the {es['files']} files, about {es['per_file']} bytes
-each, {es['bytes']:,} bytes in total (the full held-out set is too slow to score at R = 4 on
-a CPU sixteen times over). Windows of {doc['context']} bytes (the training context), stride
-{doc['stride']}; the weights as stored (bf16) loaded by `load_model` in float32. Columns R=1..4
+Scored on the evaluation sample of the held-out files (`looptune/data/heldout/`, {es["heldout_bytes"]:,}
+bytes in all): whole lines from the middle of each of the {es["files"]} files, about {es["per_file"]} bytes
+each, {es["bytes"]:,} bytes in total (the full held-out set is too slow to score at R = 4 on
+a CPU sixteen times over). Windows of {doc["context"]} bytes (the training context), stride
+{doc["stride"]}; the weights as stored (bf16) loaded by `load_model` in float32. Columns R=1..4
 run each member at that loop count; the bold number is its trained R. The "full held-out"
-column scores every byte of all {es['files']} held-out files, at the member's own R only
+column scores every byte of all {es["files"]} held-out files, at the member's own R only
 (`bundle --full-heldout`; "-" where not run). The difference to the baseline is taken on the evaluation sample.
 
 | member | trained R | at own R | full held-out, own R | R=1 | R=2 | R=3 | R=4 | beats n-gram order 3 (difference)? | train wall (min) |
@@ -243,13 +321,13 @@ The order-3 model is the baseline this family must beat; order 5 is shown for sc
 ## Reproduce
 
 ```
-nice -n 19 python -m looptune.train.family train {out} --tokens {r['tokens']} --loops 4,1 --threads 1 &
-nice -n 19 python -m looptune.train.family train {out} --tokens {r['tokens']} --loops 3,2 --threads 1 &
+nice -n 19 python -m looptune.train.family train {out} --tokens {r["tokens"]} --loops 4,1 --threads 1 &
+nice -n 19 python -m looptune.train.family train {out} --tokens {r["tokens"]} --loops 3,2 --threads 1 &
 wait; python -m looptune.train.family bundle {out}
 ```
 
 Both are resumable: rerun the same lines after an interruption. Each member is
-`{train_command(out, 1, r['tokens'], 1).replace('--loops 1', '--loops R').replace('plt-r1', 'plt-rR')}`.
+`{train_command(out, 1, r["tokens"], 1).replace("--loops 1", "--loops R").replace("plt-r1", "plt-rR")}`.
 The tests check each member against `family.json` on the first {CHECK_FILES} files of the evaluation sample.
 """
 
@@ -257,15 +335,21 @@ The tests check each member against `family.json` on the first {CHECK_FILES} fil
 def main(argv=None):
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m looptune.train.family", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m looptune.train.family",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("action", choices=("train", "bundle"))
     parser.add_argument("out", type=Path, help="run folder holding plt-r1..plt-r4")
     parser.add_argument("--tokens", type=int, default=RECIPE["tokens"], help="tokens per member")
     parser.add_argument("--loops", default="1,2,3,4", help="members to train, in this order")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of this process")
-    parser.add_argument("--full-heldout", action="store_true",
-                        help="bundle: also score every held-out byte at each member's own R")
+    parser.add_argument(
+        "--full-heldout",
+        action="store_true",
+        help="bundle: also score every held-out byte at each member's own R",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.action == "train":
