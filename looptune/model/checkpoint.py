@@ -150,8 +150,9 @@ def read_layout(directory: Path, cfg: PLTConfig, files: list[Path], expected: di
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # tied checkpoints sometimes store the copy
     missing = sorted(set(expected) - set(tensors))
-    if missing:
-        _fail_count("missing", directory, missing)
+    if missing:  # named as this checkpoint's spelling would name them
+        as_stored = from_canonical(spelling, cfg.gate, missing)
+        _fail_count("missing", directory, sorted(as_stored.get(k, k) for k in missing))
     unexpected = sorted(tensors[k][1] for k in set(tensors) - set(expected))
     if unexpected:
         _fail_count("unexpected", directory, unexpected)
@@ -200,8 +201,9 @@ def load_model(path, device="auto", dtype="auto", eval_mode: bool = True):
 
     The model is built on the meta device; then each shard is opened in turn and its tensors
     are read onto `device`, converted to `dtype` and assigned in place, and the shard is closed
-    before the next one. So the weights exist once, on the target device, plus at most one
-    tensor in flight; the CPU never holds a full copy of a GPU-bound model.
+    before the next one. So the weights exist once, on the target device, plus one tensor in
+    flight and the open shard's mapped pages; the CPU never holds a full copy of a GPU-bound
+    model.
     """
     directory = Path(path)
     cfg, _ = read_config(directory)
