@@ -301,6 +301,11 @@ def test_bad_null_and_mixed_spellings_are_one_line(tmp_path):
     )
     with pytest.raises(CheckpointError, match="plt_emb_scale must be a number or null"):
         load_model(tmp_path / "ck", device="cpu")
+    scaled = json.loads((tmp_path / "ck" / "config.json").read_text())
+    scaled.update(plt_emb_scale=None, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(scaled))
+    with pytest.raises(CheckpointError, match="rope_scaling .* is not supported"):
+        load_model(tmp_path / "ck", device="cpu")
     config, ref_cfg, gate, _ = LAYOUTS["iquest-released-model-level"]
     write(
         tmp_path / "mixed",

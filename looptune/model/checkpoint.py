@@ -378,6 +378,7 @@ def describe_layout(cfg: PLTConfig, spelling: Spelling) -> dict:
         "label": spelling.label,
         "gate_tensors": spelling.names(cfg.gate),
         "gate": cfg.gate,
+        "gate_rule": arch.gate_rule,
         "written_by": list(spelling.writers),
         "loaded_by": [ENGINES[e] for e in spelling.loaders],
         "note": spelling.note,
