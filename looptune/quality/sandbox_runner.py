@@ -1,0 +1,134 @@
+"""The trusted side of a check, run as `python -I -S -c <this file>` (never imported by
+looptune), outside the candidate's sandbox: it runs the problem's own tests against a stand-in
+for the candidate's function that forwards each call to the candidate's process
+(`sandbox_candidate`) and returns what comes back, decoded as plain data only.
+
+It reads its job, with a per-run nonce, as one JSON document on stdin, and writes its verdict
+on stdout as one line: `<nonce> passed`, only after the tests returned, or `<nonce> failed
+<why>`. The candidate's process never holds this process's stdin or stdout, never sees the
+nonce, and without the OS boundary cannot read this process's memory or descriptors (it is
+made non-dumpable first), so no line it writes anywhere can count as a pass.
+"""
+
+import json
+import os
+import resource
+import sys
+
+MAX_ANSWER_BYTES = 16 << 20  # a longer answer from the candidate fails the check
+
+
+class CandidateFailed(Exception):
+    """The candidate raised, returned something other than plain data, or stopped answering."""
+
+
+def decode(x):
+    """Tagged JSON from the candidate as plain data; ValueError for anything else."""
+    t = type(x)
+    if x is None or t is bool or t is int or t is float or t is str:
+        return x
+    if t is dict and len(x) == 1:
+        (tag, v), = x.items()
+        if tag in ("list", "tuple", "set", "frozenset") and type(v) is list:
+            kind = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag]
+            return kind(decode(e) for e in v)
+        if tag == "dict" and type(v) is list and all(type(p) is list and len(p) == 2 for p in v):
+            return {decode(k): decode(e) for k, e in v}
+        if tag == "bytes" and type(v) is str:
+            return bytes.fromhex(v)
+        if tag == "complex" and type(v) is list and len(v) == 2 and \
+                all(type(p) in (int, float) for p in v):
+            return complex(v[0], v[1])
+    raise ValueError("a malformed answer")
+
+
+def encode(x):
+    """Arguments for the candidate, tagged as the candidate's `decode` expects."""
+    t = type(x)
+    if x is None or t is bool or t is int or t is float or t is str:
+        return x
+    tags = {list: "list", tuple: "tuple", set: "set", frozenset: "frozenset"}
+    if t in tags:
+        return {tags[t]: [encode(v) for v in x]}
+    if t is dict:
+        return {"dict": [[encode(k), encode(v)] for k, v in x.items()]}
+    if t is bytes:
+        return {"bytes": x.hex()}
+    if t is complex:
+        return {"complex": [x.real, x.imag]}
+    raise TypeError(f"the tests passed a {t.__name__} to the candidate; only plain data crosses")
+
+
+def non_dumpable():
+    """No /proc/<pid>/mem, fd or environ access, and no ptrace, for processes of the same user
+    that lack CAP_SYS_PTRACE: the candidate without the OS boundary."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+def run(job, to_candidate, from_candidate):
+    """Run the tests; raises on failure, returns when they pass."""
+    def ask(message):
+        to_candidate.write(json.dumps(message).encode() + b"\n")
+        to_candidate.flush()
+        line = from_candidate.readline(MAX_ANSWER_BYTES + 1)
+        if not line.endswith(b"\n"):
+            raise CandidateFailed("the candidate's process ended before answering" if not line
+                                  else f"an answer longer than {MAX_ANSWER_BYTES} bytes")
+        answer = json.loads(line)
+        if type(answer) is not dict or len(answer) != 1:
+            raise CandidateFailed("a malformed answer")
+        if "error" in answer:
+            raise CandidateFailed(str(answer["error"])[:300])
+        return answer
+
+    if "ready" not in ask({"program": job["program"], "entry_point": job["entry_point"]}):
+        raise CandidateFailed("a malformed answer")
+
+    def candidate(*args, **kwargs):
+        answer = ask({"args": encode(list(args)), "kwargs": encode(kwargs)})
+        if "result" not in answer:
+            raise CandidateFailed("a malformed answer")
+        return decode(answer["result"])
+
+    namespace = {"__name__": "__check__"}
+    exec(compile(job["tests"], "<tests>", "exec"), namespace)  # noqa: S102 - the set's own tests
+    namespace[job["entry_point"]] = candidate  # helpers of the tests that call it by name
+    namespace[job["call"]](candidate)
+
+
+def main():
+    job = json.loads(sys.stdin.read())
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    nonce, verdict = job.pop("nonce"), os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # the tests' own prints go to the output, not to the verdict
+    if job["non_dumpable"]:
+        non_dumpable()
+    lim = job["limits"]
+    resource.setrlimit(resource.RLIMIT_CPU, (lim["cpu_s"], lim["cpu_s"] + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (lim["memory_bytes"], lim["memory_bytes"]))
+    to_candidate = os.fdopen(job["to_candidate"], "wb")
+    from_candidate = os.fdopen(job["from_candidate"], "rb")
+    try:
+        run(job, to_candidate, from_candidate)
+        outcome = "passed"
+    except CandidateFailed as e:
+        outcome = f"failed {e}"
+    except BrokenPipeError:
+        outcome = "failed the candidate's process ended before answering"
+    except AssertionError as e:
+        outcome = f"failed AssertionError{': ' + str(e) if str(e) else ''}"
+    except Exception as e:  # noqa: BLE001 - a test that raised: the check failed
+        outcome = f"failed {type(e).__name__}: {e}"
+    verdict.write(f"{nonce} {' '.join(outcome.split())[:400]}\n")
+    verdict.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
