@@ -58,9 +58,13 @@ class Spelling:
         return [f"{self.prefix.format(i=layer)}.{part}" for part in GATE_PARTS[kind]]
 
     def pattern(self) -> re.Pattern:
-        """Matches a gate tensor name; groups: the layer index, the part after the prefix."""
-        head, tail = (re.escape(s) for s in self.prefix.split("{i}"))
-        return re.compile(rf"{head}(\d+){tail}\.(.+)")
+        return _prefix_pattern(self.prefix)
+
+
+def _prefix_pattern(prefix: str) -> re.Pattern:
+    """Matches `<prefix>.<part>` names; groups: the layer index, the part."""
+    head, tail = (re.escape(s) for s in prefix.split("{i}"))
+    return re.compile(rf"{head}(\d+){tail}\.(.+)")
 
 
 @dataclass(frozen=True)
@@ -255,7 +259,7 @@ def detect_spelling(architecture: str, tensor_names, where: str = "checkpoint") 
 
 def _rename(names, source: str, target: str, kind: str) -> dict[str, str]:
     """`source` prefix -> `target` prefix for the gate tensors of `kind` among `names`."""
-    pattern = Spelling("", "", source, (), ()).pattern()
+    pattern = _prefix_pattern(source)
     out = {}
     for name in names:
         m = pattern.fullmatch(name)
