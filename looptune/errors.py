@@ -1,4 +1,4 @@
-"""The one exception family for expected failures.
+"""The one exception family for expected failures, and the interrupt that carries a message.
 
 The CLI turns a `LooptuneError` into a one-line message and its `exit_code`; anything else is a
 bug and keeps its traceback.
@@ -19,3 +19,10 @@ class NothingFitsError(LooptuneError):
     """No candidate meets every budget (pareto)."""
 
     exit_code = 3
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with one line on what was kept (what finished before it, cached).
+
+    A KeyboardInterrupt, so code that stops on Ctrl-C stops on it too; the CLI prints
+    `interrupted: <message>` and exits 130."""

@@ -12,6 +12,8 @@ torch.set_num_threads(1)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """No test reads or writes the user's result cache."""
     monkeypatch.setenv("LOOPTUNE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    # This machine is shared: record interference but do not let it decide what is cached.
+    monkeypatch.setenv("LOOPTUNE_INTERFERENCE", "record")
 
 
 def tiny_model(gate="hidden", seed=0, **overrides):

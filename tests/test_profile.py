@@ -13,14 +13,17 @@ from typer.testing import CliRunner
 from looptune.cli import app
 from looptune.measure import env as envmod
 from looptune.measure.memory import PeakMemory
-from looptune.measure.latency import STATUSES, Measurement, profile_candidates
+from looptune.errors import Interrupted, LooptuneError
+from looptune.measure.interference import Limits, interference, usable_cores
+from looptune.measure.latency import Measurement, profile_candidates
 from looptune.measure.stats import bootstrap_ci, percentile, summarize
 from looptune.measure.timers import LapTimer, Timer
 from looptune.model.checkpoint import init_checkpoint
 from looptune.model.plt import PLTForCausalLM
 
 runner = CliRunner()
-FAST = dict(prompt_len=8, gen_len=4, min_repeats=2, min_time_s=0.0, device="cpu", warmup=0)
+FAST = dict(prompt_len=8, gen_len=4, min_repeats=2, min_time_s=0.0, device="cpu", warmup=0,
+            threads=1)
 ISSUE_FIELDS = ["ttft_ms", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_p99", "tpot_ms_p50_ci95",
                 "tokens_per_s", "kv_bytes", "kv_bytes_analytic", "peak_mem_bytes", "environment"]
 
@@ -119,7 +122,10 @@ def test_fields_present_and_sane(ckpt):
         assert lo <= m.tpot_ms_p50 <= hi
         assert m.ttft_ms > 0 and m.tokens_per_s == pytest.approx(2e3 / m.tpot_ms_p50)
         assert m.peak_mem_bytes >= 0 and m.weights_bytes > 0 and m.compile_ms is None
+        assert m.step == "eager" and m.setup_ms is None and m.load_ms > 0 and m.threads == 1
         assert m.dtype == "float32" and m.device == "cpu" and m.window == 8
+        assert m.interference == [] and m.conditions["cores"] == usable_cores()
+        assert m.conditions["tpot_p90_over_p50"] >= 1.0 and m.conditions["run_cv"] is None
         assert m.environment["device_name"] and m.environment["torch"] == torch.__version__
 
 
@@ -170,7 +176,7 @@ def test_out_of_memory_is_infeasible_and_the_run_goes_on(ckpt, monkeypatch, erro
 def test_weights_that_do_not_fit_make_every_candidate_infeasible(ckpt, monkeypatch):
     def load_model(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB")
-    monkeypatch.setattr("looptune.measure.latency.load_model", load_model)
+    monkeypatch.setattr("looptune.measure.bench.load_model", load_model)
     ms = profile_candidates([ckpt], loops=[1, 2], modes=["plt"], fresh=True, **FAST)
     assert [m.status for m in ms] == ["infeasible"] * 2
     assert all(m.error.startswith("out of memory loading the weights") for m in ms)
@@ -190,7 +196,7 @@ def test_cache_hit_measures_nothing_and_fresh_remeasures(ckpt, monkeypatch):
     def no_loading(*a, **k):
         raise AssertionError("a cached candidate must not load the model")
     with monkeypatch.context() as patch:  # (undo() would also drop the isolated cache dir)
-        patch.setattr("looptune.measure.latency.load_model", no_loading)
+        patch.setattr("looptune.measure.bench.load_model", no_loading)
         again = profile_candidates([ckpt], **args)
     assert all(m.cached for m in again)
     assert [m.tpot_ms_p50 for m in again] == [m.tpot_ms_p50 for m in first]
@@ -213,30 +219,30 @@ def test_candidates_are_interleaved(ckpt):
     assert runs == [a, b, b, a, a, b, b, a]  # never all of A, then all of B
 
 
-def test_ctrl_c_keeps_what_was_measured(ckpt):
+def test_ctrl_c_caches_only_finished_candidates_and_raises(ckpt):
     seen = []
 
     def progress(message):
         if ": run " in message:
-            seen.append(message)
-            if len(seen) == 3:
+            seen.append(message.split(":")[0])
+            if len(seen) == 4:  # A, B, then B's second run finished B; Ctrl-C at A's second
                 raise KeyboardInterrupt
-    ms = profile_candidates([ckpt], loops=[1, 2, 3], modes=["plt"], fresh=True,
-                            progress=progress, **{**FAST, "min_repeats": 3})
-    assert [m.status for m in ms] == ["partial"] * 3
-    assert [m.repeats for m in ms] == [1, 1, 1] and all(m.tpot_ms_p50 for m in ms)
-    assert all(m.error.startswith("interrupted") for m in ms)
-    # nothing partial was cached
-    again = profile_candidates([ckpt], loops=[1], modes=["plt"], **{**FAST, "min_repeats": 3})
-    assert not again[0].cached
+    with pytest.raises(Interrupted, match="1 of 2 candidates were finished"):
+        profile_candidates([ckpt], loops=[1, 2], modes=["plt"], fresh=True, progress=progress,
+                           **FAST)
+    assert seen == ["tiny plt R=1 B=1", "tiny plt R=2 B=1", "tiny plt R=2 B=1",
+                    "tiny plt R=1 B=1"]
+    again = profile_candidates([ckpt], loops=[1, 2], modes=["plt"], **FAST)
+    assert [m.cached for m in again] == [False, True]  # the interrupted one is measured again
 
     def stop_at_warmup(message):
         if "warm-up" in message:
             raise KeyboardInterrupt
-    (m,) = profile_candidates([ckpt], loops=[1], modes=["plt"], fresh=True,
-                              progress=stop_at_warmup, **{**FAST, "warmup": 1})
-    assert m.status == "not-measured" and m.repeats == 0 and m.tpot_ms_p50 is None
-    assert m.status in STATUSES
+    with pytest.raises(KeyboardInterrupt):
+        profile_candidates([ckpt], loops=[3], modes=["plt"], fresh=True,
+                           progress=stop_at_warmup, **{**FAST, "warmup": 1})
+    (m,) = profile_candidates([ckpt], loops=[3], modes=["plt"], **FAST)
+    assert not m.cached
 
 
 def test_measurement_round_trips_through_a_dict(ckpt):
@@ -249,10 +255,10 @@ def test_measurement_round_trips_through_a_dict(ckpt):
     (dict(loops=[0]), "loops"), (dict(modes=["fast"]), "modes"), (dict(batches=[]), "batches"),
     (dict(window=0), "window"), (dict(prompt_len=600), "max_position_embeddings"),
     (dict(dtype="float8"), "dtype"), (dict(device="tpu"), "device"),
+    (dict(threads=0), "threads"), (dict(graphs=True), "CUDA device"),
+    (dict(graphs=True, compile=True), "choose one"),
 ])
 def test_bad_arguments_are_looptune_errors(ckpt, kwargs, message):
-    from looptune.errors import LooptuneError
-
     with pytest.raises(LooptuneError, match=message):
         profile_candidates([ckpt], **{**FAST, **kwargs})
 
@@ -263,6 +269,9 @@ def test_bad_arguments_are_looptune_errors(ckpt, kwargs, message):
     (["--loops", "0"], "--loops"), (["--loops", "1,two"], "--loops"),
     (["--mode", "plt,fast"], "--mode"), (["--batch", "eight"], "--batch"),
     (["--batch", "0"], "--batch"), (["--dtype", "float8"], "dtype"),
+    (["--prompt-len", "0"], "--prompt-len"), (["--threads", "0"], "--threads"),
+    (["--min-time", "-1"], "--min-time"), (["--no-such-flag"], "--no-such-flag"),
+    (["--out", "profile.txt"], ".json"), (["--graphs"], "CUDA"),
 ])
 def test_cli_bad_arguments_exit_2(ckpt, args, message):
     result = runner.invoke(app, ["profile", str(ckpt), *args])
@@ -280,7 +289,7 @@ def test_cli_json_is_one_document_on_stdout(ckpt, tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert json.loads(out.read_text()) == doc
-    assert doc["environment"]["device"] == "cpu" and not doc["interrupted"]
+    assert doc["environment"]["device"] == "cpu" and doc["interference"] == 0
     assert len(doc["measurements"]) == 4
     for rec in doc["measurements"]:
         assert all(rec[f] is not None for f in ISSUE_FIELDS) and rec["kv_match"]
@@ -288,10 +297,10 @@ def test_cli_json_is_one_document_on_stdout(ckpt, tmp_path):
 
 
 def test_cli_shows_a_kv_mismatch_loudly(ckpt, monkeypatch):
-    import looptune.measure.latency as profile_mod
+    import looptune.measure.bench as bench
 
-    real = profile_mod.kv_bytes
-    monkeypatch.setattr(profile_mod, "kv_bytes", lambda *a, **k: real(*a, **k) + 1)
+    real = bench.kv_bytes
+    monkeypatch.setattr(bench, "kv_bytes", lambda *a, **k: real(*a, **k) + 1)
     result = runner.invoke(app, ["profile", str(ckpt), "--loops", "2", "--mode", "plt",
                                  "--prompt-len", "8", "--gen-len", "4", "--min-repeats", "1",
                                  "--min-time", "0", "--device", "cpu", "--fresh"])
@@ -302,44 +311,26 @@ def test_cli_shows_a_kv_mismatch_loudly(ckpt, monkeypatch):
 @pytest.mark.slow
 def test_compiled_decode_on_the_cpu(ckpt):
     (m,) = profile_candidates([ckpt], loops=[2], modes=["plt"], compile=True, fresh=True,
-                              **{**FAST, "warmup": 1})
+                              **FAST)  # no warm-up: the setup is timed on its own all the same
     assert m.status == "ok" and m.kv_match and m.compile_ms > 0 and m.tpot_ms_p50 > 0
+    assert m.setup_ms == m.compile_ms and m.step == "compile"
     assert m.compile_ms > m.tpot_ms_p50  # compilation is reported apart, not in the statistics
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("compile", [False, True])
-def test_cuda_path(ckpt, compile):
+@pytest.mark.parametrize("step", ["eager", "compile", "graphs"])
+def test_cuda_path(ckpt, step):
     ms = profile_candidates([ckpt], loops=[1, 2], modes=["plt", "sequential"], batches=[1],
-                            compile=compile, fresh=True,
+                            compile=step == "compile", graphs=step == "graphs", fresh=True,
                             **{**FAST, "device": "cuda", "gen_len": 8})
     for m in ms:
         assert m.status == "ok" and m.kv_match and m.peak_mem_bytes >= m.weights_bytes
-        assert m.environment["device_type"] == "cuda"
-        assert (m.compile_ms is not None) == compile
-
-
-def test_cli_ctrl_c_prints_what_was_measured_and_exits_130(ckpt, monkeypatch):
-    import looptune.measure.latency as profile_mod
-
-    real, calls = profile_mod._attempt, []
-
-    def attempt(c, *a, **k):
-        calls.append(c)
-        if len(calls) == 4:  # two warm-ups, one measured run each, then Ctrl-C
-            raise KeyboardInterrupt
-        return real(c, *a, **k)
-    monkeypatch.setattr(profile_mod, "_attempt", attempt)
-    result = runner.invoke(app, ["profile", str(ckpt), "--loops", "1,2", "--mode", "plt",
-                                 "--prompt-len", "8", "--gen-len", "4", "--min-repeats", "3",
-                                 "--min-time", "0", "--device", "cpu", "--fresh", "--json"])
-    assert result.exit_code == 130
-    doc = json.loads(result.stdout)
-    assert doc["interrupted"]
-    assert [m["status"] for m in doc["measurements"]] == ["partial", "not-measured"]
-    assert doc["measurements"][0]["tpot_ms_p50"] > 0
-    assert "partial" in result.stderr and "not measured" in result.stderr
+        assert m.environment["device_type"] == "cuda" and m.step == step
+        assert (m.compile_ms is not None) == (step == "compile")
+        assert (m.setup_ms is not None) == (step != "eager") and m.load_ms > 0
+        if step != "eager":
+            assert m.setup_ms > m.tpot_ms_p50
 
 
 def test_cli_without_a_checkpoint_or_bundled_model_is_a_clear_error(monkeypatch, tmp_path):
@@ -349,3 +340,79 @@ def test_cli_without_a_checkpoint_or_bundled_model_is_a_clear_error(monkeypatch,
     result = runner.invoke(app, ["profile"])
     assert result.exit_code == 2
     assert result.stderr.startswith("error: no checkpoint given")
+
+
+# ----- the result cache, interference, threads -----
+
+@pytest.mark.parametrize("edit", [
+    {"tpot_ms_p50": 0.001}, {"tpot_ms_p50": -1.0}, {"ttft_ms": float("nan")},
+    {"tpot_ms_p99": None}, {"status": "partial"}, {"interference": ["load"]},
+    {"tpot_ms_p50_ci95": [1.0]}, {"kv_bytes": 0},
+])
+def test_an_impossible_cache_entry_is_measured_again(ckpt, capsys, edit):
+    args = dict(loops=[1], modes=["plt"], **FAST)
+    (first,) = profile_candidates([ckpt], fresh=True, **args)
+    (entry,) = (pytest.importorskip("looptune.store").cache_root() / "profile").glob("*.json")
+    doc = json.loads(entry.read_text())
+    doc["result"].update(edit)
+    entry.write_text(json.dumps(doc))
+    capsys.readouterr()
+    (again,) = profile_candidates([ckpt], **args)
+    assert not again.cached and again.tpot_ms_p50 > 0.005  # measured, not believed
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ignoring profile cache entry")
+    (entry,) = (pytest.importorskip("looptune.store").cache_root() / "profile").glob("*.json")
+    assert json.loads(entry.read_text())["result"]["tpot_ms_p50"] == again.tpot_ms_p50
+
+
+def test_interference_is_flagged_and_never_cached(ckpt):
+    strict = Limits(load_per_core=0.0, other_cores=float("inf"), dispersion=float("inf"),
+                    run_cv=float("inf"))
+    args = dict(loops=[1], modes=["plt"], **FAST)
+    (m,) = profile_candidates([ckpt], fresh=True, limits=strict, **args)
+    assert m.status == "ok" and m.interference == ["load"] and m.tpot_ms_p50 > 0
+    assert m.to_dict()["interference"] == ["load"]
+    (again,) = profile_candidates([ckpt], limits=Limits.never(), **args)
+    assert not again.cached and again.interference == []  # the flagged one was not kept
+    (third,) = profile_candidates([ckpt], limits=strict, **args)
+    assert third.cached  # a clean measurement is reused
+
+
+def test_interference_reasons():
+    quiet = {"load_before": 0.5, "load_after": 1.2, "cores": 16, "cpus": 16,
+             "other_busy_cores": 0.3, "tpot_p90_over_p50": 1.04, "run_cv": 0.01}
+    assert interference(quiet, threads=8, limits=Limits()) == []
+    busy = {**quiet, "load_after": 17.0, "other_busy_cores": 8.6}
+    assert interference(busy, threads=8, limits=Limits()) == ["load", "other processes"]
+    # two cores, one ours, the other taken by another process: contention on a memory-bound
+    # decode is measured as "other processes" only when it exceeds the free core
+    two = {"load_before": 1.0, "load_after": 1.9, "cores": 2, "cpus": 2,
+           "other_busy_cores": 1.5, "tpot_p90_over_p50": 2.4, "run_cv": 0.3}
+    assert interference(two, threads=1, limits=Limits()) == [
+        "other processes", "dispersion", "drift between runs"]
+    assert interference(two, threads=1, limits=Limits.never()) == []
+    assert interference({}, threads=1, limits=Limits()) == []  # nothing known, nothing claimed
+
+
+def test_threads_are_probed_once_per_shape_and_recorded(ckpt):
+    args = dict(loops=[1], modes=["plt"], **{**FAST, "threads": None})
+    (m,) = profile_candidates([ckpt], fresh=True, **args)
+    assert m.threads in (1, usable_cores()) and m.environment["threads"] == m.threads
+    assert m.environment["threads_chosen"] == ("probed" if usable_cores() > 1
+                                               else "one usable core")
+    (again,) = profile_candidates([ckpt], **args)
+    assert again.threads == m.threads and again.cached
+    (given,) = profile_candidates([ckpt], fresh=True, **{**args, "threads": 1})
+    assert given.threads == 1 and given.environment["threads_chosen"] == "given"
+    assert torch.get_num_threads() == 1  # the caller's setting is left as it was
+
+
+def test_cli_out_is_checked_before_any_work(ckpt, tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out, message in [(tmp_path / "file" / "p.json", "is a file, not a directory"),
+                         (tmp_path, "must end in .json"), (tmp_path / "p.yaml", ".json")]:
+        result = runner.invoke(app, ["profile", str(ckpt), "--out", str(out), "--device", "cpu"])
+        assert result.exit_code == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+        assert "loading" not in result.stderr  # nothing was measured

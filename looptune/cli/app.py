@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 
 import typer
 from rich.console import Console
@@ -11,20 +13,62 @@ from typer.core import TyperGroup
 
 from looptune.errors import LooptuneError
 
+try:  # typer 0.2x vendors its own click; older typer uses click itself
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
 # Human output goes to stderr; stdout is kept for `--json` documents.
 console = Console(stderr=True)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends a command exactly as Ctrl-C does
+
+
+def _usage_error(e: UsageError):
+    """A bad option or argument: one line and exit 2, not typer's boxed message."""
+    where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+    print(f"error: {e.format_message()}{where}", file=sys.stderr)
+    raise typer.Exit(2) from None
+
+
 class _Group(TyperGroup):
+    """Every expected way a command ends, in one place: a LooptuneError or a bad parameter is
+    `error: ...` and its exit code (2), Ctrl-C or SIGTERM is `interrupted...` and 130."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as e:
+            _usage_error(e)
+
     def invoke(self, ctx):
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread:
+            previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return super().invoke(ctx)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as e:
+            _usage_error(e)
         except LooptuneError as e:
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+        except KeyboardInterrupt as e:
+            if main_thread:  # a second Ctrl-C must not turn the last line into a traceback
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous[0])
+                signal.signal(signal.SIGTERM, previous[1])
 
 
 app = typer.Typer(

@@ -46,7 +46,8 @@ def _nvml_id(device: torch.device) -> str:
     if uuid is not None:
         text = str(uuid)
         return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+               if v.strip()]
     return visible[index] if index < len(visible) else str(index)
 
 
@@ -71,7 +72,8 @@ def _state_pynvml(ident: str) -> dict | None:
                 "max_sm_clock_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
                 "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000,
                 "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000,
-                "temperature_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+                "temperature_c": pynvml.nvmlDeviceGetTemperature(
+                    handle, pynvml.NVML_TEMPERATURE_GPU),
                 "pstate": f"P{pynvml.nvmlDeviceGetPerformanceState(handle)}",
                 "throttle_reasons": throttle_reasons(int(reasons(handle))),
             }

@@ -3,49 +3,58 @@
 `profile_candidates(...)` is the Python API behind `looptune profile` (and pareto's latency
 objective); it returns one `Measurement` per candidate. How it measures:
 
-- One *run* of a candidate: allocate its static cache for prompt + generated tokens, prefill a
-  seeded random prompt and take the first token (TTFT), then `gen_len` greedy decode steps, each
+- One *run* of a candidate: prefill a seeded random prompt into a static cache for prompt +
+  generated tokens and take the first token (TTFT), then `gen_len` greedy decode steps, each
   timed on its own (the TPOT samples). CUDA events on a GPU, sync + perf_counter elsewhere.
-- Warm-up runs come first (with `compile`, the compilation happens in the first one); their
-  times are kept in `warmup_ms` / `compile_ms` and never enter the statistics.
+- A compiled or graph-captured step is built first, on its own cache, and the time that takes
+  is `setup_ms` (also `compile_ms` when compiled); warm-up runs come next, kept in `warmup_ms`.
+  Neither enters the statistics.
 - Then rounds: every unfinished candidate runs once per round, in an order reversed each round
   (A B C, C B A, ...), so a drift of the machine's speed falls on all of them alike. A candidate
   is done once it has `min_repeats` runs and `min_time_s` of measured time.
-- Out of memory: that candidate is recorded as infeasible and the others go on. Ctrl-C: the
-  rounds stop and every candidate keeps what it measured (`status` "partial" / "not-measured").
+- On the CPU the thread count is the faster of 1 and all usable cores for this model's shape
+  (`interference.choose_threads`, cached per shape and machine) unless `threads` is given.
+- Runs on one device are serialised between processes (`looptune.store.device_lock`); each
+  Measurement records the load, other processes' CPU use and the dispersion it saw, and the
+  reasons it is not to be trusted in `interference` (see `looptune.measure.interference`).
+- Out of memory: that candidate is recorded as infeasible and the others go on. Ctrl-C raises
+  `looptune.errors.Interrupted` (a KeyboardInterrupt) after the candidates already finished
+  were cached; nothing interrupted is cached or returned.
 - Finished results go to `ResultCache("profile")`, keyed by the model's content hash, the
-  candidate, the device fingerprint and versions and the stopping rule; `fresh` re-measures.
+  candidate, the device fingerprint (threads included) and versions and the stopping rule,
+  unless taken under interference; `fresh` re-measures.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
-import os
-import statistics
-import time
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from looptune.errors import LooptuneError
-from looptune.measure.env import environment, fingerprint, gpu_state
-from looptune.measure.memory import PeakMemory
-from looptune.measure.stats import bootstrap_ci, percentile, summarize
-from looptune.measure.timers import LapTimer, Timer, synchronize
-from looptune.model.cache import KVCache, kv_bytes
-from looptune.model.checkpoint import (content_hash, load_model, read_config, resolve_device,
-                                       resolve_dtype, run_dtype, weight_files)
+from looptune.errors import Interrupted, LooptuneError
+from looptune.measure.bench import Candidate, Plan, run_candidates
+from looptune.measure.env import environment, fingerprint
+from looptune.measure.interference import Limits, choose_threads, usable_cores
+from looptune.model.checkpoint import (
+    content_hash,
+    load_model,
+    read_config,
+    resolve_device,
+    resolve_dtype,
+    run_dtype,
+    weight_files,
+)
 from looptune.model.config import MODES
-from looptune.model.generate import prefill
 from looptune.model.plt import PLTForCausalLM
-from looptune.store import ResultCache
+from looptune.store import ResultCache, device_lock
 
-METHOD = 1  # bump when the way of measuring changes: older cache entries are then not reused
-STATUSES = ("ok", "partial", "not-measured", "infeasible")
+METHOD = 2  # bump when the way of measuring changes: older cache entries are then not reused
+STATUSES = ("ok", "not-measured", "infeasible")
+STEPS = ("eager", "compile", "graphs")
 
 
 @dataclass
@@ -59,6 +68,11 @@ class Measurement:
     equal. `peak_mem_bytes`: on a GPU the weights plus the peak of `torch.cuda` allocations a run
     adds; on the CPU the peak growth of resident memory during a run (a lower bound, see
     `looptune.measure.memory`). `status` is one of STATUSES; `error` says why when not "ok".
+    `step`: eager, compile or graphs; `setup_ms` what building that step took (compile_ms too
+    when compiled); `load_ms` loading the weights. `threads`: torch CPU threads of the runs.
+    `conditions`: load before/after against cores, other processes' busy cores, dispersion of
+    the runs, the wait for the device lock; `interference`: why the result is not to be trusted
+    ([] when it is), and such a result is not cached.
     """
 
     checkpoint: str
@@ -72,6 +86,8 @@ class Measurement:
     dtype: str
     device: str
     compile: bool
+    step: str = "eager"
+    threads: int | None = None
     status: str = "not-measured"
     error: str | None = None
     cached: bool = False
@@ -94,6 +110,10 @@ class Measurement:
     measured_s: float = 0.0
     warmup_ms: list[float] = field(default_factory=list)
     compile_ms: float | None = None
+    setup_ms: float | None = None
+    load_ms: float | None = None
+    interference: list[str] = field(default_factory=list)
+    conditions: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
 
     @property
@@ -120,25 +140,6 @@ class Measurement:
         return cls(**values)
 
 
-@dataclass
-class _Candidate:
-    """A Measurement being filled in, with what its runs need."""
-
-    m: Measurement
-    path: Path
-    cfg: object
-    key: dict
-    model: object = None
-    step: Callable | None = None
-    prompt: torch.Tensor | None = None
-    cache: object = None  # kept between runs only when compiled (CUDA graphs need fixed addresses)
-    ttft: list[float] = field(default_factory=list)
-    tpot: list[list[float]] = field(default_factory=list)
-    growth: int = 0
-
-    def done(self, min_repeats: int, min_time_s: float) -> bool:
-        return self.m.repeats >= min_repeats and self.m.measured_s >= min_time_s
-
 
 def profile_candidates(checkpoints: Sequence[Path | str], loops: Sequence[int] = (1, 2, 3, 4),
                        modes: Sequence[str] | None = ("plt", "sequential"),
@@ -146,41 +147,60 @@ def profile_candidates(checkpoints: Sequence[Path | str], loops: Sequence[int] =
                        window: int | None = None, dtype: str = "auto", device: str = "auto",
                        compile: bool = False, fresh: bool = False,
                        progress: Callable[[str], None] | None = None, min_repeats: int = 5,
-                       min_time_s: float = 2.0, warmup: int = 1,
-                       seed: int = 0) -> list[Measurement]:
+                       min_time_s: float = 2.0, warmup: int = 1, seed: int = 0,
+                       graphs: bool = False, threads: int | None = None,
+                       limits: Limits | None = None) -> list[Measurement]:
     """Measure every (checkpoint, batch, mode, loops); one Measurement each, in that order.
 
     `modes=None` runs each checkpoint in the mode it was trained in; `window=None` uses each
-    checkpoint's trained window; `dtype="auto"` keeps the stored dtype. A candidate is measured
-    until it has `min_repeats` runs and `min_time_s` seconds of them, after `warmup` runs.
-    `progress` receives one human-readable line per event. Cached results are returned as they
-    were measured (`cached=True`) unless `fresh`. Raises LooptuneError on bad arguments before
-    anything is measured; never raises for out of memory or Ctrl-C (see `status`).
+    checkpoint's trained window; `dtype="auto"` keeps the stored dtype on a GPU, float32 on
+    the CPU. `compile`: torch.compile the decode step (with CUDA graphs on a GPU); `graphs`:
+    capture the eager step in a CUDA graph (GPU only). `threads`: torch CPU threads (default:
+    the faster of 1 and all cores, probed). A candidate is measured until it has `min_repeats`
+    runs and `min_time_s` seconds of them, after `warmup` runs. `limits`: when a measurement is
+    flagged as taken under interference (default `Limits.from_env()`). `progress` receives one
+    human-readable line per event. Cached results are returned as they were measured
+    (`cached=True`) unless `fresh`. Writes nothing but the result cache. Raises LooptuneError on
+    bad arguments before anything is measured, `looptune.errors.Interrupted` on Ctrl-C (after
+    caching the candidates already finished); never raises for out of memory (see `status`).
     """
     say = progress or (lambda message: None)
     dev = resolve_device(device)
     resolve_dtype(dtype)  # rejects unknown names
     _check_args(loops, modes, batches, prompt_len, gen_len, min_repeats, min_time_s, warmup)
-    store = ResultCache("profile")
-    envs: dict[str, dict] = {}
-    cands: list[_Candidate] = []
+    how = _step_kind(compile, graphs, dev)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise LooptuneError(f"threads must be a positive integer, got {threads!r}")
+    limits = limits or Limits.from_env()
+    store = ResultCache("profile", validate=check_measurement)
+    envs: dict[tuple, dict] = {}
+    cands: list[Candidate] = []
     for path in map(Path, checkpoints):
         cfg, dtype_name = _read_checkpoint(path, dtype, dev)
         W = window if window is not None else cfg.window
+        for mode in (modes if modes is not None else [cfg.mode]):
+            for R in loops:
+                _check_knobs(cfg, R, mode, W, prompt_len + gen_len, path)
         model_hash = content_hash(path)
-        env = envs.setdefault(dtype_name, environment(dev, dtype_name))
         for batch in batches:
+            n, how_chosen = _threads(path, cfg, dtype_name, batch, dev, threads, fresh, limits,
+                                     say)
+            if (dtype_name, n) not in envs:
+                envs[dtype_name, n] = {**environment(dev, dtype_name), "threads": n,
+                                       "threads_chosen": how_chosen}
+            env = envs[dtype_name, n]
             for mode in (modes if modes is not None else [cfg.mode]):
                 for R in loops:
-                    _check_knobs(cfg, R, mode, W, prompt_len + gen_len, path)
                     m = Measurement(str(path), model_hash, mode, R, batch, W, prompt_len, gen_len,
-                                    dtype_name, str(dev), compile, environment=env)
+                                    dtype_name, str(dev), how == "compile", step=how, threads=n,
+                                    environment=env)
                     key = {"method": METHOD, "model": model_hash, "mode": mode, "loops": R,
                            "batch": batch, "window": W, "prompt_len": prompt_len,
-                           "gen_len": gen_len, "compile": compile, "device": fingerprint(env),
+                           "gen_len": gen_len, "step": how, "device": fingerprint(env),
                            "min_repeats": min_repeats, "min_time_s": min_time_s,
                            "warmup": warmup, "seed": seed}
-                    cands.append(_Candidate(m, path, cfg, key))
+                    cands.append(Candidate(m, path, cfg, key))
 
     todo = []
     for c in cands:
@@ -192,11 +212,102 @@ def profile_candidates(checkpoints: Sequence[Path | str], loops: Sequence[int] =
         else:
             todo.append(c)
     if todo:
-        _measure(todo, dev, compile, min_repeats, min_time_s, warmup, seed, say)
-        for c in todo:
-            if c.m.status == "ok":
-                store.put(c.key, c.m.to_dict())
+        _measure(todo, dev, Plan(how, min_repeats, min_time_s, warmup, seed, limits), store, say)
     return [c.m for c in cands]
+
+
+def _measure(todo: list[Candidate], dev, plan: Plan, store: ResultCache, say):
+    finished = []
+
+    def done(c: Candidate):
+        finished.append(c)
+        if c.m.interference:
+            say(f"{c.m.label}: measured under interference ({', '.join(c.m.interference)}); "
+                "not cached")
+        elif c.m.status == "ok":
+            store.put(c.key, c.m.to_dict())
+
+    with device_lock(_lock_name(dev), on_wait=say) as waited:
+        for c in todo:
+            c.m.conditions["lock_wait_s"] = None if waited is None else round(waited, 3)
+        try:
+            run_candidates(todo, dev, plan, say, done)
+        except KeyboardInterrupt:
+            raise Interrupted(f"{len(finished)} of {len(todo)} candidates were finished (and "
+                              "cached); a rerun measures the rest") from None
+
+
+def _lock_name(dev: torch.device) -> str:
+    return f"latency-{dev.type}{'' if dev.index is None else dev.index}"
+
+
+def _step_kind(compile: bool, graphs: bool, dev: torch.device) -> str:
+    if compile and graphs:
+        raise LooptuneError("compile and graphs are two ways to build the step: choose one")
+    if graphs and dev.type != "cuda":
+        raise LooptuneError(f"graphs (CUDA graphs) needs a CUDA device, not {dev}")
+    return "graphs" if graphs else "compile" if compile else "eager"
+
+
+def _threads(path, cfg, dtype_name, batch, dev, threads, fresh, limits, say) -> tuple[int, str]:
+    """(torch CPU threads for this model and batch, how they were chosen)."""
+    if dev.type != "cpu":
+        return torch.get_num_threads(), "torch default (not a CPU device)"
+    if threads is not None:
+        return threads, "given"
+    if usable_cores() == 1:
+        return 1, "one usable core"
+    from looptune.measure.env import environment as env_of
+    from looptune.measure.interference import CpuWatch, interference
+
+    shape = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size",
+                                          "num_hidden_layers", "num_attention_heads",
+                                          "num_key_value_heads", "vocab_size")}
+    machine = {k: v for k, v in fingerprint(env_of(dev, dtype_name)).items() if k != "threads"}
+    key = {"v": 1, "shape": shape, "batch": batch, "machine": machine, "cores": usable_cores()}
+    cache = ResultCache("threads", validate=_check_threads)
+    hit = None if fresh else cache.get(key)
+    if hit is not None:
+        return hit["threads"], "probed (cached)"
+    say(f"{path.name}: probing CPU threads (1 or {usable_cores()}) at batch {batch}")
+    with device_lock(_lock_name(dev), on_wait=say):
+        watch = CpuWatch()
+        model = load_model(path, dev, dtype_name)[0]
+        probe = choose_threads(model, batch, dev)
+        del model
+    if not interference(watch.read(), 1, limits):
+        cache.put(key, probe)
+    return probe["threads"], "probed"
+
+
+def _check_threads(result):
+    if not (isinstance(result["threads"], int) and 1 <= result["threads"] <= usable_cores()):
+        raise ValueError(f"threads {result['threads']!r} is not a usable count here")
+
+
+MIN_MS = 0.005  # no decode step or prefill of a real model on any device is faster
+
+
+def check_measurement(d: dict) -> None:
+    """Raise ValueError unless `d` is a finished, trusted Measurement (the result cache's check:
+    an edited or corrupted entry is measured again rather than believed)."""
+    m = Measurement.from_dict(d)
+    if m.status != "ok" or m.interference:
+        raise ValueError(f"status {m.status!r}, interference {m.interference!r}")
+    times = [m.ttft_ms, m.tpot_ms_p50, m.tpot_ms_p90, m.tpot_ms_p99, m.tokens_per_s]
+    if not all(isinstance(t, (int, float)) and math.isfinite(t) and t >= MIN_MS for t in times):
+        raise ValueError(f"a time is missing, non-finite or below {MIN_MS} ms")
+    if not m.tpot_ms_p50 <= m.tpot_ms_p90 <= m.tpot_ms_p99:
+        raise ValueError("percentiles out of order")
+    if not math.isclose(m.tokens_per_s, m.batch * 1e3 / m.tpot_ms_p50, rel_tol=1e-6):
+        raise ValueError("tokens_per_s does not match tpot_ms_p50")
+    for name in ("ttft_ms", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_p99"):
+        lo, hi = getattr(m, f"{name}_ci95")
+        if not lo <= getattr(m, name) <= hi:
+            raise ValueError(f"{name} lies outside its interval")
+    if not (isinstance(m.kv_bytes, int) and m.kv_bytes > 0 and m.repeats >= 1
+            and m.decode_steps == m.repeats * m.gen_len and m.measured_s > 0):
+        raise ValueError("kv_bytes, repeats or decode_steps impossible")
 
 
 # ----- arguments -----
@@ -204,7 +315,8 @@ def profile_candidates(checkpoints: Sequence[Path | str], loops: Sequence[int] =
 def _check_args(loops, modes, batches, prompt_len, gen_len, min_repeats, min_time_s, warmup):
     def ints(values, name):
         values = list(values)
-        if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+        if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < 1
+                             for v in values):
             raise LooptuneError(f"{name} must be positive integers, got {values!r}")
 
     ints(loops, "loops")
@@ -240,206 +352,11 @@ def _check_knobs(cfg, loops, mode, window, context, path):
                             f"max_position_embeddings ({cfg.max_position_embeddings})")
 
 
-# ----- measuring -----
-
-def _is_oom(e: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
-    text = str(e).lower()
-    return (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
-            or "can't allocate memory" in text)
-
-
-def _free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _held_bytes(cache: KVCache) -> int:
-    """Bytes of the storages behind the cache's KV tensors: what it really holds."""
-    storages = {}
-    for t in (cache.full_k, cache.full_v, cache.ring_k, cache.ring_v, cache.carry):
-        s = t.untyped_storage()
-        storages[s.data_ptr(), t.device] = s.nbytes()
-    return sum(storages.values())
-
-
-@contextlib.contextmanager
-def _recompile_budget(n: int):
-    """Room for one compiled decode graph per candidate (dynamo's default is 8)."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    with cfg.patch(**{name: max(getattr(cfg, name), n + 8)}):
-        yield
-
-
-def _measure(todo: list[_Candidate], dev, compile, min_repeats, min_time_s, warmup, seed, say):
-    cudagraphs = compile and dev.type == "cuda"
-    loaded = {}
-    try:
-        with torch.inference_mode(), (_recompile_budget(len(todo)) if compile
-                                      else contextlib.nullcontext()):
-            for c in todo:
-                k = (c.path, c.m.dtype)
-                if k not in loaded:
-                    say(f"loading {c.path} ({c.m.dtype}, {dev})")
-                    loaded[k] = _load(c.path, dev, c.m.dtype, compile, cudagraphs)
-                if isinstance(loaded[k], BaseException):
-                    _infeasible(c, "out of memory loading the weights", loaded[k], say)
-                    continue
-                c.model, c.step = loaded[k]
-                c.m.weights_bytes = sum(p.numel() * p.element_size() for p in c.model.parameters())
-                gen = torch.Generator(dev).manual_seed(seed)
-                c.prompt = torch.randint(0, min(c.cfg.vocab_size, 256), (c.m.batch, c.m.prompt_len),
-                                         device=dev, generator=gen)
-            for c in todo:  # warm-up, apart from the statistics
-                for i in range(warmup if c.m.feasible else 0):
-                    say(f"{c.m.label}: warm-up {i + 1}/{warmup}"
-                        + (" (compiling)" if compile and i == 0 else ""))
-                    if not _attempt(c, dev, cudagraphs, say, warm=True, first=i == 0):
-                        break
-            rounds = 0
-            while True:
-                active = [c for c in todo if c.m.status in ("not-measured", "partial")
-                          and not c.done(min_repeats, min_time_s)]
-                if not active:
-                    break
-                for c in (active if rounds % 2 == 0 else active[::-1]):  # A B C, C B A, ...
-                    if _attempt(c, dev, cudagraphs, say, warm=False, first=False):
-                        say(f"{c.m.label}: run {c.m.repeats}, ttft {c.ttft[-1]:.2f} ms, "
-                            f"tpot median {statistics.median(c.tpot[-1]):.3f} ms")
-                rounds += 1
-            for c in todo:
-                if c.m.status == "partial":
-                    c.m.status = "ok"
-    except KeyboardInterrupt:
-        say("interrupted: keeping what was measured")
-        for c in todo:
-            if c.m.status == "partial":
-                c.m.error = "interrupted before the stopping rule was met"
-            elif c.m.status == "not-measured":
-                c.m.error = "interrupted before it was measured"
-    finally:
-        for c in todo:
-            c.cache = c.model = c.step = c.prompt = None
-        loaded.clear()
-        _free(dev)
-    end = {"loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-    if dev.type == "cuda":
-        end["gpu_state"] = gpu_state(dev)
-    for c in todo:
-        _finish(c, dev, end)
-
-
-def _load(path, dev, dtype, compile, cudagraphs):
-    """(model, decode step), or the out-of-memory error if the weights do not fit."""
-    try:
-        model, _ = load_model(path, dev, dtype)
-    except (RuntimeError, MemoryError) as e:
-        if not _is_oom(e):
-            raise
-        _free(dev)
-        return e
-    step = model.decode_step
-    if compile:
-        step = torch.compile(step, mode="reduce-overhead" if cudagraphs else None)
-    return model, step
-
-
-def _infeasible(c: _Candidate, what: str, e: BaseException, say):
-    c.cache = None
-    c.m.status = "infeasible"
-    c.m.error = f"{what}: " + (str(e).strip().splitlines() or [""])[0][:300]
-    say(f"{c.m.label}: {what}, recorded as infeasible")
-
-
-def _attempt(c: _Candidate, dev, cudagraphs, say, warm: bool, first: bool) -> bool:
-    """One run; False (and the candidate infeasible) when it runs out of memory."""
-    try:
-        ttft, tpot, held, growth, method, compile_ms = _run(c, dev, cudagraphs, first)
-    except (RuntimeError, MemoryError) as e:
-        if not _is_oom(e):
-            raise
-        _infeasible(c, "out of memory", e, say)
-        _free(dev)
-        return False
-    c.m.kv_bytes, c.m.peak_mem_method = held, method
-    if compile_ms is not None:
-        c.m.compile_ms = compile_ms
-    if not (warm and first and c.m.compile):  # the compiling run's memory is the compiler's
-        c.growth = max(c.growth, growth)
-    if warm:
-        c.m.warmup_ms.append(ttft + sum(tpot))
-        return True
-    c.ttft.append(ttft)
-    c.tpot.append(tpot)
-    c.m.status = "partial"  # "ok" once the stopping rule is met
-    c.m.repeats += 1
-    c.m.decode_steps += len(tpot)
-    c.m.measured_s += (ttft + sum(tpot)) / 1e3
-    return True
-
-
-def _run(c: _Candidate, dev, cudagraphs, first):
-    """Prefill + first token, then gen_len timed greedy decode steps. Returns (ttft_ms,
-    [tpot_ms], KV bytes held, memory growth, how memory was measured, compile_ms or None)."""
-    m = c.m
-    compile_ms = None
-    # The first compiled call compiles; with CUDA graphs the next one records the graph.
-    n_compile = (2 if cudagraphs else 1) if (first and m.compile) else 0
-    kept = _held_bytes(c.cache) if c.cache is not None else 0  # allocated before the region
-    synchronize(dev)
-    with PeakMemory(dev) as mem:
-        cache = c.cache
-        if cache is None:
-            cache = c.model.new_cache(m.batch, m.prompt_len + m.gen_len, m.loops, m.mode, m.window)
-            if m.compile:
-                c.cache = cache  # a compiled step keeps one cache: fixed shapes and addresses
-                if cudagraphs:
-                    for t in vars(cache).values():
-                        if isinstance(t, torch.Tensor):
-                            torch._dynamo.mark_static_address(t)
-        with Timer(dev) as first_token:
-            token = prefill(c.model, c.prompt, cache).argmax(-1)
-        t0 = time.perf_counter()
-        with LapTimer(dev) as laps:
-            for i in range(m.gen_len):
-                if cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                token = c.step(token, cache).argmax(-1)
-                laps.lap()
-                if i + 1 == n_compile:  # host time, compilation included
-                    synchronize(dev)
-                    compile_ms = (time.perf_counter() - t0) * 1e3
-        held = _held_bytes(cache)
-        ttft, tpot = first_token.ms, laps.ms
-        del cache, token
-    return ttft, tpot, held, mem.peak_bytes + kept, mem.method, compile_ms
-
-
-def _finish(c: _Candidate, dev, end: dict):
-    """Statistics, peak memory, the analytic KV figure, and the machine's state at the end."""
-    m = c.m
-    m.kv_bytes_analytic = kv_bytes(c.cfg, m.mode, m.loops, m.window, m.prompt_len + m.gen_len,
-                                   m.batch, getattr(torch, m.dtype))
-    m.environment = {**m.environment, **end}
-    if not c.ttft:
-        return
-    m.ttft_ms = percentile(c.ttft, 50)
-    m.ttft_ms_ci95 = bootstrap_ci([[t] for t in c.ttft], 50)
-    stats = summarize(c.tpot)
-    for q in (50, 90, 99):
-        setattr(m, f"tpot_ms_p{q}", stats[f"p{q}"])
-        setattr(m, f"tpot_ms_p{q}_ci95", stats[f"p{q}_ci95"])
-    m.tokens_per_s = m.batch * 1e3 / m.tpot_ms_p50
-    m.peak_mem_bytes = c.growth + (m.weights_bytes if dev.type == "cuda" else 0)
-
-
-def document(measurements: list[Measurement], settings: dict, env: dict,
-             interrupted: bool = False) -> dict:
+def document(measurements: list[Measurement], settings: dict, env: dict) -> dict:
     """The `--json` document: settings, the environment, one record per candidate."""
     return {"command": "profile", "settings": settings, "environment": env,
-            "interrupted": interrupted, "measurements": [m.to_dict() for m in measurements]}
+            "interference": sum(bool(m.interference) for m in measurements),
+            "measurements": [m.to_dict() for m in measurements]}
 
 
 def dumps(doc: dict) -> str:
