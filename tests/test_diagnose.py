@@ -1,22 +1,44 @@
-"""Per-loop diagnostics: each metric on hand-made states with known answers, the one-pass
-per-loop states against separate runs, the verdict's rule, and one CLI run."""
+"""Per-loop diagnostics: each metric on hand-made states with known answers, the measuring pass
+against separate runs, the exact decomposition of the gain, the verdict, texts shared with
+`score`, and the command."""
 
+import io
 import json
 import math
+import os
 
 import pytest
 import torch
+from conftest import tiny_model
+from rich.console import Console
 from typer.testing import CliRunner
 
-from conftest import tiny_model
 from looptune.bundled import family_members
-from looptune.diagnose import metrics
-from looptune.diagnose.run import (HELDOUT_DIR, FamilyRow, LoopRow, load_texts, loop1_kv,
-                                   loop_with_carry, measure_loops, verdict)
+from looptune.cli import app
+from looptune.diagnose import diagnose, metrics
+from looptune.diagnose.measure import measure_loops
+from looptune.diagnose.result import FamilyRow, LoopRow
+from looptune.diagnose.verdict import verdict
+from looptune.model.checkpoint import init_checkpoint
 from looptune.model.tokenizer import ByteTokenizer
+from looptune.quality.bpb import bits_per_byte, score_texts
+from looptune.quality.sets import load_set
 
 TEXTS = ["def add(a, b):\n    return a + b\n" * 6, "for i in range(10):\n    print(i)\n" * 9,
          "x = 1\n"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("diag") / "ckpt"
+    init_checkpoint(ckpt, "tiny", loops=3, device="cpu")
+    return ckpt
+
+
+def _jsonl(path, texts=TEXTS):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
 
 
 # ----- metrics on hand-made states -----
@@ -59,144 +81,168 @@ def test_update_cosine_sign_flip_and_same_direction():
     assert metrics.update_cosine(h0, h0, h0) == 0.0  # no update: counts as 0
 
 
-def test_offset_cost_on_a_known_sequence():
+def test_offset_distance_on_a_known_sequence():
     v = torch.tensor([0.0, 2.0, 0.0, 0.0])
     seq = torch.arange(6.0)[:, None] * v  # h_i = i * v: every neighbour 2 apart
-    assert metrics.offset_cost(seq) == pytest.approx(2.0)
-    assert metrics.offset_cost(seq[None].expand(3, 6, 4)) == pytest.approx(2.0)
-    assert metrics.offset_cost(torch.ones(5, 4)) == 0.0
+    assert metrics.offset_distance(seq) == pytest.approx(2.0)
+    assert metrics.offset_distance(seq[None].expand(3, 6, 4)) == pytest.approx(2.0)
+    assert metrics.offset_distance(torch.ones(5, 4)) == 0.0
 
 
-# ----- the one-pass states -----
+# ----- the measuring pass -----
 
-def test_loop_with_carry_reproduces_the_model_and_the_unshifted_input():
-    model = tiny_model()
-    ids = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        _, hidden = model(ids, loops=3, return_hidden=True)
-        kvs = loop1_kv(model, ids)
-        for r in (2, 3):  # the shifted carry is what the model runs
-            torch.testing.assert_close(loop_with_carry(model, ids, hidden[r - 2], kvs, True),
-                                       hidden[r - 1], atol=1e-6, rtol=0)
-        _, noshift = model(ids, loops=2, mode="plt-noshift", return_hidden=True)
-        torch.testing.assert_close(loop_with_carry(model, ids, hidden[0], kvs, False), noshift[1],
-                                   atol=1e-6, rtol=0)
-
-
-def test_bits_per_byte_at_loop_r_equals_a_run_with_r_loops():
-    from looptune.quality.bpb import bits_per_byte, score_texts
-
+def test_bits_per_byte_at_loop_r_equals_a_run_with_r_loops_and_the_parts_add_up():
     model, tok = tiny_model(), ByteTokenizer()
-    m = measure_loops(model, tok, TEXTS, 3, context=64, stride=32, oracle=True)
-    assert m["bytes"] == sum(len(t.encode()) for t in TEXTS)
+    m = measure_loops(model, tok, TEXTS, 3, context=64, stride=32)
+    assert m["bytes"] == sum(len(t.encode()) for t in TEXTS) and m["tokens"] == m["bytes"]
     for row in m["rows"]:
         direct = bits_per_byte(score_texts(model, tok, TEXTS, loops=row["loop"], context=64,
                                            stride=32))
         assert row["bits_per_byte"] == pytest.approx(direct, rel=1e-5)
-    r2 = m["rows"][1]
-    gain = m["rows"][0]["bits_per_byte"] - r2["bits_per_byte"]
-    assert r2["gain_bits_per_byte"] == pytest.approx(gain)
+    for prev, row in zip(m["rows"], m["rows"][1:]):
+        assert row["gain_bits_per_byte"] == pytest.approx(prev["bits_per_byte"]
+                                                          - row["bits_per_byte"], abs=1e-12)
+        parts = row["refinement_bits_per_byte"] - row["offset_cost_bits_per_byte"]
+        assert parts == pytest.approx(row["gain_bits_per_byte"], abs=1e-9)
+        assert row["offset_cost_bits_per_byte"] != 0  # the shift matters to these weights
+    # loop 2 with its carry unshifted is exactly a 2-loop plt-noshift run of the same weights
     noshift = bits_per_byte(score_texts(model, tok, TEXTS, loops=2, mode="plt-noshift",
                                         context=64, stride=32))
-    assert r2["bits_per_byte_unshifted"] == pytest.approx(noshift, rel=1e-5)
-    for row in m["rows"][1:]:  # the offset in bits, at the loop's own exchange rate
-        gain = row["gain_bits_per_byte"]
-        expected = gain * row["offset_cost"] / row["step_size"] if gain > 0 else None
-        assert row["offset_cost_bits_per_byte"] == (expected and pytest.approx(expected))
+    assert m["rows"][1]["bits_per_byte_unshifted"] == pytest.approx(noshift, rel=1e-5)
+
+
+def test_without_the_shift_there_is_no_offset_cost():
+    model, tok = tiny_model(mode="plt-noshift"), ByteTokenizer()
+    rows = measure_loops(model, tok, TEXTS[:2], 3, context=64, stride=32)["rows"]
+    direct = bits_per_byte(score_texts(model, tok, TEXTS[:2], loops=3, context=64, stride=32))
+    assert rows[2]["bits_per_byte"] == pytest.approx(direct, rel=1e-5)
+    for row in rows[1:]:
+        assert row["offset_cost_bits_per_byte"] == 0.0
+        assert row["refinement_bits_per_byte"] == row["gain_bits_per_byte"]
+
+
+def test_prompts_are_context_only():
+    model, tok = tiny_model(), ByteTokenizer()
+    m = measure_loops(model, tok, ["    return 1\n"], 2, context=32, stride=16,
+                      prompts=["def f():\n"])
+    assert m["bytes"] == m["tokens"] == len("    return 1\n")
 
 
 # ----- the verdict -----
 
-def _rows(ranks, bpbs, steps, omegas):
-    """Rows as `measure_loops` makes them: the cost is the gain at the step's exchange rate."""
+def _rows(ranks, bpbs, costs=None):
+    """Rows as `measure_loops` makes them: refinement - offset cost = gain."""
     rows = []
-    for r, (rank, bpb, step, omega) in enumerate(zip(ranks, bpbs, steps, omegas), 1):
-        row = LoopRow(loop=r, trained=True, step_size=step, hidden_norm=1.0, effective_rank=rank,
-                      bits_per_byte=bpb)
+    for r, (rank, bpb) in enumerate(zip(ranks, bpbs), 1):
+        row = LoopRow(loop=r, trained=True, bits_per_byte=bpb, effective_rank=rank,
+                      step_size=1.0, hidden_norm=1.0)
         if r > 1:
-            row.offset_cost, row.gain_bits_per_byte = omega, rows[-1].bits_per_byte - bpb
-            if row.gain_bits_per_byte > 0:
-                row.offset_cost_bits_per_byte = row.gain_bits_per_byte * omega / step
+            gain = rows[-1].bits_per_byte - bpb
+            cost = (costs or [0.0] * len(bpbs))[r - 1]
+            row.gain_bits_per_byte, row.offset_cost_bits_per_byte = gain, cost
+            row.refinement_bits_per_byte = gain + cost
         rows.append(row)
     return rows
 
 
-def test_verdict_follows_the_rule():
-    helps = verdict(_rows([10, 12, 13], [3.0, 2.5, 2.3], [5, 4, 3], [0, 2, 2]), 8.0)
-    assert helps.another_loop_helps is True and helps.rule_loop == 3 and helps.best_loop == 3
-    stalls = verdict(_rows([10, 12, 11], [3.0, 2.5, 2.4], [5, 4, 3], [0, 2, 2]), 8.0)  # rank falls
-    assert stalls.another_loop_helps is False and stalls.rule_loop == 2
-    costly = verdict(_rows([10, 12, 13], [3.0, 2.5, 2.3], [5, 4, 1], [0, 2, 2]), 8.0)  # step<Omega
-    assert costly.another_loop_helps is False and "does not exceed" in costly.text
-    worse = verdict(_rows([10, 12, 13], [3.0, 2.5, 2.51], [5, 4, 3], [0, 2, 2]), 8.0)
-    assert worse.another_loop_helps is False and worse.best_loop == 2  # no gain: no cost defined
-    assert verdict(_rows([10], [3.0], [5], [0]), 8.0).another_loop_helps is None
+def test_rule_and_best_loop_agree_when_bits_fall_and_rank_rises():
+    v = verdict(_rows([30, 45, 48, 49], [3.7, 3.0, 2.4, 1.9], [0, -1.2, -1.8, -2.2]), 36.0)
+    assert v.rule_loop == v.best_loop == 4 and v.another_loop_helps is True
+    assert "overrides" not in v.text and "holds at every loop through 4" in v.text
 
 
-def test_verdict_compares_with_the_family():
-    bpb = (2.6, 2.4, 2.5, 2.55)
-    family = [FamilyRow(f"plt-r{r}", r, b, 128) for r, b in zip((1, 2, 3, 4), bpb)]
-    v = verdict(_rows([10, 12], [3.0, 2.5], [5, 4], [0, 2]), 8.0, family)  # predicts R=3 helps
-    assert v.another_loop_helps is True and v.family_best_loops == 2 and v.family_agrees is False
-    assert "disagrees" in v.text
-    v = verdict(_rows([10, 12, 11], [3.0, 2.5, 2.4], [5, 4, 3], [0, 2, 2]), 8.0, family)
-    assert v.family_agrees is True  # R=4 scores worse than R=3, as predicted
+def test_the_verdict_says_why_the_measurement_overrides_the_rule():
+    v = verdict(_rows([30, 45, 44, 49], [3.7, 3.0, 2.4, 1.9]), 36.0)  # rank dips into loop 3
+    assert v.rule_loop == 2 and v.best_loop == 4
+    assert "effective rank falls into loop 3" in v.text and "overrides the rule" in v.text
+    assert v.another_loop_helps is True  # the rule holds again at loop 4
+    worse = verdict(_rows([30, 45, 48], [3.0, 2.5, 2.6]), 36.0)
+    assert worse.rule_loop == worse.best_loop == 2 and worse.another_loop_helps is False
+    assert "does not lower bits per byte" in worse.text
 
 
-# ----- texts and the command -----
-
-@pytest.mark.skipif(not (HELDOUT_DIR / "MANIFEST.json").exists(), reason="no held-out corpus")
-def test_code_set_is_a_seeded_subset_cut_to_max_bytes():
-    names, texts = load_texts("code", limit=5, seed=1, max_bytes=300)
-    full = load_texts("code", limit=None, max_bytes=None)[0]
-    assert len(names) == len(texts) == 5 and names == [n for n in full if n in names]
-    assert all(0 < len(t.encode()) <= 300 for t in texts)
-    assert load_texts("code", limit=5, seed=1, max_bytes=300) == (names, texts)
-    assert load_texts("code", limit=5, seed=2, max_bytes=300)[0] != names
+def test_prediction_at_one_loop_follows_the_rank_and_only_at_the_trained_r():
+    assert verdict(_rows([40], [2.0]), 36.0).another_loop_helps is True
+    assert verdict(_rows([30], [2.0]), 36.0).another_loop_helps is False
+    untrained = verdict(_rows([30, 45], [3.0, 2.5]), 36.0, trained_loops=1)
+    assert untrained.another_loop_helps is None and "never trained" in untrained.text
 
 
-def test_cli_diagnose_json_and_plot(tmp_path):
-    from looptune.cli import app
-    from looptune.model.checkpoint import init_checkpoint
+def test_the_family_checks_the_prediction_of_a_member():
+    family = [FamilyRow(f"plt-r{r}", r, b, 128) for r, b in zip((1, 2, 3, 4),
+                                                                (2.0, 1.9, 2.1, 1.95))]
+    rows = _rows([30, 45], [3.0, 2.5])  # predicts that R=3 beats R=2; it does not
+    v = verdict(rows, 36.0, family, 2, is_member=True)
+    assert v.family_best_loops == 2 and v.family_agrees is False and "fails" in v.text
+    v = verdict(_rows([30, 45, 48], [3.0, 2.5, 2.2]), 36.0, family, 3, is_member=True)
+    assert v.family_agrees is True  # R=4 beats R=3, as predicted
+    assert verdict(rows, 36.0, family, 2, is_member=False).family_agrees is None
 
-    ckpt = tmp_path / "ckpt"
-    init_checkpoint(ckpt, "tiny", loops=3, device="cpu")
-    texts = tmp_path / "set.jsonl"
-    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+
+# ----- texts, the library, the command -----
+
+def test_diagnose_reads_the_items_score_reads_and_writes_nothing(checkpoint, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    texts = _jsonl(tmp_path / "set.jsonl", TEXTS * 3)
+    before = set(tmp_path.rglob("*"))
+    cache = os.environ["LOOPTUNE_CACHE_DIR"]
+    cache_before = sorted(os.walk(cache))
+    diag = diagnose(checkpoint, set_name=str(texts), limit=4, seed=3, device="cpu")
+    assert diag.items == [x.id for x in load_set(texts, 4, 3).items] and diag.texts == 4
+    assert diagnose(checkpoint, set_name=str(texts), limit=0, device="cpu").texts == 9
+    assert set(tmp_path.rglob("*")) == before and sorted(os.walk(cache)) == cache_before
+    assert diag.verdict.rule_loop <= diag.verdict.best_loop
+
+
+def test_cli_diagnose_json_plot_and_tables_within_100_columns(checkpoint, tmp_path):
+    from looptune.cli.diagnose import print_diagnosis
+
+    texts = _jsonl(tmp_path / "set.jsonl")
     plot = tmp_path / "gain.png"
-    result = CliRunner().invoke(app, ["diagnose", str(ckpt), "--set", str(texts), "--json",
-                                      "--no-family", "--plot", str(plot), "--limit", "2"])
+    result = runner.invoke(app, ["diagnose", str(checkpoint), "--set", str(texts), "--json",
+                                 "--plot", str(plot), "--limit", "2"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["loops"] == 3 and doc["texts"] == 2 and len(doc["rows"]) == 3
     assert doc["rows"][0]["kl_nats"] is None and doc["rows"][1]["kl_nats"] >= 0
-    assert isinstance(doc["verdict"]["text"], str) and doc["verdict"]["text"]
+    assert {"rule_loop", "best_loop"} <= set(doc["verdict"]) and doc["verdict"]["text"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    args = ["diagnose", str(ckpt), "--set", str(texts), "--no-family", "--limit", "1",
-            "--loops", "2"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    assert "per loop" in result.output and "Another loop is" in result.output
-    result = CliRunner().invoke(app, args + ["--oracle", "--json"])
-    assert json.loads(result.stdout)["rows"][1]["unshifted_cost_bits_per_byte"] is not None
-
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    result = CliRunner().invoke(app, ["diagnose", str(ckpt), "--set", str(empty), "--no-family"])
-    assert result.exit_code == 2 and "no texts" in result.output
+    out = Console(width=100, record=True, file=io.StringIO())
+    print_diagnosis(diagnose(checkpoint, set_name=str(texts), device="cpu"), out)
+    text = out.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 100
+    for header in ("refinement", "offset cost", "unshifted bpb", "eff. rank", "cos(dh, dh')",
+                   "Omega/|h'|"):
+        assert header in text
 
 
-@pytest.mark.skipif(len(family_members()) < 3, reason="the bundled family is not installed")
-def test_diagnose_a_bundled_member_against_the_family(tmp_path):
-    from looptune.diagnose import diagnose
+def test_cli_diagnose_refuses_bad_input_in_one_line(checkpoint, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "\xff"}\n')
+    for command in (["diagnose", str(checkpoint)], ["score", str(checkpoint)]):
+        result = runner.invoke(app, [*command, "--set", str(bad)])
+        assert result.exit_code == 2 and "bad.jsonl:2: not UTF-8" in result.output
+        assert "Traceback" not in result.output and len(result.output.splitlines()) == 1
+    empty = _jsonl(tmp_path / "empty.jsonl", [])
+    result = runner.invoke(app, ["diagnose", str(checkpoint), "--set", str(empty)])
+    assert result.exit_code == 2 and "no records" in result.output
+    result = runner.invoke(app, ["diagnose", str(checkpoint), "--plot", str(tmp_path / "x.svg")])
+    assert result.exit_code == 2 and ".png" in result.output
+    result = runner.invoke(app, ["diagnose", str(checkpoint), "--set", "humaneval"])
+    assert result.exit_code == 2 and "humaneval-nll" in result.output
 
-    texts = tmp_path / "set.jsonl"
-    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    diag = diagnose(family_members()[1], set_name=str(texts), device="cpu")
-    assert diag.loops == diag.trained_loops == 2
-    assert [m.loops for m in diag.family] == [1, 2, 3, 4][:len(diag.family)]
+
+@pytest.mark.skipif(len(family_members()) < 4, reason="the bundled family is not installed")
+def test_a_bundled_member_by_name_against_the_family(tmp_path):
+    texts = _jsonl(tmp_path / "set.jsonl", TEXTS[:2])
+    diag = diagnose("plt-r2", set_name=str(texts), device="cpu", family=True,
+                    cache_dir=tmp_path / "cache")
+    assert diag.loops == diag.trained_loops == 2 and [m.loops for m in diag.family] == [1, 2, 3, 4]
     own = next(m for m in diag.family if m.loops == 2)
     assert own.bits_per_byte == pytest.approx(diag.rows[-1].bits_per_byte, rel=1e-5)
-    assert diag.verdict.family_best_loops is not None and diag.verdict.family_agrees is not None
-    assert "family" in diag.verdict.text
+    assert diag.verdict.family_agrees is not None and "prediction" in diag.verdict.text
+    cached = diagnose("plt-r2", set_name=str(texts), device="cpu", cache_dir=tmp_path / "cache")
+    assert [m.bits_per_byte for m in cached.family] == [m.bits_per_byte for m in diag.family]
+    assert diagnose("plt-r2", set_name=str(texts), device="cpu").family == []

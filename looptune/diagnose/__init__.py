@@ -1,5 +1,7 @@
-"""Per-loop diagnostics: why a loop count wins, as refinement gain against offset cost."""
+"""Per-loop diagnostics: where decoding is best, why, and whether another loop would pay."""
 
-from looptune.diagnose.run import Diagnosis, FamilyRow, LoopRow, Verdict, diagnose, verdict
+from looptune.diagnose.result import Diagnosis, FamilyRow, LoopRow, Verdict
+from looptune.diagnose.run import diagnose
+from looptune.diagnose.verdict import verdict
 
 __all__ = ["Diagnosis", "FamilyRow", "LoopRow", "Verdict", "diagnose", "verdict"]

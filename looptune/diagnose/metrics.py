@@ -58,11 +58,11 @@ def update_cosine(h: torch.Tensor, h_prev: torch.Tensor, h_prev2: torch.Tensor,
     return F.cosine_similarity(a, b, dim=-1, eps=eps).mean().item()
 
 
-def offset_cost(h_prev: torch.Tensor) -> float:
+def offset_distance(h_prev: torch.Tensor) -> float:
     """CLP's cross-loop position offset, `Omega_r = mean_i ||h_{r-1,i} - h_{r-1,i-1}||_2` over
     consecutive positions i = 1..T-1 of the sequence axis (-2) of the state loop r is fed:
-    what loop r at position i receives (position i-1's state) against what it would have
-    wanted (its own)."""
+    what loop r at position i receives (position i-1's state) against its own. A distance in the
+    residual stream, not a cost in bits (`measure` measures that)."""
     if h_prev.shape[-2] < 2:
-        raise ValueError("offset_cost needs at least two positions")
+        raise ValueError("offset_distance needs at least two positions")
     return (h_prev[..., 1:, :].float() - h_prev[..., :-1, :].float()).norm(dim=-1).mean().item()
