@@ -1,63 +1,292 @@
-"""The sandbox that runs generated code: it stops what it must, the parent survives each, and
-the HumanEval canonical solutions pass through it."""
+"""The sandbox that runs generated code, against completions written to cheat or to escape.
 
+Each attack runs with the OS boundary (bubblewrap; skipped where it cannot run) and with the
+tripwire alone, except the classes only the boundary contains (marked `boundary_only`), which
+run with the boundary and without the tripwire inside it, so the boundary alone is what holds.
+"""
+
+import ast
+import json
 import os
+import secrets
+import socket
+import stat
+import subprocess
+import sys
 import time
 
 import pytest
 
-from looptune.quality.humaneval import check_program, run_tests, truncate_at_stop
-from looptune.quality.sandbox import Limits, run_python
+from looptune.errors import LooptuneError
+from looptune.quality import sandbox
+from looptune.quality.humaneval import run_test, run_tests, truncate_at_stop
+from looptune.quality.sandbox import Limits, run_check, sandbox_kind
 from looptune.quality.sets import load_set
 
 FAST = Limits(timeout_s=5.0, cpu_s=3)
+RETURNS_ONE = "def check(f):\n    assert f() == 1\n"  # the tests of most programs below
+BOUNDARY = sandbox._boundary_unavailable()
+needs_boundary = pytest.mark.skipif(BOUNDARY is not None, reason=f"no boundary: {BOUNDARY}")
 
 
-def test_a_plain_program_passes_and_may_use_its_own_directory():
-    r = run_python("import os, tempfile\nopen('a.txt', 'w').write('x')\nos.mkdir('d')\n"
-                   "os.rename('a.txt', 'd/b.txt')\nos.remove('d/b.txt')\n"
-                   "tempfile.NamedTemporaryFile().write(b'x')\nprint(sorted(os.environ))\n", FAST)
-    assert r.passed, r.output
-    assert "['HOME', 'LANG', 'LC_ALL', 'PATH', 'TMPDIR']" in r.output
+@pytest.fixture(params=["boundary", "tripwire"])
+def kind(request):
+    if request.param == "boundary" and BOUNDARY is not None:
+        pytest.skip(f"no boundary here: {BOUNDARY}")
+    return request.param
 
 
-def test_failures_and_exit_are_not_passes():
-    assert run_python("assert 1 == 2", FAST).detail == "AssertionError"
-    r = run_python("import sys\nsys.exit(0)", FAST)  # leaving before the tests ran
-    assert not r.passed and "SystemExit" in r.detail
+def check(program, kind, tests=RETURNS_ONE, limits=FAST, **kw):
+    return run_check(program, tests, "f", limits, kind, **kw)
 
 
-def test_infinite_loop_is_stopped():
-    start = time.monotonic()
-    r = run_python("while True:\n    pass\n", Limits(timeout_s=2.0, cpu_s=1))
-    assert r.status == "timeout"
-    assert time.monotonic() - start < 10
-    r = run_python("import time\ntime.sleep(60)\n", Limits(timeout_s=1.0, cpu_s=5))
-    assert r.status == "timeout" and "wall" in r.detail
+def boundary_alone(program, tests=RETURNS_ONE, limits=FAST):
+    """The boundary without the tripwire inside it: what holds is the OS alone."""
+    return run_check(program, tests, "f", limits, "boundary", tripwire=False)
 
 
-def test_memory_bomb_is_stopped():
-    r = run_python("hog = []\nwhile True:\n    hog.append(bytes(64 << 20))\n",
-                   Limits(timeout_s=10.0, cpu_s=5, memory_bytes=512 << 20))
-    assert r.status == "failed" and "MemoryError" in r.detail
+def fn(body):
+    """A program defining f() with `body` (indented lines) and returning 1."""
+    return "def f():\n" + "".join(f"    {line}\n" for line in body.splitlines()) + "    return 1\n"
+
+
+# --- the check itself --------------------------------------------------------------------------
+
+def test_a_plain_program_passes_and_may_use_its_own_directory(kind):
+    r = check(fn("import os, tempfile\nopen('a.txt', 'w').write('x')\nos.mkdir('d')\n"
+                 "os.rename('a.txt', 'd/b.txt')\nos.remove('d/b.txt')\n"
+                 "tempfile.NamedTemporaryFile().write(b'x')\nprint(sorted(os.environ))"), kind)
+    assert r.passed and r.sandbox == kind, r
+    shown = set(ast.literal_eval(r.output.strip()))  # nothing of the parent's environment
+    assert {"HOME", "PATH", "TMPDIR"} <= shown <= {"HOME", "LANG", "LC_ALL", "PATH", "PWD",
+                                                   "TMPDIR"}
+
+
+def test_wrong_answers_errors_and_exits_fail(kind):
+    assert check("def f():\n    return 2\n", kind).detail == "AssertionError"
+    r = check("def f():\n    return 1 / 0\n", kind)
+    assert not r.passed and r.detail == "ZeroDivisionError: division by zero"
+    r = check("def g():\n    return 1\n", kind)
+    assert not r.passed and r.detail == "NameError: the program does not define f", r
 
 
 @pytest.mark.parametrize("program", [
+    "import os\nos._exit(0)\n",  # before the tests ran
+    "import sys\nsys.exit(0)\n",
+    fn("import os\nos._exit(0)"),  # while they run
+    fn("raise SystemExit(0)"),
+    # every line an honest harness might print, on every descriptor it might hold
+    ("import os\nfor fd in range(64):\n    for m in (b'passed\\n', b'PASS\\n', b'0 passed\\n',"
+     " b'{\"ready\": true}\\n'):\n        try:\n            os.write(fd, m)\n"
+     "        except OSError:\n            pass\nprint('passed')\nos._exit(0)\n"),
+])
+def test_a_pass_cannot_be_forged_by_exiting_or_printing(kind, program):
+    r = check(program, kind, tests="def check(f):\n    assert f() == 2\n")
+    assert not r.passed, r
+
+
+@pytest.mark.parametrize("result", [
+    "type('Eq', (), {'__eq__': lambda s, o: True, '__hash__': lambda s: 0})()",
+    "type('I', (int,), {'__eq__': lambda s, o: True, '__hash__': lambda s: 0})(7)",
+    "type('S', (str,), {'__eq__': lambda s, o: True, '__hash__': lambda s: 0})('x')",
+    "[type('F', (float,), {'__eq__': lambda s, o: True})(1.0)]",  # nested
+    "{1: type('T', (tuple,), {})()}",
+    "iter([1])",
+])
+def test_results_that_are_not_plain_data_fail(kind, result):
+    r = check(f"def f():\n    return {result}\n", kind)
+    assert not r.passed and "not plain data" in r.detail, r
+
+
+def test_plain_data_crosses_exactly(kind):
+    value = "[None, True, 3, 2.5, 1j, 'é', b'\\x00', (1, [2]), {3: {'k': frozenset({4})}}, {5}]"
+    r = check(f"def f(*a, **k):\n    return a, k, {value}\n", kind,
+              tests=f"def check(f):\n    got = f((1, 2), [b'x'], k={{1.5}})\n"
+                    f"    assert got == (((1, 2), [b'x']), {{'k': {{1.5}}}}, {value}), got\n"
+                    f"    assert type(got[2][7]) is tuple and type(got[2][7][1]) is list\n")
+    assert r.passed, r
+
+
+# --- the guard's own state ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("tamper", [
+    "import sys\nsys.modules['__main__'].__dict__.clear()",
+    ("import os, posixpath\nos.path.realpath = posixpath.realpath = lambda p, **k: '/sandbox/x'"
+     "\nos.lstat = os.stat = lambda *a, **k: None"),
+    ("import builtins\nbuiltins.any = lambda *a: False\nbuiltins.type = lambda *a: str\n"
+     "builtins.PermissionError = OSError\nbuiltins.len = lambda *a: 0"),
+    "import gc\n[o for o in gc.get_objects() if callable(o)]",
+    "import sys\nsys.settrace(lambda *a: None)",
+])
+def test_the_guards_state_cannot_be_changed(kind, tmp_path, tamper):
+    target = tmp_path / "escaped.txt"
+    r = check(fn(f"{tamper}\nopen({str(target)!r}, 'w').write('x')"), kind)
+    assert not r.passed and not target.exists(), r
+
+
+# --- the parent --------------------------------------------------------------------------------
+
+PARENT = """
+import json, sys
+from looptune.quality.sandbox import Limits, run_check
+kind, programs = sys.argv[1], json.loads(sys.argv[2])
+results = [run_check(p, "def check(f):\\n    assert f() == 1\\n", "f", Limits(timeout_s=5.0),
+                     kind, tripwire=kind == "tripwire").__dict__ for p in programs]
+print(json.dumps(results))
+"""
+
+
+def in_a_parent(kind, programs, env=None):
+    """Run the checks from a separate parent process: if an attack kills its parent, that
+    process dies, not pytest."""
+    done = subprocess.run([sys.executable, "-c", PARENT, kind, json.dumps(programs)],
+                          check=False, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])  # the parent survived
+    return json.loads(done.stdout)
+
+
+KILL_THE_PARENT = [
+    fn("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)"),
+    fn("import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)"),
+    fn("import os\nos.killpg(os.getpgid(os.getppid()), 9)"),
+]
+# Gets back the functions the tripwire takes away (a fresh module from the same spec)
+KILL_THE_PARENT_DETERMINED = fn(
+    "import importlib.util as u, os\n"
+    "new = lambda n: u.module_from_spec(u.find_spec(n))\n"
+    "p, s = new('posix'), new('_signal')\n"
+    "for pid in {os.getppid(), 1}:\n"
+    "    try:\n"
+    "        s.pidfd_send_signal(p.pidfd_open(pid), 9)\n"
+    "    except OSError:\n"
+    "        pass")
+
+
+def test_the_parent_survives_attempts_to_kill_it(kind):
+    programs = KILL_THE_PARENT + ([KILL_THE_PARENT_DETERMINED] if kind == "boundary" else [])
+    results = in_a_parent(kind, programs)  # asserts that the parent survived
+    assert len(results) == len(programs)
+    if kind == "tripwire":  # refused; in the boundary they reach only the sandbox's own init
+        assert all(r["status"] == "failed" for r in results), results
+
+
+SECRET_READERS = [
+    fn("import os\nraise ValueError(open(f'/proc/{os.getppid()}/environ').read())"),
+    fn("import os\nprint(open(f'/proc/{os.getppid()}/environ').read())"),
+    fn("import os\nprint(open('/proc/self/../' + str(os.getppid()) + '/environ', 'rb').read())"),
+    fn("import os\nprint(open(f'/proc/{os.getppid()}/cmdline').read())"),
+    fn("import os\nprint(os.environ)"),
+    # every process it can see, by every path
+    fn("import os\nfor p in os.listdir('/proc'):\n    try:\n"
+       "        print(open(f'/proc/{p}/environ', 'rb').read())\n    except Exception:\n"
+       "        pass\n    try:\n        for t in os.listdir(f'/proc/{p}/task'):\n"
+       "            print(open(f'/proc/{p}/task/{t}/environ', 'rb').read())\n"
+       "    except Exception:\n        pass\nraise ValueError(str(os.listdir('/proc')))"),
+]
+
+
+def test_the_parents_environment_is_out_of_reach(kind):
+    secret = "looptune-secret-" + secrets.token_hex(8)
+    results = in_a_parent(kind, SECRET_READERS, env={**os.environ, "LOOPTUNE_TEST_SECRET": secret})
+    assert "PATH" in results[4]["output"]  # what they print is kept: the readers did run
+    assert secret not in json.dumps(results)  # detail and output: all a score keeps of a check
+
+
+# --- files, disk and network -------------------------------------------------------------------
+
+OUTSIDE_WRITES = [
     "open({target!r}, 'w').write('x')",
     "import os\nos.chdir('/')\nopen({target!r}, 'w')",
     "open('../' * 12 + {target!r}.lstrip('/'), 'w').write('x')",
     "import pathlib\npathlib.Path({target!r}).write_text('x')",
     "import os\nos.symlink({target!r}, 'link')\nopen('link', 'w').write('x')",
-    "import os\nfd = os.open({dir!r}, os.O_RDONLY)\n"
-    "os.open({name!r}, os.O_WRONLY | os.O_CREAT, dir_fd=fd)",
+    ("import os\nfd = os.open({dir!r}, os.O_RDONLY)\n"
+     "os.open({name!r}, os.O_WRONLY | os.O_CREAT, dir_fd=fd)"),
     "import shutil\nshutil.copy('/etc/hostname', {target!r})",
-])
-def test_writes_outside_its_directory_are_refused(tmp_path, program):
-    target = tmp_path / "escaped.txt"
-    src = program.format(target=str(target), dir=str(tmp_path), name=target.name)
-    r = run_python(src, FAST)
-    assert not r.passed and "PermissionError" in r.output, r.output
-    assert not target.exists()
+    "import sqlite3\nsqlite3.connect({target!r}).execute('create table t (x)')",
+    "import os\nos.open({target!r}, os.O_WRONLY | os.O_CREAT)",
+]
+OUTSIDE_CHANGES = [
+    "import os\nos.remove({victim!r})",
+    "import os\nos.rename({victim!r}, {target!r})",
+    "import os\nos.chmod({victim!r}, 0o777)",
+    "import os\nfd = os.open({victim!r}, os.O_RDONLY)\nos.fchmod(fd, 0o777)",
+    "import os\nos.utime({victim!r}, (0, 0))",
+    "import shutil\nshutil.rmtree({dir!r})",
+]
+
+
+@pytest.mark.parametrize("program", OUTSIDE_WRITES + OUTSIDE_CHANGES)
+def test_files_outside_its_directory_stay_as_they_were(kind, tmp_path, program):
+    target, victim = tmp_path / "escaped.txt", tmp_path / "victim.txt"
+    victim.write_text("keep")
+    victim.chmod(0o600)
+    before = victim.stat()
+    src = program.format(target=str(target), dir=str(tmp_path), name=target.name,
+                         victim=str(victim))
+    for r in [check(fn(src), kind)] + ([boundary_alone(fn(src))] if kind == "boundary" else []):
+        assert not r.passed, r
+        assert not target.exists() and victim.read_text() == "keep"
+        after = victim.stat()
+        assert (stat.S_IMODE(after.st_mode), after.st_mtime_ns) == \
+            (stat.S_IMODE(before.st_mode), before.st_mtime_ns)
+
+
+@needs_boundary
+def test_boundary_only_the_system_is_read_only_and_the_parents_files_invisible():
+    here = os.path.abspath(__file__)
+    r = boundary_alone(fn(f"import os\nassert not os.path.exists({here!r})\n"
+                          f"assert not os.path.exists({os.path.expanduser('~')!r} + '/.bashrc')\n"
+                          "for d in ('/usr', '/', '/dev', '/proc/1'):\n    try:\n"
+                          "        open(d + '/x', 'w')\n    except OSError:\n        pass\n"
+                          "    else:\n        raise AssertionError(d)"))
+    assert r.passed, r
+
+
+@needs_boundary
+def test_boundary_only_the_total_written_is_capped():
+    limits = Limits(timeout_s=10.0, file_bytes=1 << 20, disk_bytes=4 << 20)
+    program = ("def f():\n    n = 0\n    for i in range(64):\n        try:\n"
+               "            with open(f'/tmp/{i}', 'wb') as out:\n"
+               "                n += out.write(bytes(1 << 20))\n"
+               "        except OSError:\n            break\n    return n\n")
+    r = boundary_alone(program, "def check(f):\n    assert 0 < f() <= 4 << 20\n", limits)
+    assert r.passed, r
+
+
+def test_the_network_is_refused(kind):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        program = fn(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)")
+        results = [check(program, kind)] + ([boundary_alone(program)] if kind == "boundary"
+                                            else [])
+        assert not any(r.passed for r in results), results
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody came
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+def test_time_limits(kind):
+    start = time.monotonic()
+    r = check(fn("while True:\n    pass"), kind, limits=Limits(timeout_s=5.0, cpu_s=1))
+    assert r.status == "timeout" and "CPU" in r.detail, r
+    r = check(fn("import time\ntime.sleep(60)"), kind, limits=Limits(timeout_s=1.0, cpu_s=5))
+    assert r.status == "timeout" and "wall" in r.detail, r
+    assert time.monotonic() - start < 20
+
+
+def test_memory_and_output_are_capped(kind):
+    r = check(fn("hog = []\nwhile True:\n    hog.append(bytes(64 << 20))"), kind,
+              limits=Limits(timeout_s=10.0, cpu_s=5, memory_bytes=512 << 20))
+    assert r.status == "failed" and "MemoryError" in r.detail, r
+    r = check(fn("while True:\n    print('x' * 1000)"), kind,
+              limits=Limits(timeout_s=10.0, file_bytes=1 << 16))
+    assert not r.passed and "file size limit" in r.detail, r
 
 
 @pytest.mark.parametrize("program", [
@@ -65,29 +294,37 @@ def test_writes_outside_its_directory_are_refused(tmp_path, program):
     "import subprocess\nsubprocess.run(['touch', '{marker}'])",
     "import os\nif os.fork() == 0:\n    open('{marker}', 'w')",
     "import os\nos.execv('/usr/bin/touch', ['touch', '{marker}'])",
-    "import os\nos.posix_spawn('/usr/bin/touch', ['touch', '{marker}'], {{}})",
     "import multiprocessing\nmultiprocessing.Process(target=print).start()",
-    "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
+    "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
+    "import ctypes",
 ])
-def test_process_spawning_is_refused_and_the_parent_survives(tmp_path, program):
+def test_the_tripwire_refuses_spawning_raising_limits_and_ctypes(kind, tmp_path, program):
     marker = tmp_path / "spawned"
-    r = run_python(program.format(marker=marker), FAST)
-    assert not r.passed and "PermissionError" in r.output, r.output
+    r = check(fn(program.format(marker=marker)), kind)
+    assert not r.passed and "PermissionError" in r.detail, r
     assert not marker.exists()
-    assert os.getpid() > 0  # still here
 
 
-def test_raising_limits_sockets_and_ctypes_are_refused():
-    for src in ("import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
-                "import socket\nsocket.socket()", "import ctypes"):
-        r = run_python(src, FAST)
-        assert not r.passed and "PermissionError" in r.output
+# --- choosing the sandbox ----------------------------------------------------------------------
+
+def test_the_kind_is_chosen_by_argument_or_environment(monkeypatch, capsys):
+    monkeypatch.setenv("LOOPTUNE_SANDBOX", "tripwire")
+    assert sandbox_kind() == "tripwire"
+    with pytest.raises(LooptuneError, match="sandbox must be one of"):
+        sandbox_kind("chroot")
+    monkeypatch.setenv("PATH", "/nonexistent")  # no bwrap: auto falls back, once, loudly
+    sandbox._boundary_unavailable.cache_clear()
+    sandbox._warn_tripwire.cache_clear()
+    try:
+        with pytest.raises(LooptuneError, match="not available here"):
+            sandbox_kind("boundary")
+        assert sandbox_kind("auto") == sandbox_kind("auto") == "tripwire"
+        assert capsys.readouterr().err.count("tripwire only") == 1
+    finally:
+        sandbox._boundary_unavailable.cache_clear()
 
 
-def test_output_flood_is_capped():
-    r = run_python("while True:\n    print('x' * 1000)\n", Limits(timeout_s=10.0, file_bytes=1 << 16))
-    assert not r.passed and "file size limit" in r.detail
-
+# --- HumanEval ---------------------------------------------------------------------------------
 
 def test_stop_sequences():
     assert truncate_at_stop("    return x\n\ndef other():\n") == "    return x\n"
@@ -95,10 +332,17 @@ def test_stop_sequences():
     assert truncate_at_stop("    return 1") == "    return 1"
 
 
-def test_canonical_solutions_pass_and_a_wrong_one_fails():
+def test_canonical_solutions_pass_and_wrong_ones_fail(kind):
     problems = load_set("humaneval").items
-    results = run_tests(problems, [p.text for p in problems], workers=2)
-    failed = [(p.id, r.detail) for p, r in zip(problems, results) if not r.passed]
-    assert not failed
-    wrong = run_python(check_program(problems[0], "    return None\n"), FAST)
-    assert not wrong.passed
+    sample = problems[::16] + [p for p in problems if p.id in ("HumanEval/32", "HumanEval/38")]
+    results = run_tests(sample, [p.text for p in sample], sandbox=kind)
+    assert [(p.id, r.detail) for p, r in zip(sample, results) if not r.passed] == []
+    assert {r.sandbox for r in results} == {kind}
+    assert not run_test(problems[0], "    return None\n", sandbox=kind).passed
+
+
+@pytest.mark.slow
+def test_all_canonical_solutions_pass(kind):
+    problems = load_set("humaneval").items
+    results = run_tests(problems, [p.text for p in problems], sandbox=kind)
+    assert [(p.id, r.detail) for p, r in zip(problems, results) if not r.passed] == []

@@ -228,9 +228,9 @@ def serve(inp, out, tripwire):
         if tripwire:
             install_tripwire(None)
         exec(code, namespace)  # noqa: S102 - running it is the point
+        if request["entry_point"] not in namespace:
+            raise NameError(f"the program does not define {request['entry_point']}")
         function = namespace[request["entry_point"]]
-        if not callable(function):
-            raise TypeError(f"{request['entry_point']} is not a function")
     except BaseException as e:  # noqa: BLE001 - SystemExit included: it did not finish loading
         send({"error": _describe(e)})
         return
