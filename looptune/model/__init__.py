@@ -7,9 +7,11 @@ from looptune.model.checkpoint import build_model, content_hash, load_model, sav
 from looptune.model.config import MODES, PRESETS, PLTConfig, preset_config
 from looptune.model.generate import decode_n, decode_one, generate, prefill, sample
 from looptune.model.plt import PLTForCausalLM
+from looptune.model.step import HOWS, make_decode_step
 
 __all__ = [
     "ARCHITECTURES",
+    "HOWS",
     "MODES",
     "PRESETS",
     "KVCache",
@@ -23,6 +25,7 @@ __all__ = [
     "generate",
     "kv_bytes",
     "load_model",
+    "make_decode_step",
     "prefill",
     "preset_config",
     "sample",

@@ -126,12 +126,15 @@ class KVCache:
         self.full_k[layer, g].index_copy_(2, self._full_at, k)
         self.full_v[layer, g].index_copy_(2, self._full_at, v)
 
-    def full(self, layer: int, loop: int, span: int):
-        """(k, v, mask) of loop `loop`'s full cache, first `span` slots: every position up to
-        and including the new token (in `plt` / `plt-noshift`, loop 0's: the global branch)."""
+    def full(self, layer: int, loop: int, span: int | None):
+        """(k, v, mask) of loop `loop`'s full cache, its first `span` slots (None: all), which
+        must cover every position up to and including the new token (in `plt` / `plt-noshift`,
+        loop 0's cache: the global branch)."""
         g = self._group(loop)
-        return (self.full_k[layer, g, :, :, :span], self.full_v[layer, g, :, :, :span],
-                self._full_mask[:, :span])  # [B, H_kv, span, d_h] x 2, [1, span]
+        k, v, mask = self.full_k[layer, g], self.full_v[layer, g], self._full_mask
+        if span is None:
+            return k, v, mask
+        return k[:, :, :span], v[:, :, :span], mask[:, :span]  # [B, H_kv, span, d_h], [1, span]
 
     def write_local(self, layer: int, loops: range, k, v):  # k [B, H_kv, len(loops), d_h]
         """Push the new token's keys and values of G-SWA loops `loops` (>= 1) into their rings."""

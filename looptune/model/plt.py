@@ -159,7 +159,7 @@ class DecoderLayer(nn.Module):
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, (k, v)
 
-    def forward_step(self, rows, cos, sin, loops: range, layer: int, cache: KVCache, span: int):
+    def forward_step(self, rows, cos, sin, loops: range, layer: int, cache: KVCache, span: int | None):
         """Rows `[B, n, d]` are loops `loops` (numbered from 0) of one token at `cache.pos`.
 
         All rows share one weight read: this is the batched pass that makes PLT decode cheap.
@@ -314,20 +314,24 @@ class PLTForCausalLM(nn.Module):
         p = self.model.embed_tokens.weight
         return KVCache(self.config, mode, R, W, batch, max_len, dtype or p.dtype, device or p.device)
 
-    def decode_step(self, token_ids, cache: KVCache, span: int | None = None):
+    def decode_step(self, token_ids, cache: KVCache):
         """Logits `[B, vocab]` for one new token per sequence at position `cache.pos`.
 
-        `span`: full-cache slots to read, more than the tokens held; by default `cache.span()`,
-        the tokens held rounded up to a power of two, so the cost grows with the length.
+        The global branch reads `cache.span()` slots, the tokens held rounded up to a power of
+        two, so its cost grows with the length, not the cache size. For CUDA graphs and
+        `torch.compile`, see `looptune.model.step`.
         """
-        logits = self.decode_static(token_ids, cache, cache.span() if span is None else span)
+        if torch.compiler.is_compiling():  # keep the host count out of the graph: from here
+            cache.length = cache.max_len  # on it is unknown, so reads cover the whole cache
+            return self.decode_static(token_ids, cache, None)
+        logits = self.decode_static(token_ids, cache, cache.span())
         cache.length += 1
         return logits
 
-    def decode_static(self, token_ids, cache: KVCache, span: int):
+    def decode_static(self, token_ids, cache: KVCache, span: int | None):
         """`decode_step` as tensor work only, what CUDA graphs and `torch.compile` capture:
-        shapes fixed by (batch, span, cache), no host sync, no Python state; `cache.length`
-        is the caller's to advance."""
+        shapes fixed by the cache and `span` (None: the whole cache), no host sync, no Python
+        state; `cache.length` is the caller's to advance."""
         R, cfg = cache.loops, self.config
         cache.begin_step()
         emb = self.model.embed_tokens(token_ids)[:, None]  # [B, 1, d]
@@ -348,7 +352,7 @@ class PLTForCausalLM(nn.Module):
         cache.pos += 1
         return self.head(rows[:, -1])
 
-    def _step_layers(self, rows, cos, sin, loops: range, cache: KVCache, span: int):
+    def _step_layers(self, rows, cos, sin, loops: range, cache: KVCache, span: int | None):
         for i, layer in enumerate(self.model.layers):
             rows = layer.forward_step(rows, cos, sin, loops, i, cache, span)
         return rows

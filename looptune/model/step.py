@@ -1,0 +1,146 @@
+"""The decode step three ways, behind one call: `make_decode_step(model, cache, how)`.
+
+    step, setup_ms = make_decode_step(model, cache, "graphs")
+    logits = step(token_ids)  # [B] ids -> [B, vocab]; the cache advances one position
+
+- `eager`: `PLTForCausalLM.decode_step`, one kernel launch per op. The global branch reads
+  `cache.span()` slots (a power of two above the tokens held), so its cost grows with the
+  length rather than the cache size.
+- `graphs`: the static-shape step (`decode_static`, the whole cache) captured once in a
+  `torch.cuda.CUDAGraph`, no inductor; each call copies the ids into a static input buffer and
+  replays, so launch overhead goes. CUDA only.
+- `compile`: `torch.compile` of the same static step (inductor, no CUDA graphs).
+
+`setup_ms` is what the runner costs before its first step: capture (with its warm-up) or
+compilation, timed after a device sync; 0 for eager. Setting up runs the step at the cache's
+current position and then puts `pos`, `carry` and the host count back, so the cache holds what
+it held (the keys written at `pos` are rewritten by the first real step before anything reads
+them). Build the runner after the cache is allocated; prefill may come before or after.
+
+The logits returned by `graphs` live in the graph's static output: the next call overwrites
+them, so clone what you keep.
+
+Compile reuse: dynamo keeps compiled code per function, so every runner of one process shares
+it. The batch and cache-length dimensions are marked dynamic, so one compile serves every batch
+size above 1 and every context; it recompiles for a new model (checkpoint member), dtype, mode,
+loop count R or window, and once for batch 1 (dynamo specialises sizes of 1). Inductor's on-disk
+cache then makes a second process's compile of the same shapes cheap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from looptune.errors import LooptuneError
+from looptune.model.cache import KVCache
+from looptune.model.plt import PLTForCausalLM
+
+HOWS = ("eager", "graphs", "compile")
+
+# Room for one compiled graph per (member, dtype, mode, R, window) of a whole profile.
+_RECOMPILE_LIMIT = 64
+
+
+def make_decode_step(model: PLTForCausalLM, cache: KVCache, how: str = "eager",
+                     backend: str = "inductor") -> tuple[Callable, float]:
+    """`(step, setup_ms)`: `step(token_ids [B]) -> logits [B, vocab]` decodes one token per
+    sequence at `cache.pos` and advances the cache. `how` is one of `HOWS`; `backend` is the
+    `torch.compile` backend for `compile` (tests use "aot_eager")."""
+    if how not in HOWS:
+        raise LooptuneError(f"how must be one of {', '.join(HOWS)}, got {how!r}")
+    if how == "eager":
+        return _no_grad(lambda token_ids: model.decode_step(token_ids, cache)), 0.0
+    if how == "graphs":
+        return _graphed(model, cache)
+    return _compiled(model, cache, backend)
+
+
+def _no_grad(fn):
+    def step(token_ids):
+        with torch.no_grad():
+            return fn(token_ids)
+    return step
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Saved:
+    """The cache state a warm-up or capture step changes, to put back afterwards."""
+
+    def __init__(self, cache: KVCache):
+        self.cache, self.pos, self.carry = cache, cache.pos.clone(), cache.carry.clone()
+        self.length = cache.length
+
+    def restore(self):
+        self.cache.pos.copy_(self.pos)  # in place: captured graphs keep their addresses
+        self.cache.carry.copy_(self.carry)
+        self.cache.length = self.length
+
+
+@torch.no_grad()
+def _graphed(model, cache: KVCache):
+    device = cache.pos.device
+    if device.type != "cuda":
+        raise LooptuneError(f"how='graphs' needs a CUDA device; the cache is on {device.type}")
+    tokens = torch.zeros(cache.batch, dtype=torch.long, device=device)  # the static input
+    saved = _Saved(cache)
+    _sync(device)
+    t0 = time.perf_counter()
+    side = torch.cuda.Stream(device)  # warm up off the capture stream, as torch's docs advise
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model.decode_static(tokens, cache, None)
+            saved.restore()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = model.decode_static(tokens, cache, None)  # [B, vocab], the static output
+    saved.restore()
+    _sync(device)
+    setup_ms = (time.perf_counter() - t0) * 1e3
+
+    def step(token_ids):
+        tokens.copy_(token_ids)
+        graph.replay()
+        cache.length += 1
+        return logits
+
+    step.graph = graph  # keeps the graph (and its memory pool) alive with the step
+    return step, setup_ms
+
+
+def _compiled(model, cache: KVCache, backend: str):
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, _RECOMPILE_LIMIT)
+    # batch and cache length dynamic (maybe_: sizes of 1 stay specialised, without an error)
+    for t, batch_dim, len_dim in ((cache.full_k, 2, 4), (cache.full_v, 2, 4),
+                                  (cache.ring_k, 1, None), (cache.ring_v, 1, None),
+                                  (cache.carry, 1, None), (cache._full_slots, None, 0)):
+        for dim in (batch_dim, len_dim):
+            if dim is not None:
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+    fn = torch.compile(model.decode_static, backend=backend)
+
+    def raw(token_ids):
+        torch._dynamo.maybe_mark_dynamic(token_ids, 0)
+        logits = fn(token_ids.contiguous(), cache, None)  # strides are guarded too
+        cache.length += 1
+        return logits
+
+    step = _no_grad(raw)
+    device = cache.pos.device
+    saved = _Saved(cache)
+    _sync(device)
+    t0 = time.perf_counter()
+    step(torch.zeros(cache.batch, dtype=torch.long, device=device))  # compiles
+    _sync(device)
+    setup_ms = (time.perf_counter() - t0) * 1e3
+    saved.restore()
+    return step, setup_ms

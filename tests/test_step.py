@@ -1,0 +1,74 @@
+"""The decode step runners: every way of running the step gives the eager logits."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from looptune.errors import LooptuneError
+from looptune.model import MODES
+from looptune.model.step import make_decode_step
+
+
+def _decode(model, ids, R, mode, how, prefix=5, **kw):
+    """Prefill `prefix` tokens, then decode the rest with a `how` runner: `[B, T - prefix, V]`."""
+    B, T = ids.shape
+    cache = model.new_cache(B, T, loops=R, mode=mode, window=4)
+    model(ids[:, :prefix], loops=R, mode=mode, window=4, cache=cache)
+    step, setup_ms = make_decode_step(model, cache, how, **kw)
+    assert setup_ms >= 0
+    out = [step(ids[:, t]).clone() for t in range(prefix, T)]
+    assert cache.length == T
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.slow  # dynamo's first trace takes seconds; decode_static == forward is in the fast run
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_step_equals_the_full_forward(mode):
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        full = model(ids, loops=3, mode=mode, window=4)
+    compiled = _decode(model, ids, 3, mode, "compile", backend="eager")
+    eager = _decode(model, ids, 3, mode, "eager")
+    torch.testing.assert_close(eager, full[:, 5:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(compiled, full[:, 5:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_one_compile_serves_other_batches_and_contexts():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(12)
+    for B, T in [(2, 9), (3, 9), (3, 14), (5, 11)]:
+        ids = torch.randint(0, 256, (B, T), generator=gen)
+        with torch.no_grad():
+            full = model(ids, loops=2, window=4)
+        got = _decode(model, ids, 2, "plt", "compile", backend="eager")
+        torch.testing.assert_close(got, full[:, 5:], atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_graphs_are_refused_off_cuda_and_bad_how_is_one_line():
+    model = tiny_model()
+    cache = model.new_cache(1, 8, loops=2)
+    with pytest.raises(LooptuneError, match="CUDA"):
+        make_decode_step(model, cache, "graphs")
+    with pytest.raises(LooptuneError, match="how must be one of"):
+        make_decode_step(model, cache, "jit")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", MODES)
+def test_graph_replay_equals_eager_on_cuda(mode):
+    model = tiny_model().cuda()
+    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(13)).cuda()
+    with torch.no_grad():
+        full = model(ids, loops=3, mode=mode, window=4)
+    graphed = _decode(model, ids, 3, mode, "graphs", prefix=17)
+    eager = _decode(model, ids, 3, mode, "eager", prefix=17)
+    torch.testing.assert_close(eager, full[:, 17:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=0)
