@@ -18,7 +18,7 @@ def family_scores(vs: ValidationSet, device="auto", dtype="auto", cache_dir: Pat
     cached members are returned (no model runs). `progress(label, done, total)` per member."""
     from looptune.bundled import family_members
     from looptune.model.checkpoint import content_hash, load_model, read_config, resolve_device
-    from looptune.quality.bpb import bits_per_byte, clamp_window, score_loops
+    from looptune.quality.bpb import bits_per_byte, clamp_window, score_loops, small_model_threads
     from looptune.quality.score import trained_context
     from looptune.store import ResultCache
 
@@ -37,8 +37,10 @@ def family_scores(vs: ValidationSet, device="auto", dtype="auto", cache_dir: Pat
         if value is None and compute:
             model, tokenizer = load_model(path, device, dtype)
             R = model.config.num_loops
-            value = bits_per_byte(score_loops(model, tokenizer, texts, [R], prompts=prompts,
-                                              context=context, stride=stride)[R])
+            with small_model_threads(model):
+                scores = score_loops(model, tokenizer, texts, [R], prompts=prompts,
+                                     context=context, stride=stride)[R]
+            value = bits_per_byte(scores)
             if cache:
                 cache.put(key, value)
         if value is not None:

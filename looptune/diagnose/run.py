@@ -46,7 +46,7 @@ def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
     finish."""
     from looptune.bundled import family_members
     from looptune.model.checkpoint import content_hash, load_model, resolve_device, run_dtype
-    from looptune.quality.bpb import clamp_window
+    from looptune.quality.bpb import clamp_window, small_model_threads
     from looptune.quality.score import trained_context
     from looptune.quality.sets import load_set
 
@@ -66,9 +66,10 @@ def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
     context, stride = clamp_window(cfg, trained_context(path, cfg), None)
     texts = [x.text for x in vs.items]
     prompts = [x.prompt for x in vs.items] if any(x.prompt for x in vs.items) else None
-    m = measure_loops(model, tokenizer, texts, R, context, stride, prompts=prompts,
-                      batch_tokens=batch_tokens, seed=seed,
-                      progress=(lambda d, t: progress("windows", d, t)) if progress else None)
+    with small_model_threads(model):
+        m = measure_loops(model, tokenizer, texts, R, context, stride, prompts=prompts,
+                          batch_tokens=batch_tokens, seed=seed,
+                          progress=(lambda d, t: progress("windows", d, t)) if progress else None)
     rows = [LoopRow(trained=row["loop"] <= cfg.num_loops, **row) for row in m["rows"]]
     members = []
     if family or cache_dir is not None:

@@ -26,14 +26,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from looptune.errors import LooptuneError
-from looptune.quality.bpb import WindowPlan, clamp_window, score_loops
+from looptune.quality.bpb import WindowPlan, clamp_window, score_loops, small_model_threads
 from looptune.quality.sets import ValidationSet, load_set
 from looptune.quality.stats import N_BOOT, paired_ratio_diff_ci, ratio_ci
 from looptune.store import ResultCache
@@ -263,7 +262,7 @@ class _Run:
             label = f"{Path(self.checkpoint).name} {vs.name} W={window} R={r}"
             completions, tokens = [], []
             start = time.perf_counter()
-            with _decode_threads(self.model):
+            with small_model_threads(self.model):
                 for i, item in enumerate(vs.items):
                     text, n = complete(self.model, self.tokenizer, item.prompt, r, self.mode,
                                        window)
@@ -278,23 +277,6 @@ class _Run:
                       "pass_loops": r, "completions": completions,
                       "results": [x.detail or x.status for x in results]}
         return out
-
-
-@contextmanager
-def _decode_threads(model, small: int = 50_000_000):
-    """One CPU thread while decoding a small model: a decode step is hundreds of tiny ops, and
-    splitting each across threads costs more than it saves (30 ms against 5 ms a token with two
-    threads against one, measured with the family shape on a busy two-core machine)."""
-    param = model.model.embed_tokens.weight
-    if param.device.type != "cpu" or model.num_params() > small:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _summarise(run: _Run, vs: ValidationSet, window: int, r: int, records: dict[int, dict],
