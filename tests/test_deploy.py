@@ -27,12 +27,27 @@ def made_profile(tmp_path_factory):
 
     def fake(knobs):
         q = 3.0 - 0.1 * knobs.loops + (0.05 if knobs.checkpoint.endswith("r1") else 0)
-        return Outcome(knobs, q, (q - 0.01, q + 0.01), 1.0 + knobs.loops, (0.9, 1.1), 5.0,
-                       1024 * knobs.loops, extra={"metric": "bits_per_byte"})
+        return Outcome(
+            knobs,
+            q,
+            (q - 0.01, q + 0.01),
+            1.0 + knobs.loops,
+            (0.9, 1.1),
+            5.0,
+            1024 * knobs.loops,
+            extra={"metric": "bits_per_byte"},
+        )
 
     out = tmp_path / "profiles" / "demo.yaml"
-    result = run_pareto(ckpts, Budgets(3.5), Workload(), trials=50, out=out, evaluator=fake,
-                        plot=tmp_path / "front.png")
+    result = run_pareto(
+        ckpts,
+        Budgets(3.5),
+        Workload(),
+        trials=50,
+        out=out,
+        evaluator=fake,
+        plot=tmp_path / "front.png",
+    )
     assert result.profile_path == out
     return out, result, ckpts
 
@@ -44,7 +59,7 @@ def test_profile_holds_the_choice_and_its_evidence(made_profile):
     assert doc["knobs"]["loops"] == 2  # best quality within 3.5 ms: R=2 at 3.0 ms
     assert doc["objectives"]["latency_ms"]["value"] == 3.0
     assert len(doc["model"]["content_hash"]) == 64
-    assert doc["pareto_set"] and doc["study"]["name"] == "demo"
+    assert doc["pareto_set"] and doc["study"]["name"]
     assert (out.parent.parent / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shown = runner.invoke(app, ["show", str(out), "--json"])
     assert shown.exit_code == 0, shown.output
@@ -87,41 +102,34 @@ def test_a_changed_model_no_longer_matches(made_profile):
         config.write_text(original)
 
 
-@pytest.mark.parametrize("engine", ["vllm", "sglang", "hf"])
-def test_export_files_parse_and_carry_loops_and_window(made_profile, tmp_path, engine):
+def test_export_of_a_study_profile_carries_its_loops_and_window(made_profile, tmp_path):
+    """A LoopCoder-V2 profile goes to the vLLM fork (the only engine that registers it) with
+    plt_window_size in flash-attention's convention; the others refuse it (tests/test_export)."""
     out, _, _ = made_profile
     doc = yaml.safe_load(out.read_text())
     R, W = doc["knobs"]["loops"], doc["knobs"]["window"]
-    result = runner.invoke(app, ["export", str(out), "--to", engine, "--out", str(tmp_path / engine),
-                                 "--json"])
+    result = runner.invoke(
+        app, ["export", str(out), "--to", "vllm-plt", "--out", str(tmp_path), "--json"]
+    )
     assert result.exit_code == 0, result.output
-    files = json.loads(result.stdout)["files"]
-    if engine == "vllm":
-        cfg = yaml.safe_load(open(files[0]))
-        overrides = json.loads(cfg["hf-overrides"])
-        assert cfg["model"] == doc["model"]["path"] and cfg["max-num-seqs"] == 1
-    elif engine == "sglang":
-        cfg = yaml.safe_load(open(files[0]))
-        overrides = json.loads(cfg["json-model-override-args"])
-        assert cfg["model-path"] == doc["model"]["path"]
-    else:
-        overrides = json.load(open(files[0]))
-        merged = json.load(open(files[1]))
-        assert merged["hidden_size"] == 16 and merged["plt_num_loops"] == R
-    assert overrides["plt_num_loops"] == R
-    assert overrides["plt_window_size"] == [W - 1, 0]  # flash-attention convention: W - 1 left
+    cfg = yaml.safe_load(Path(json.loads(result.stdout)["files"][0]).read_text())
+    assert json.loads(cfg["hf-overrides"]) == {"plt_num_loops": R, "plt_window_size": [W - 1, 0]}
+    assert cfg["model"] == doc["model"]["path"] and cfg["max-num-seqs"] == 1
+    assert cfg["max-model-len"] == 512  # the tiny model's context, not prompt_len + gen_len
 
 
 def test_export_to_unknown_engine(made_profile):
     out, _, _ = made_profile
     result = runner.invoke(app, ["export", str(out), "--to", "tgi"])
-    assert result.exit_code == 2 and "--to must be one of vllm, sglang, hf" in result.stderr
+    assert result.exit_code == 2
+    assert "target must be one of vllm, vllm-plt, sglang, hf" in result.stderr
 
 
 def test_generate_streams_with_the_profile_settings(made_profile):
     out, _, _ = made_profile
-    result = runner.invoke(app, ["generate", "--profile", str(out), "--prompt", "def f(",
-                                 "--max-new-tokens", "12"])
+    result = runner.invoke(
+        app, ["generate", "--profile", str(out), "--prompt", "def f(", "--max-new-tokens", "12"]
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("def f(")
     from looptune.export.runtime import load_profiled
@@ -138,8 +146,15 @@ def test_nothing_fits_exits_3_with_the_nearest_miss(tmp_path):
     def slow(knobs):
         return Outcome(knobs, 2.0, (2, 2), 5.0 + knobs.loops, (5, 6), 1.0, 100)
 
-    result = run_pareto([tmp_path / "m"], Budgets(1.0), Workload(), loops=(1, 2), trials=10,
-                        out=tmp_path / "p.yaml", evaluator=slow)
+    result = run_pareto(
+        [tmp_path / "m"],
+        Budgets(1.0),
+        Workload(),
+        loops=(1, 2),
+        trials=10,
+        out=tmp_path / "p.yaml",
+        evaluator=slow,
+    )
     assert result.choice.best is None and result.choice.nearest_miss.knobs.loops == 1
     assert not (tmp_path / "p.yaml").exists()
 
@@ -154,26 +169,32 @@ def test_a_bundled_member_is_recorded_by_name():
     assert shipped.model.path == recorded and model_path(shipped) == default_checkpoint()
 
 
-@pytest.mark.parametrize("section, key, value, says", [
-    ("knobs", "loops", -3, "knobs.loops must be an integer >= 1, got -3"),
-    ("knobs", "window", "two", "knobs.window must be an integer >= 1, got 'two'"),
-    ("knobs", "loops", True, "knobs.loops must be an integer >= 1, got True"),
-    ("knobs", "compile", "yes", "knobs.compile must be true or false, got 'yes'"),
-    ("knobs", "dtype", "fp8", "knobs.dtype must be one of float32, bfloat16, float16"),
-    ("knobs", "mode", "turbo", "knobs.mode must be one of plt, plt-noshift, sequential"),
-    ("knobs", "batch", 0, "knobs.batch must be an integer >= 1, got 0"),
-    ("model", "content_hash", "abc", "model.content_hash must be a sha256 hex digest"),
-    ("model", "architecture", "GPT2", "model.architecture must be one of"),
-    ("knobs", "loop", 3, "knobs has unknown key 'loop'"),
-])
+@pytest.mark.parametrize(
+    "section, key, value, says",
+    [
+        ("knobs", "loops", -3, "knobs.loops must be an integer >= 1, got -3"),
+        ("knobs", "window", "two", "knobs.window must be an integer >= 1, got 'two'"),
+        ("knobs", "loops", True, "knobs.loops must be an integer >= 1, got True"),
+        ("knobs", "compile", "yes", "knobs.compile must be true or false, got 'yes'"),
+        ("knobs", "dtype", "fp8", "knobs.dtype must be one of float32, bfloat16, float16"),
+        ("knobs", "mode", "turbo", "knobs.mode must be one of plt, plt-noshift, sequential"),
+        ("knobs", "batch", 0, "knobs.batch must be an integer >= 1, got 0"),
+        ("model", "content_hash", "abc", "model.content_hash must be a sha256 hex digest"),
+        ("model", "architecture", "GPT2", "model.architecture must be one of"),
+        ("knobs", "loop", 3, "knobs has unknown key 'loop'"),
+    ],
+)
 def test_hand_edited_knobs_are_one_line_and_exit_2(tmp_path, section, key, value, says):
     shipped = Path(__file__).parent.parent / "profiles" / "cpu-demo.yaml"
     doc = yaml.safe_load(shipped.read_text())
     doc[section][key] = value
     bad = tmp_path / "edited.yaml"
     bad.write_text(yaml.safe_dump(doc))
-    for command in (["show", str(bad)], ["export", str(bad), "--out", str(tmp_path / "x")],
-                    ["generate", "--profile", str(bad), "--prompt", "def"]):
+    for command in (
+        ["show", str(bad)],
+        ["export", str(bad), "--out", str(tmp_path / "x")],
+        ["generate", "--profile", str(bad), "--prompt", "def"],
+    ):
         result = runner.invoke(app, command)
         assert result.exit_code == 2, (command, result.output)
         assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -15,9 +15,12 @@ from looptune.cli.app import app, console, emit_json
 @app.command()
 def show(
     profile: Annotated[Path, typer.Argument(help="A profile written by `looptune pareto`.")],
-    check: Annotated[bool, typer.Option(help="Check that the model on disk still has the "
-                                             "measured content hash.")] = True,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the profile as JSON on stdout.")] = False,
+    check: Annotated[
+        bool, typer.Option(help="Check that the model on disk still has the measured content hash.")
+    ] = True,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the profile as JSON on stdout.")
+    ] = False,
 ):
     """Print a deployable profile: the chosen setting, its measured objectives and the front."""
     from looptune.export.deployable import check_model, model_path, read_profile
@@ -31,13 +34,17 @@ def show(
     k, o, m = prof.knobs, prof.objectives, prof.model
     console.print(f"[bold]{profile}[/]  (made {prof.created or '?'})")
     console.print(f"model    {m.path}  {m.architecture}  sha256 {m.content_hash[:16]}…")
-    console.print(f"setting  loops {k.loops}  mode {k.mode}  window {k.window}  dtype {k.dtype}  "
-                  f"compile {k.compile}  batch {k.batch}")
+    console.print(
+        f"setting  loops {k.loops}  mode {k.mode}  window {k.window}  dtype {k.dtype}  "
+        f"compile {k.compile}  batch {k.batch}"
+    )
     q, lat = o.quality, o.latency_ms
     ttft = f"{o.ttft_ms:.1f} ms" if o.ttft_ms is not None else "?"
-    console.print(f"measured {q.metric} {q.value:.4f} [{q.ci[0]:.4f}, {q.ci[1]:.4f}]  "
-                  f"{lat.metric} {lat.value:.3f} ms [{lat.ci[0]:.3f}, {lat.ci[1]:.3f}]  "
-                  f"ttft {ttft}  KV {o.kv_bytes / 2**20:.3f} MiB")
+    console.print(
+        f"measured {q.metric} {q.value:.4f} [{q.ci[0]:.4f}, {q.ci[1]:.4f}]  "
+        f"{lat.metric} {lat.value:.3f} ms [{lat.ci[0]:.3f}, {lat.ci[1]:.3f}]  "
+        f"ttft {ttft}  KV {o.kv_bytes / 2**20:.3f} MiB"
+    )
     if prof.budgets:
         b = prof.budgets
         limits = [f"{b.metric} <= {b.latency_ms:g} ms"]
@@ -45,49 +52,112 @@ def show(
         limits += [f"ttft <= {b.ttft_ms:g} ms"] if b.ttft_ms is not None else []
         console.print(f"budgets  {'  '.join(limits)}")
     dev = prof.device
-    console.print(f"device   {dev.get('device_name', dev.get('device', '?'))}  torch "
-                  f"{dev.get('torch_version', dev.get('torch', '?'))}")
+    console.print(
+        f"device   {dev.get('device_name', dev.get('device', '?'))}  torch "
+        f"{dev.get('torch_version', dev.get('torch', '?'))}"
+    )
     table = Table(title="Pareto set")
     for col in ("member", "R", "W", "dtype", q.metric, f"{lat.metric} ms", "KV MiB"):
         table.add_column(col)
     for p in prof.pareto_set:
-        table.add_row(Path(p["knobs"]["checkpoint"]).name, str(p["knobs"]["loops"]),
-                      str(p["knobs"]["window"]), p["knobs"]["dtype"], f"{p['quality']:.4f}",
-                      f"{p['latency_ms']:.3f}", f"{p['kv_bytes'] / 2**20:.3f}")
+        table.add_row(
+            Path(p["knobs"]["checkpoint"]).name,
+            str(p["knobs"]["loops"]),
+            str(p["knobs"]["window"]),
+            p["knobs"]["dtype"],
+            f"{p['quality']:.4f}",
+            f"{p['latency_ms']:.3f}",
+            f"{p['kv_bytes'] / 2**20:.3f}",
+        )
     console.print(table)
 
 
 @app.command()
 def export(
     profile: Annotated[Path, typer.Argument(help="A profile written by `looptune pareto`.")],
-    to: Annotated[str, typer.Option(help="vllm (serve --config YAML), sglang (launch_server "
-                                         "--config YAML) or hf (config.json overlay).")] = "vllm",
-    out: Annotated[Path | None, typer.Option(help="Output directory (default: beside the "
-                                                     "profile, named after it).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the written paths as JSON.")] = False,
+    to: Annotated[
+        str,
+        typer.Option(
+            help="vllm, vllm-plt (the LoopCoder-V2 fork), sglang "
+            "(each a --config YAML) or hf (a transformers directory)."
+        ),
+    ] = "vllm",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Output directory (default: beside the profile, named after it and the target)."
+        ),
+    ] = None,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Context to serve (default: the model's max_position_embeddings)."
+        ),
+    ] = None,
+    max_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Sequences served at once (default: the measured batch, the largest the "
+            "latency budget was checked at).",
+        ),
+    ] = None,
+    write_weights: Annotated[
+        bool,
+        typer.Option(
+            "--write-weights",
+            help="Also write the model beside the config, gate tensors renamed "
+            "to the target's spelling, unchanged shards hard-linked.",
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Write even when a check fails; each failure is recorded in the file."
+        ),
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print what was written as JSON.")
+    ] = False,
 ):
-    """Write a serving-engine config (vLLM, SGLang, transformers) for a profile's setting.
+    """Write a serving engine's config for a profile's measured setting.
 
-    The loop count and window go in as the checkpoint architecture's own config keys
-    (LoopCoder-V2 or IQuest-Loop), through vLLM's hf-overrides or SGLang's
-    json-model-override-args."""
+    Loops, window (in the engine's own convention), dtype and eager/CUDA graphs are the measured
+    ones; context and concurrency are the deployment's. Refuses, one line and exit 2, when the
+    model changed since it was measured or the engine cannot serve it as stored (--force
+    writes anyway)."""
     from looptune.export.deployable import read_profile
-    from looptune.export.engines import export_profile
+    from looptune.export.serving import export_profile
 
-    doc = read_profile(profile)
-    out = out or profile.with_suffix("").parent / f"{profile.stem}-{to}"
-    written = export_profile(doc, to, out)
+    prof = read_profile(profile)
+    out = out or profile.parent / f"{profile.stem}-{to}"
+    result = export_profile(
+        prof,
+        profile,
+        to,
+        out,
+        max_model_len=max_model_len,
+        max_concurrency=max_concurrency,
+        write_weights=write_weights,
+        force=force,
+    )
+    for problem in result.forced:
+        console.print(f"forced past: {problem}", soft_wrap=True, highlight=False)
+    for note in result.notes:
+        console.print(f"note: {note}", soft_wrap=True, highlight=False)
     if json_out:
-        emit_json({"engine": to, "files": [str(p) for p in written]})
-    else:
-        for p in written:
-            console.print(f"wrote {p}")
+        emit_json(result.to_dict())
+        return
+    for p in result.files:
+        console.print(f"wrote {p}", soft_wrap=True, highlight=False)
+    console.print(f"serve: {result.command}", soft_wrap=True, highlight=False, markup=False)
 
 
 @app.command()
 def generate(
-    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint (default: the "
-                                                              "profile's model).")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint (default: the profile's model).")
+    ] = None,
     profile: Annotated[Path, typer.Option(help="The profile whose settings to run.")] = ...,
     prompt: Annotated[str, typer.Option(help="The prompt text.")] = ...,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
@@ -106,6 +176,12 @@ def generate(
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    runner.generate(prompt, on_text=put, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p, seed=seed)
+    runner.generate(
+        prompt,
+        on_text=put,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
     sys.stdout.write("\n")

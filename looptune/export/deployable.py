@@ -100,25 +100,58 @@ class Profile:
     def to_dict(self) -> dict:
         m, k, o = self.model, self.knobs, self.objectives
         q, lat = o.quality, o.latency_ms
-        doc = {"kind": KIND, "schema_version": SCHEMA_VERSION, "created": self.created,
-               "command": self.command,
-               "model": _some({"path": m.path, "architecture": m.architecture,
-                               "content_hash": m.content_hash, "trained_loops": m.trained_loops,
-                               "trained_window": m.trained_window}),
-               "knobs": _some({"loops": k.loops, "mode": k.mode, "window": k.window,
-                               "dtype": k.dtype, "compile": k.compile, "batch": k.batch,
-                               "prompt_len": k.prompt_len, "gen_len": k.gen_len}),
-               "objectives": {
-                   "quality": {"set": q.set, "metric": q.metric, "value": q.value,
-                               "ci": list(q.ci), "limit": q.limit, "seed": q.seed},
-                   "latency_ms": {"metric": lat.metric, "value": lat.value, "ci": list(lat.ci)},
-                   "ttft_ms": o.ttft_ms, "kv_bytes": o.kv_bytes, "tokens_per_s": o.tokens_per_s}}
+        doc = {
+            "kind": KIND,
+            "schema_version": SCHEMA_VERSION,
+            "created": self.created,
+            "command": self.command,
+            "model": _some(
+                {
+                    "path": m.path,
+                    "architecture": m.architecture,
+                    "content_hash": m.content_hash,
+                    "trained_loops": m.trained_loops,
+                    "trained_window": m.trained_window,
+                }
+            ),
+            "knobs": _some(
+                {
+                    "loops": k.loops,
+                    "mode": k.mode,
+                    "window": k.window,
+                    "dtype": k.dtype,
+                    "compile": k.compile,
+                    "batch": k.batch,
+                    "prompt_len": k.prompt_len,
+                    "gen_len": k.gen_len,
+                }
+            ),
+            "objectives": {
+                "quality": {
+                    "set": q.set,
+                    "metric": q.metric,
+                    "value": q.value,
+                    "ci": list(q.ci),
+                    "limit": q.limit,
+                    "seed": q.seed,
+                },
+                "latency_ms": {"metric": lat.metric, "value": lat.value, "ci": list(lat.ci)},
+                "ttft_ms": o.ttft_ms,
+                "kv_bytes": o.kv_bytes,
+                "tokens_per_s": o.tokens_per_s,
+            },
+        }
         if self.budgets is not None:
             b = self.budgets
-            doc["budgets"] = {"latency_ms": b.latency_ms, "kv_mib": b.kv_mib,
-                              "ttft_ms": b.ttft_ms, "metric": b.metric}
-        doc.update(device=dict(self.device), pareto_set=list(self.pareto_set),
-                   study=dict(self.study))
+            doc["budgets"] = {
+                "latency_ms": b.latency_ms,
+                "kv_mib": b.kv_mib,
+                "ttft_ms": b.ttft_ms,
+                "metric": b.metric,
+            }
+        doc.update(
+            device=dict(self.device), pareto_set=list(self.pareto_set), study=dict(self.study)
+        )
         return doc
 
     @classmethod
@@ -128,38 +161,76 @@ class Profile:
             raise ProfileError(f"{path}: not a looptune profile (kind is not {KIND!r})")
         version = doc.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ProfileError(f"{path}: profile schema version {version!r} is not supported "
-                               f"(this looptune reads version {SCHEMA_VERSION})")
-        top = _Section(doc, "", path, optional=("created", "command", "budgets", "device",
-                                                "pareto_set", "study"))
+            raise ProfileError(
+                f"{path}: profile schema version {version!r} is not supported "
+                f"(this looptune reads version {SCHEMA_VERSION})"
+            )
+        top = _Section(
+            doc,
+            "",
+            path,
+            optional=("created", "command", "budgets", "device", "pareto_set", "study"),
+        )
         top.only(Profile, "kind", "schema_version")
         m = top.section("model", optional=("trained_loops", "trained_window")).only(ModelRef)
-        model = ModelRef(m.text("path"), m.choice("architecture", ARCHITECTURES),
-                         m.sha256("content_hash"), m.integer("trained_loops", 1),
-                         m.integer("trained_window", 1))
+        model = ModelRef(
+            m.text("path"),
+            m.choice("architecture", ARCHITECTURES),
+            m.sha256("content_hash"),
+            m.integer("trained_loops", 1),
+            m.integer("trained_window", 1),
+        )
         k = top.section("knobs", optional=("prompt_len", "gen_len")).only(Setting)
-        knobs = Setting(k.integer("loops", 1), k.choice("mode", MODES), k.integer("window", 1),
-                        k.choice("dtype", DTYPES), k.boolean("compile"), k.integer("batch", 1),
-                        k.integer("prompt_len", 1), k.integer("gen_len", 1))
+        knobs = Setting(
+            k.integer("loops", 1),
+            k.choice("mode", MODES),
+            k.integer("window", 1),
+            k.choice("dtype", DTYPES),
+            k.boolean("compile"),
+            k.integer("batch", 1),
+            k.integer("prompt_len", 1),
+            k.integer("gen_len", 1),
+        )
         o = top.section("objectives", optional=("ttft_ms", "tokens_per_s")).only(Objectives)
         q = o.section("quality", optional=("set", "limit", "seed")).only(Quality)
         lat = o.section("latency_ms").only(Latency)
         objectives = Objectives(
-            Quality(q.text("set") or "code", q.text("metric"), q.number("value"), q.interval("ci"),
-                    q.integer("limit", 1), q.integer("seed", 0) or 0),
+            Quality(
+                q.text("set") or "code",
+                q.text("metric"),
+                q.number("value"),
+                q.interval("ci"),
+                q.integer("limit", 1),
+                q.integer("seed", 0) or 0,
+            ),
             Latency(lat.text("metric"), lat.number("value", 0), lat.interval("ci")),
-            o.integer("kv_bytes", 0), o.number("ttft_ms", 0), o.number("tokens_per_s", 0))
+            o.integer("kv_bytes", 0),
+            o.number("ttft_ms", 0),
+            o.number("tokens_per_s", 0),
+        )
         budgets = None
         if doc.get("budgets") is not None:
             b = top.section("budgets", optional=("kv_mib", "ttft_ms", "metric")).only(StudyBudgets)
-            budgets = StudyBudgets(b.number("latency_ms", 0), b.number("kv_mib", 0),
-                                   b.number("ttft_ms", 0), b.text("metric") or "tpot-p50")
+            budgets = StudyBudgets(
+                b.number("latency_ms", 0),
+                b.number("kv_mib", 0),
+                b.number("ttft_ms", 0),
+                b.text("metric") or "tpot-p50",
+            )
         pareto = top.listing("pareto_set")
         for i, entry in enumerate(pareto):
             _check_outcome(entry, f"pareto_set[{i}]", path)
-        return cls(model, knobs, objectives, budgets, top.text("created") or "",
-                   top.text("command") or "", top.mapping("device"), pareto,
-                   top.mapping("study"))
+        return cls(
+            model,
+            knobs,
+            objectives,
+            budgets,
+            top.text("created") or "",
+            top.text("command") or "",
+            top.mapping("device"),
+            pareto,
+            top.mapping("study"),
+        )
 
 
 def _some(d: dict) -> dict:
@@ -178,8 +249,10 @@ class _Section:
         known = {f.name for f in fields(cls)} | set(more)
         unknown = [k for k in self.block if k not in known]
         if unknown:
-            raise ProfileError(f"{self.path}: {self.where or 'the profile'} has unknown key "
-                               f"{unknown[0]!r} (known: {', '.join(sorted(known))})")
+            raise ProfileError(
+                f"{self.path}: {self.where or 'the profile'} has unknown key "
+                f"{unknown[0]!r} (known: {', '.join(sorted(known))})"
+            )
         return self
 
     def _value(self, key):
@@ -198,8 +271,9 @@ class _Section:
     def section(self, key, optional=()) -> _Section:
         value = self._value(key)
         if not isinstance(value, dict):
-            raise ProfileError(f"{self.path}: section {self._name(key)!r} is missing or not a "
-                               f"mapping")
+            raise ProfileError(
+                f"{self.path}: section {self._name(key)!r} is missing or not a mapping"
+            )
         return _Section(value, self._name(key), self.path, optional)
 
     def integer(self, key, low: int):
@@ -216,8 +290,9 @@ class _Section:
             return None
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok or not math.isfinite(value) or (low is not None and value < low):
-            raise self._bad(key, "a finite number" + (f" >= {low}" if low is not None else ""),
-                            value)
+            raise self._bad(
+                key, "a finite number" + (f" >= {low}" if low is not None else ""), value
+            )
         return float(value)
 
     def boolean(self, key) -> bool:
@@ -230,7 +305,7 @@ class _Section:
         value = self._value(key)
         if value is None and key in self.optional:
             return None
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not (value or key in self.optional):
             raise self._bad(key, "a non-empty string", value)
         return value
 
@@ -249,8 +324,11 @@ class _Section:
 
     def interval(self, key) -> tuple[float, float]:
         value = self._value(key)
-        ok = (isinstance(value, list) and len(value) == 2
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+        ok = (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        )
         if not ok or not value[0] <= value[1]:
             raise self._bad(key, "[low, high]", value)
         return (float(value[0]), float(value[1]))
@@ -327,10 +405,14 @@ def check_model(profile: Profile, checkpoint, profile_path="profile") -> None:
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
-        raise ProfileError(f"{profile_path}: its model {checkpoint} is not there (moved or "
-                           f"deleted?); rerun `looptune pareto` or pass the checkpoint")
+        raise ProfileError(
+            f"{profile_path}: its model {checkpoint} is not there (moved or "
+            f"deleted?); rerun `looptune pareto` or pass the checkpoint"
+        )
     expected = profile.model.content_hash
     actual = content_hash(checkpoint)
     if actual != expected:
-        raise ProfileError(f"{profile_path}: measured on model {expected[:12]}, but {checkpoint} "
-                           f"is {actual[:12]}; rerun `looptune pareto` for this model")
+        raise ProfileError(
+            f"{profile_path}: measured on model {expected[:12]}, but {checkpoint} "
+            f"is {actual[:12]}; rerun `looptune pareto` for this model"
+        )

@@ -20,9 +20,15 @@ class ProfiledModel:
     knobs: Setting
     profile_path: Path
 
-    def generate(self, prompt: str, on_text: Callable[[str], None] | None = None,
-                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None) -> str:
+    def generate(
+        self,
+        prompt: str,
+        on_text: Callable[[str], None] | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> str:
         """Generate from `prompt` with the profile's knobs; `on_text` gets each decoded piece as
         soon as its token exists (streaming). Returns the whole completion."""
         from looptune.model.generate import generate
@@ -36,8 +42,10 @@ class ProfiledModel:
             raise LooptuneError("the prompt is empty")
         limit = self.model.config.max_position_embeddings
         if len(ids) + max_new_tokens > limit:
-            raise LooptuneError(f"prompt ({len(ids)} tokens) plus --max-new-tokens "
-                                f"({max_new_tokens}) exceeds the model's context of {limit}")
+            raise LooptuneError(
+                f"prompt ({len(ids)} tokens) plus --max-new-tokens "
+                f"({max_new_tokens}) exceeds the model's context of {limit}"
+            )
         pieces: list[str] = []
 
         def emit(piece: str):
@@ -48,10 +56,19 @@ class ProfiledModel:
         text = _TextStream(self.tokenizer, emit)
         eos = getattr(self.tokenizer, "eos_id", None)
         device = self.model.model.embed_tokens.weight.device
-        generate(self.model, torch.tensor([ids], device=device), max_new_tokens,
-                 loops=self.knobs.loops, mode=self.knobs.mode, window=self.knobs.window,
-                 temperature=temperature, top_p=top_p, seed=seed, stop_id=eos,
-                 on_token=lambda t: None if int(t[0]) == eos else text.push(int(t[0])))
+        generate(
+            self.model,
+            torch.tensor([ids], device=device),
+            max_new_tokens,
+            loops=self.knobs.loops,
+            mode=self.knobs.mode,
+            window=self.knobs.window,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_id=eos,
+            on_token=lambda t: None if int(t[0]) == eos else text.push(int(t[0])),
+        )
         return "".join(pieces)
 
 

@@ -1,0 +1,88 @@
+"""A servable copy of a checkpoint directory: the engine's config.json, the engine's spelling of
+the gate tensors, and everything else shared with the original.
+
+Shards with no tensor to rename are hard links to the original (symbolic links across file
+systems), as are the tokenizer and remote-code files; only a shard holding a renamed tensor is
+rewritten. Every file is written atomically and config.json last, so a copy interrupted half-way
+never looks like a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from looptune.errors import LooptuneError
+from looptune.model.checkpoint import INDEX, weight_files
+from looptune.store import atomic_write_text
+
+
+def tensor_names(directory: Path) -> dict[str, Path]:
+    """Every stored tensor name -> its file, from the safetensors headers alone."""
+    names = {}
+    for f in weight_files(Path(directory)):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                names.update({name: f for name in handle.keys()})  # noqa: SIM118
+        except (SafetensorError, OSError) as e:
+            raise LooptuneError(f"{f}: corrupt or truncated safetensors ({e})") from None
+    return names
+
+
+def write_model_dir(source: Path, target: Path, renames: dict[str, str], config: dict) -> dict:
+    """Write `target` as `source` with tensors renamed by `renames` and `config` as config.json.
+
+    Returns {"linked": [...], "rewritten": [...], "config": path} (file names)."""
+    source, target = Path(source).resolve(), Path(target).resolve()
+    if source == target:
+        raise LooptuneError(f"{target}: the copy cannot replace the checkpoint it is made from")
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "config.json").unlink(missing_ok=True)  # incomplete until it is written again
+    shards = weight_files(source)
+    linked, rewritten = [], []
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as handle:
+            names = list(handle.keys())
+            if any(n in renames for n in names):
+                tensors = {renames.get(n, n): handle.get_tensor(n) for n in names}
+                metadata = handle.metadata() or {"format": "pt"}
+                tmp = target / f".{shard.name}.tmp"
+                try:
+                    save_file(tensors, str(tmp), metadata=metadata)
+                    os.replace(tmp, target / shard.name)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                rewritten.append(shard.name)
+                continue
+        _link(shard, target / shard.name)
+        linked.append(shard.name)
+    if (source / INDEX).exists():
+        index = json.loads((source / INDEX).read_text())
+        index["weight_map"] = {renames.get(k, k): v for k, v in index["weight_map"].items()}
+        atomic_write_text(target / INDEX, json.dumps(index, indent=2) + "\n")
+    produced = {s.name for s in shards} | {INDEX, "config.json"}
+    for f in target.glob("*.safetensors"):
+        if f.name not in produced:
+            f.unlink()  # a shard left by an earlier copy of another checkpoint
+    for f in sorted(source.iterdir()):
+        if f.is_file() and f.name not in produced and not f.name.startswith("."):
+            _link(f, target / f.name)  # tokenizer, generation config, remote code
+            linked.append(f.name)
+    atomic_write_text(target / "config.json", json.dumps(config, indent=2) + "\n")
+    return {"linked": linked, "rewritten": rewritten, "config": str(target / "config.json")}
+
+
+def _link(source: Path, target: Path) -> None:
+    """Hard link `target` to `source` (a symbolic link across file systems), replacing it."""
+    tmp = target.with_name(f".{target.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        os.symlink(source, tmp)
+    os.replace(tmp, target)

@@ -1,0 +1,346 @@
+"""`looptune export`: each engine's file parsed back and checked against its table of facts.
+
+The engines' own argument parsers are not importable here (vLLM's needs the whole GPU build,
+SGLang 0.5.23's server_args imports its runtime), so the round trip goes through the option names
+the engines document, flattened the way `vllm serve --config` and `launch_server --config` read
+a YAML file (true booleans become bare flags, other values `--key value`).
+"""
+
+import argparse
+import json
+import os
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from looptune.cli import app
+from looptune.export.deployable import (
+    Latency,
+    ModelRef,
+    Objectives,
+    Profile,
+    Quality,
+    Setting,
+    read_profile,
+    write_profile,
+)
+from looptune.export.engines import SGLANG, TARGETS
+from looptune.model.checkpoint import content_hash, init_checkpoint
+
+runner = CliRunner()
+SHIPPED = Path(__file__).parent.parent / "profiles" / "cpu-demo.yaml"
+
+# The option names each engine documents (docs.vllm.ai configuration/serve_args and `vllm serve
+# --help=all` of 0.33.0; docs.sglang.io server_arguments and the 0.5.23 ServerArgs fields).
+DOCUMENTED = {
+    "vllm": {
+        "model": str,
+        "dtype": str,
+        "max-model-len": int,
+        "max-num-seqs": int,
+        "enforce-eager": bool,
+        "no-enforce-eager": bool,
+        "trust-remote-code": bool,
+        "hf-overrides": json.loads,
+    },
+    "sglang": {
+        "model-path": str,
+        "dtype": str,
+        "context-length": int,
+        "max-running-requests": int,
+        "trust-remote-code": bool,
+        "json-model-override-args": json.loads,
+        "cuda-graph-backend-decode": str,
+        "cuda-graph-backend-prefill": str,
+        "cuda-graph-max-bs-decode": int,
+    },
+}
+DOCUMENTED["vllm-plt"] = DOCUMENTED["vllm"]
+
+
+def parse_like_the_engine(engine: str, path: Path) -> argparse.Namespace:
+    """The exported YAML as the engine's `--config` turns it into arguments, parsed by a parser
+    that knows only the documented option names (an unknown name is an error)."""
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    for name, kind in DOCUMENTED[engine].items():
+        if kind is bool:
+            parser.add_argument(f"--{name}", action="store_true")
+        else:
+            parser.add_argument(f"--{name}", type=kind)
+    argv = []
+    for key, value in yaml.safe_load(path.read_text()).items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is False:
+            argv.append(f"--no-{key}")
+        else:
+            argv += [f"--{key}", str(value)]
+    return parser.parse_args(argv)
+
+
+def loop_profile(
+    tmp_path,
+    loops=2,
+    window=4,
+    compile=False,
+    batch=3,
+    mode="plt-noshift",
+    device="cuda",
+    ckpt=None,
+):
+    """An IQuest-Loop checkpoint (`looptune init --arch iquest-loop`) and a profile of it."""
+    ckpt = ckpt or tmp_path / "loop"
+    if not ckpt.exists():
+        init_checkpoint(ckpt, "tiny", loops=2, window=8, arch="iquest-loop")
+    profile = Profile(
+        ModelRef(str(ckpt), "IQuestLoopCoderForCausalLM", content_hash(ckpt), 2, 8),
+        Setting(loops, mode, window, "bfloat16", compile, batch, prompt_len=128, gen_len=32),
+        Objectives(
+            Quality("code", "bits_per_byte", 2.5, (2.4, 2.6), 16, 0),
+            Latency("tpot_ms_p50", 1.25, (1.2, 1.3)),
+            kv_bytes=4096,
+            ttft_ms=3.0,
+        ),
+        device={"device_type": device, "device_name": "test GPU"},
+    )
+    return ckpt, write_profile(tmp_path / "loop.yaml", profile)
+
+
+def export(*args):
+    result = runner.invoke(app, ["export", *map(str, args)])
+    return result
+
+
+def header(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    return [line[2:] for line in lines if line.startswith("# ")]
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_engine_file_reproduces_the_measured_setting(tmp_path, engine):
+    ckpt, prof = loop_profile(tmp_path, loops=2, window=4, compile=True, batch=3)
+    force = ["--force"] if engine == "sglang" else []  # SGLang's gate loader: see below
+    result = export(prof, "--to", engine, "--out", tmp_path / engine, "--json", *force)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    path = Path(doc["files"][0])
+    target = TARGETS[engine]
+    args = parse_like_the_engine(engine, path)
+    f = target.flags
+    overrides = getattr(args, f["overrides"].replace("-", "_"))
+    # the window in each engine's own convention: vLLM W (FlashAttention gets (W-1, 0)),
+    # SGLang W - 1 (its backend passes (w, 0) through, which is w + 1 keys)
+    expected_window = {"vllm": 4, "sglang": 3}[engine]
+    assert overrides == {"loop_num": 2, "loop_window_size": expected_window}
+    # the deployment's context, never the study's prompt + generated length (160)
+    assert getattr(args, f["context"].replace("-", "_")) == 512  # tiny: max_position_embeddings
+    assert getattr(args, f["concurrency"].replace("-", "_")) == 3  # the measured batch
+    assert getattr(args, f["dtype"]) == "bfloat16"
+    assert getattr(args, f["model"].replace("-", "_")) == str(ckpt.resolve())
+    if engine == "vllm":
+        assert args.no_enforce_eager and not args.enforce_eager  # CUDA graphs, as measured
+    else:
+        assert args.cuda_graph_max_bs_decode == 3 and args.cuda_graph_backend_decode is None
+    lines = header(path)
+    assert any(str(prof.resolve()) in line for line in lines)
+    assert any(content_hash(ckpt) in line for line in lines)
+    assert any("tpot_ms_p50 1.25 ms" in line for line in lines)
+    assert any("latency budget holds only up to the measured batch of 3" in line for line in lines)
+    assert f"serve: {doc['command']}" in lines
+    assert shlex.split(doc["command"])[-2:] == ["--config", str(path)]
+
+
+def test_eager_when_measured_uncompiled_and_overrides(tmp_path):
+    _, prof = loop_profile(tmp_path, compile=False, batch=2)
+    out = tmp_path / "v"
+    result = export(
+        prof, "--to", "vllm", "--out", out, "--max-model-len", 256, "--max-concurrency", 8
+    )
+    assert result.exit_code == 0, result.output
+    args = parse_like_the_engine("vllm", out / "vllm.yaml")
+    assert args.enforce_eager and args.max_model_len == 256 and args.max_num_seqs == 8
+    assert any("measured batch of 2" in line for line in header(out / "vllm.yaml"))
+    sgl = tmp_path / "s"
+    assert export(prof, "--to", "sglang", "--out", sgl, "--force").exit_code == 0
+    args = parse_like_the_engine("sglang", sgl / "sglang.yaml")
+    assert args.cuda_graph_backend_decode == args.cuda_graph_backend_prefill == "disabled"
+    too_long = export(prof, "--to", "vllm", "--out", out, "--max-model-len", 513)
+    assert too_long.exit_code == 2 and "exceeds the model's max_position_embeddings (512)" in (
+        too_long.stderr
+    )
+
+
+def test_sglang_refuses_gated_loops_and_force_records_it(tmp_path):
+    _, prof = loop_profile(tmp_path, loops=2)
+    refused = export(prof, "--to", "sglang", "--out", tmp_path / "s")
+    assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "SGLang drops the gate tensors" in refused.stderr
+    assert not (tmp_path / "s").exists()
+    forced = export(prof, "--to", "sglang", "--out", tmp_path / "s", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "forced past: SGLang drops the gate tensors" in forced.stderr
+    assert any(
+        line.startswith("FORCED past: SGLang drops")
+        for line in header(tmp_path / "s" / "sglang.yaml")
+    )
+    _, one = loop_profile(tmp_path, loops=1)  # no gate is used at one loop
+    assert export(one, "--to", "sglang", "--out", tmp_path / "s1").exit_code == 0
+
+
+def test_the_bundled_profile_needs_the_plt_fork(tmp_path):
+    """LoopCoder-V2 (IQuestPLTCoderForCausalLM) is registered only by the vLLM fork."""
+    for engine in ("vllm", "sglang", "hf"):
+        result = export(SHIPPED, "--to", engine, "--out", tmp_path / engine)
+        assert result.exit_code == 2, result.output
+        assert "does not register IQuestPLTCoderForCausalLM" in result.stderr
+        assert "targets that do: vllm-plt" in result.stderr
+    result = export(SHIPPED, "--to", "vllm-plt", "--out", tmp_path / "fork", "--json")
+    assert result.exit_code == 0, result.output
+    path = Path(json.loads(result.stdout)["files"][0])
+    args = parse_like_the_engine("vllm-plt", path)
+    shipped = read_profile(SHIPPED)
+    W = shipped.knobs.window
+    assert args.hf_overrides == {"plt_num_loops": 2, "plt_window_size": [W - 1, 0]}
+    assert args.max_model_len == 1024 and args.max_num_seqs == 1 and args.enforce_eager
+    assert any("measured on cpu" in line for line in header(path))
+
+
+def test_a_changed_model_or_a_bad_profile_is_refused(tmp_path):
+    ckpt, prof = loop_profile(tmp_path)
+    config = ckpt / "config.json"
+    original = config.read_text()
+    config.write_text(original.replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
+    try:
+        result = export(prof, "--to", "vllm", "--out", tmp_path / "v")
+        assert result.exit_code == 2 and "measured on model" in result.stderr
+        forced = export(prof, "--to", "vllm", "--out", tmp_path / "v", "--force")
+        assert forced.exit_code == 0
+        assert any(
+            "FORCED past:" in line and "measured on model" in line
+            for line in header(tmp_path / "v" / "vllm.yaml")
+        )
+    finally:
+        config.write_text(original)
+    doc = yaml.safe_load(prof.read_text())
+    doc["knobs"]["window"] = "two"
+    prof.write_text(yaml.safe_dump(doc))
+    result = export(prof, "--to", "vllm", "--out", tmp_path / "w", "--force")
+    assert result.exit_code == 2 and "knobs.window must be an integer >= 1" in result.stderr
+    assert export(SHIPPED, "--to", "tgi").exit_code == 2
+
+
+def test_mode_and_head_dim_the_engine_cannot_run(tmp_path):
+    _, prof = loop_profile(tmp_path, mode="sequential")
+    result = export(prof, "--to", "vllm", "--out", tmp_path / "v")
+    assert result.exit_code == 2 and "runs IQuestLoopCoderForCausalLM as mode plt-noshift" in (
+        result.stderr
+    )
+    # vLLM and SGLang take head_dim = hidden_size / heads; a model stored otherwise is refused
+    from looptune.model.arch import LOOP
+    from looptune.model.checkpoint import build_model, save_checkpoint
+    from looptune.model.config import preset_config
+
+    cfg = preset_config("tiny", head_dim=4, architecture=LOOP.name, **LOOP.init_config)
+    save_checkpoint(build_model(cfg), tmp_path / "odd")
+    _, odd = loop_profile(tmp_path, ckpt=tmp_path / "odd")
+    for engine in ("vllm", "sglang"):
+        result = export(odd, "--to", engine, "--out", tmp_path / engine)
+        assert result.exit_code == 2
+        assert (
+            "takes head_dim = hidden_size / num_attention_heads = 8, but this model's "
+            "head_dim is 4" in result.stderr
+        )
+    assert export(odd, "--to", "hf", "--out", tmp_path / "hf").exit_code == 0
+
+
+def _respell(ckpt: Path, prefix: str) -> None:
+    """Rename the gate tensors of a looptune IQuest-Loop checkpoint to `prefix`.{weight,bias}."""
+    for shard in ckpt.glob("*.safetensors"):
+        tensors = load_file(shard)
+        renamed = {}
+        for name, t in tensors.items():
+            if name.startswith("model.gate_projections."):
+                i, part = name.split(".")[2], name.split(".")[-1]
+                name = f"{prefix.format(i=i)}.{part}"
+            renamed[name] = t
+        save_file(renamed, shard, metadata={"format": "pt"})
+    index = ckpt / "model.safetensors.index.json"
+    if index.exists():
+        doc = json.loads(index.read_text())
+        doc["weight_map"] = {
+            (
+                f"{prefix.format(i=k.split('.')[2])}.{k.split('.')[-1]}"
+                if k.startswith("model.gate_projections.")
+                else k
+            ): v
+            for k, v in doc["weight_map"].items()
+        }
+        index.write_text(json.dumps(doc))
+
+
+def test_write_weights_renames_the_gates_and_links_the_rest(tmp_path):
+    """A checkpoint in the HF save spelling (model.layers.{i}.gate_projection.*) is skipped by
+    vLLM's loader; --write-weights writes vLLM's spelling, sharing the untouched shards."""
+    from looptune.model.checkpoint import load_model
+
+    ckpt = tmp_path / "loop"
+    init_checkpoint(ckpt, "tiny", arch="iquest-loop", shard_bytes=4096)
+    (ckpt / "tokenizer_config.json").write_text("{}")
+    _respell(ckpt, "model.layers.{i}.gate_projection")
+    _, prof = loop_profile(tmp_path)
+    refused = export(prof, "--to", "vllm", "--out", tmp_path / "v")
+    assert refused.exit_code == 2 and "--write-weights" in refused.stderr
+    assert "model.gate_projections.0.*" in refused.stderr
+    result = export(prof, "--to", "vllm", "--out", tmp_path / "v", "--write-weights", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    copy = tmp_path / "v" / "model"
+    assert parse_like_the_engine("vllm", Path(doc["files"][0])).model == str(copy)
+    names = set(json.loads((copy / "model.safetensors.index.json").read_text())["weight_map"])
+    assert "model.gate_projections.0.weight" in names and "model.gate_projections.1.bias" in names
+    assert not any(".gate_projection." in n for n in names)
+    linked, rewritten = doc["weights"]["linked"], doc["weights"]["rewritten"]
+    assert rewritten and any(n.endswith(".safetensors") for n in linked)
+    for name in linked:
+        assert os.path.samefile(copy / name, ckpt / name)  # shared, not copied
+    for name in rewritten:
+        assert not os.path.samefile(copy / name, ckpt / name)
+    assert json.loads((copy / "config.json").read_text())["loop_window_size"] == 4
+    model, _ = load_model(copy, device="cpu")  # still a loadable checkpoint
+    original, _ = load_model(ckpt, device="cpu")
+    for (k, a), b in zip(model.state_dict().items(), original.state_dict().values()):
+        assert a.equal(b), k
+
+
+def test_hf_directory_loads_with_the_measured_keys(tmp_path):
+    from looptune.model.checkpoint import read_config
+
+    ckpt, prof = loop_profile(tmp_path, loops=2, window=4)
+    out = tmp_path / "hf"
+    result = export(prof, "--to", "hf", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["loop_num"] == 2 and config["loop_window_size"] == 4  # W keys, self included
+    assert config["torch_dtype"] == "bfloat16"
+    assert config["max_position_embeddings"] == 512
+    head = config["looptune_export"]
+    assert any(content_hash(ckpt) in line for line in head)
+    assert any("no auto_map" in line for line in head)
+    assert os.path.samefile(out / "model.safetensors", ckpt / "model.safetensors")
+    cfg, _ = read_config(out)
+    assert cfg.num_loops == 2 and cfg.window == 4
+
+
+def test_export_help_and_default_out(tmp_path):
+    shown = runner.invoke(app, ["export", "--help"])
+    assert shown.exit_code == 0
+    for flag in ("--max-model-len", "--max-concurrency", "--write-weights", "--force"):
+        assert flag in shown.output
+    _, prof = loop_profile(tmp_path)
+    assert export(prof, "--to", "vllm").exit_code == 0
+    assert (tmp_path / "loop-vllm" / "vllm.yaml").exists()
+    assert SGLANG.architectures["IQuestLoopCoderForCausalLM"].convention == "exclusive"
