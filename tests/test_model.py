@@ -203,3 +203,32 @@ def test_top_p_keeps_only_the_nucleus():
     draws = {sample(logits, 1.0, 0.7, gen).item() for _ in range(300)}
     assert draws == {0, 1}
     assert sample(logits, 0.0).item() == 0
+
+
+def test_fused_projections_keep_weights_and_decode_equal_to_forward():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 15), generator=torch.Generator().manual_seed(9))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        full = model(ids, loops=3)
+    model.fuse().fuse()  # idempotent
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.data_ptr() == attn.wqkv[attn.q_proj.out_features:].data_ptr()
+    with torch.no_grad():
+        cache = model.new_cache(2, 15, loops=3)
+        stepwise = torch.stack([model.decode_step(ids[:, t], cache) for t in range(15)], 1)
+        torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(ids, loops=3), full, atol=1e-5, rtol=0)
+    # loading in place writes through to the fused tensors; .to() re-fuses
+    model.load_state_dict({k: torch.zeros_like(v) if "k_proj" in k else v
+                           for k, v in before.items()})
+    assert not attn.wqkv[attn.q_proj.out_features:][:attn.k_proj.out_features].any()
+    model.load_state_dict(before)
+    model.to(torch.float64)
+    assert attn.wqkv.dtype == torch.float64 and model.state_dict().keys() == before.keys()
+    assert attn.q_proj.weight.data_ptr() == attn.wqkv.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, loops=3).float(), full, atol=1e-5, rtol=0)

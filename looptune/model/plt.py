@@ -61,6 +61,17 @@ def attend(q, k, v, mask=None, causal=False):
                                           enable_gqa=True)
 
 
+def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
+    """One weight `[sum(out), in]` for bias-free linears that read the same input; each
+    linear's weight is rebound as a view of it, so state-dict keys, loading in place and
+    memory stay as they were, and one matmul replaces several (gpt-fast's wqkv)."""
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    for lin, part in zip(linears, fused.split([lin.out_features for lin in linears]),
+                         strict=True):
+        lin.weight = nn.Parameter(part, requires_grad=lin.weight.requires_grad)
+    return fused
+
+
 def gswa_mix(g, y_global, y_local):
     """The G-SWA output: `g * Attn(q, K_1, V_1) + (1 - g) * Attn(q, K_r, V_r, window W)`."""
     return g * y_global + (1 - g) * y_local
@@ -106,6 +117,7 @@ class Attention(nn.Module):
             self.plt_gate = HiddenGate(cfg)
         else:
             self.gate_projection = QueryGate(cfg)
+        self.wqkv = None  # q, k, v weights in one tensor after `PLTForCausalLM.fuse()`
 
     def gate(self, h, q, h_unit=None):
         module = self.plt_gate if hasattr(self, "plt_gate") else self.gate_projection
@@ -113,9 +125,14 @@ class Attention(nn.Module):
 
     def qkv(self, x, cos, sin):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, d_h]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, H_kv, T, d_h]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.wqkv is not None and not torch.is_grad_enabled():  # autograd sees the parts
+            q, k, v = F.linear(x, self.wqkv).split(
+                [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, d_h]
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, H_kv, T, d_h]
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def out(self, y):  # y [B, H, T, d_h] -> [B, T, d]
@@ -129,9 +146,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.w_gate_up = None  # gate and up weights in one tensor after `PLTForCausalLM.fuse()`
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.w_gate_up is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, self.w_gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -204,6 +226,31 @@ class PLTForCausalLM(nn.Module):
         self.model = PLTBackbone(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.fused = False
+
+    def fuse(self):
+        """Fuse each layer's q/k/v and gate/up projections into one matmul each (idempotent).
+
+        Inference only (with autograd on, the separate projections run). The parameters become
+        views of the fused tensors: state-dict keys, memory, and `load_state_dict` copying in
+        place are unchanged, and `.to()` re-fuses. Loading with `assign=True` replaces them:
+        fuse after loading.
+        """
+        self.fused = True
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.wqkv is None:
+                attn.wqkv = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+            if mlp.w_gate_up is None:
+                mlp.w_gate_up = fuse_linears(mlp.gate_proj, mlp.up_proj)
+        return self
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), ...: convert the parts, then re-fuse
+        fused = self.fused
+        for layer in self.model.layers:
+            layer.self_attn.wqkv = layer.mlp.w_gate_up = None
+        super()._apply(fn, recurse)
+        return self.fuse() if fused else self
 
     # ----- knobs and helpers -----
 

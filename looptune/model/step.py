@@ -11,6 +11,9 @@
   replays, so launch overhead goes. CUDA only.
 - `compile`: `torch.compile` of the same static step (inductor, no CUDA graphs).
 
+Every runner first fuses the model's q/k/v and gate/up projections (`PLTForCausalLM.fuse()`:
+one matmul each, parameters and state dict unchanged).
+
 `setup_ms` is what the runner costs before its first step: capture (with its warm-up) or
 compilation, timed after a device sync; 0 for eager. Setting up runs the step at the cache's
 current position and then puts `pos`, `carry` and the host count back, so the cache holds what
@@ -51,6 +54,10 @@ def make_decode_step(model: PLTForCausalLM, cache: KVCache, how: str = "eager",
     `torch.compile` backend for `compile` (tests use "aot_eager")."""
     if how not in HOWS:
         raise LooptuneError(f"how must be one of {', '.join(HOWS)}, got {how!r}")
+    if how == "graphs" and cache.pos.device.type != "cuda":
+        raise LooptuneError(f"how='graphs' needs a CUDA device; the cache is on "
+                            f"{cache.pos.device.type}")
+    model.fuse()
     if how == "eager":
         return _no_grad(lambda token_ids: model.decode_step(token_ids, cache)), 0.0
     if how == "graphs":
@@ -86,8 +93,6 @@ class _Saved:
 @torch.no_grad()
 def _graphed(model, cache: KVCache):
     device = cache.pos.device
-    if device.type != "cuda":
-        raise LooptuneError(f"how='graphs' needs a CUDA device; the cache is on {device.type}")
     tokens = torch.zeros(cache.batch, dtype=torch.long, device=device)  # the static input
     saved = _Saved(cache)
     _sync(device)
