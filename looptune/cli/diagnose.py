@@ -29,9 +29,10 @@ def diagnose(
                     "sets; 0: every item).")] = None,
     seed: Annotated[int, typer.Option(
         help="Seed of the subset and of the effective-rank sample.")] = 0,
-    family: Annotated[bool, typer.Option(
-        "--family", help="Score the bundled members at their own R on the same items, to "
-                         "check the prediction (cached; cached scores are used without it).")] = False,
+    family: Annotated[bool | None, typer.Option(
+        "--family/--no-family", help="Score the bundled members at their own R on the same "
+        "items to check the prediction (cached). Default: use cached scores only; "
+        "--no-family: none.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(
         help="auto (float32 on a CPU, else as stored), float32, bfloat16 or float16.")] = "auto",
@@ -66,7 +67,9 @@ def diagnose(
             bar.update(tasks[label], completed=done)
 
         diag = run_diagnose(checkpoint, loops, set_name, limit, seed, device, dtype,
-                            family=family, cache_dir=cache_root(), progress=progress)
+                            family=bool(family),
+                            cache_dir=None if family is False else cache_root(),
+                            progress=progress)
     if plot:
         from looptune.diagnose.plot import plot_diagnosis
 
