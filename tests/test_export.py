@@ -309,7 +309,9 @@ def test_write_weights_renames_the_gates_and_links_the_rest(tmp_path):
         assert os.path.samefile(copy / name, ckpt / name)  # shared, not copied
     for name in rewritten:
         assert not os.path.samefile(copy / name, ckpt / name)
-    assert json.loads((copy / "config.json").read_text())["loop_window_size"] == 4
+    copied = json.loads((copy / "config.json").read_text())
+    assert copied["loop_window_size"] == 4 and copied["loop_num"] == 2
+    assert any(line.startswith("serve: vllm serve --config") for line in copied["looptune_export"])
     model, _ = load_model(copy, device="cpu")  # still a loadable checkpoint
     original, _ = load_model(ckpt, device="cpu")
     for (k, a), b in zip(model.state_dict().items(), original.state_dict().values()):

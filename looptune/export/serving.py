@@ -267,9 +267,13 @@ def _write(
         result.settings = _engine_options(target, model_dir, knobs, result)
     header = _header(profile, profile_path, result, keys)
     if copy:
-        config = {**model.raw, **result.overrides, "torch_dtype": knobs.dtype}
-        if target.key == "hf":
-            config = {"looptune_export": header, **config}
+        # the header goes in as the first key: transformers keeps unknown config keys
+        config = {
+            "looptune_export": header,
+            **model.raw,
+            **result.overrides,
+            "torch_dtype": knobs.dtype,
+        }
         result.weights = write_model_dir(model.path, model_dir, renames, config)
         result.files.append(model_dir / "config.json")
     if target.key != "hf":
@@ -296,6 +300,7 @@ def _header(profile: Profile, profile_path, result: Export, keys: LoopKeys) -> l
     q, lat = o.quality, o.latency_ms
     device = profile.device.get("device_name") or profile.device.get("device") or "?"
     ttft = f"{o.ttft_ms:.4g} ms" if o.ttft_ms is not None else "?"
+    shape = f" at {k.prompt_len} + {k.gen_len} tokens" if k.prompt_len and k.gen_len else ""
     lines = [
         f"looptune export for {t.name}: {t.versions}",
         f"facts from {t.source}",
@@ -306,7 +311,7 @@ def _header(profile: Profile, profile_path, result: Export, keys: LoopKeys) -> l
         (
             f"measured at batch {k.batch} on {device}: {lat.metric} {lat.value:.4g} ms "
             f"[{lat.ci[0]:.4g}, {lat.ci[1]:.4g}], ttft {ttft}, {q.metric} {q.value:.4g} "
-            f"[{q.ci[0]:.4g}, {q.ci[1]:.4g}] on {q.set}, KV {o.kv_bytes} bytes per sequence"
+            f"[{q.ci[0]:.4g}, {q.ci[1]:.4g}] on {q.set}, KV {o.kv_bytes} bytes per sequence{shape}"
         ),
         f"loop keys {json.dumps(result.overrides)}: window as {CONVENTIONS[keys.convention]}",
         f"context {result.context} tokens ({result.context_from})",
