@@ -148,6 +148,12 @@ def _finite(value, where: str = "result") -> None:
             _finite(v, where)
 
 
+def positive_number(value) -> None:
+    """A validator for results that are one finite number > 0 (bits per byte, a latency)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{value!r} is not a number > 0")
+
+
 class ResultCache:
     """JSON results keyed by a JSON-able dict (model hash, knobs, device, versions...).
 

@@ -198,3 +198,38 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
             path.mkdir()
         with pytest.raises(LooptuneError, match=message):
             check_output_path(path, (".png",), "plot")
+
+
+# ----- the callers' checks -----
+
+def test_an_edited_score_entry_is_scored_again(tmp_path, capsys):
+    from looptune.model.checkpoint import init_checkpoint
+    from looptune.quality.score import score_checkpoints
+    from looptune.store import cache_root
+
+    ckpt = tmp_path / "tiny"
+    init_checkpoint(ckpt, "tiny", loops=2, device="cpu")
+    texts = tmp_path / "t.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n"
+                             for i in range(3)))
+    args = dict(loops=[2], sets=[str(texts)], device="cpu", n_boot=50)
+    (first,) = score_checkpoints([ckpt], **args)
+    assert first.value > 0 and not first.cached
+    for entry in (cache_root() / "score").glob("*.json"):  # 0 bits per byte: impossible
+        doc = json.loads(entry.read_text())
+        doc["result"]["bits"] = [0.0 for _ in doc["result"]["bits"]]
+        entry.write_text(json.dumps(doc))
+    capsys.readouterr()
+    (again,) = score_checkpoints([ckpt], **args)
+    assert not again.cached and again.value == pytest.approx(first.value)
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert warnings and all(w.startswith("warning: ignoring score cache entry") for w in warnings)
+    (third,) = score_checkpoints([ckpt], **args)
+    assert third.cached  # the re-scored entry replaced the bad one
+
+
+def test_positive_number():
+    store.positive_number(1.7811)
+    for bad in (0, 0.0, -1.0, True, "1.5", None):
+        with pytest.raises(ValueError):
+            store.positive_number(bad)

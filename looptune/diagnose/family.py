@@ -20,9 +20,10 @@ def family_scores(vs: ValidationSet, device="auto", dtype="auto", cache_dir: Pat
     from looptune.model.checkpoint import content_hash, load_model, read_config, resolve_device
     from looptune.quality.bpb import bits_per_byte, clamp_window, score_loops, small_model_threads
     from looptune.quality.score import trained_context
-    from looptune.store import ResultCache
+    from looptune.store import ResultCache, positive_number
 
-    cache = ResultCache("diagnose-family", cache_dir) if cache_dir is not None else None
+    cache = (ResultCache("diagnose-family", cache_dir, validate=positive_number)
+             if cache_dir is not None else None)
     members = family_members()
     texts = [x.text for x in vs.items]
     prompts = [x.prompt for x in vs.items] if any(x.prompt for x in vs.items) else None
