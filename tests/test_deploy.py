@@ -13,6 +13,7 @@ from looptune.search.choice import Budgets, Outcome
 from looptune.search.pareto import Workload, run_pareto
 
 runner = CliRunner()
+SHIPPED = Path(__file__).parent.parent / "profiles" / "cpu-demo.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ def test_a_bundled_member_is_recorded_by_name():
 
     recorded = portable_path(default_checkpoint())
     assert recorded == "bundled:plt-r2"
-    shipped = read_profile(Path(__file__).parent.parent / "profiles" / "cpu-demo.yaml")
+    shipped = read_profile(SHIPPED)
     assert shipped.model.path == recorded and model_path(shipped) == default_checkpoint()
 
 
@@ -185,8 +186,7 @@ def test_a_bundled_member_is_recorded_by_name():
     ],
 )
 def test_hand_edited_knobs_are_one_line_and_exit_2(tmp_path, section, key, value, says):
-    shipped = Path(__file__).parent.parent / "profiles" / "cpu-demo.yaml"
-    doc = yaml.safe_load(shipped.read_text())
+    doc = yaml.safe_load(SHIPPED.read_text())
     doc[section][key] = value
     bad = tmp_path / "edited.yaml"
     bad.write_text(yaml.safe_dump(doc))
@@ -209,6 +209,15 @@ def test_profile_round_trips_through_the_typed_form(made_profile, tmp_path):
     assert profile.knobs.loops == 2 and profile.objectives.latency_ms.value == 3.0
     again = write_profile(tmp_path / "again.yaml", profile)
     assert yaml.safe_load(again.read_text()) == yaml.safe_load(out.read_text())
-    shipped = Path(__file__).parent.parent / "profiles" / "cpu-demo.yaml"
-    doc = yaml.safe_load(shipped.read_text())
-    assert Profile.from_dict(doc, shipped).to_dict() == doc  # the shipped v1 file, unchanged
+    doc = yaml.safe_load(SHIPPED.read_text())
+    assert Profile.from_dict(doc, SHIPPED).to_dict() == doc  # the shipped v1 file, unchanged
+
+
+def test_a_broken_front_member_is_named(tmp_path):
+    doc = yaml.safe_load(SHIPPED.read_text())
+    doc["pareto_set"][1]["knobs"]["loops"] = 0
+    bad = tmp_path / "front.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    result = runner.invoke(app, ["show", str(bad)])
+    assert result.exit_code == 2
+    assert "pareto_set[1].knobs.loops must be an integer >= 1, got 0" in result.stderr

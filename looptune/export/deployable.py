@@ -355,9 +355,14 @@ def _check_outcome(entry, where: str, path) -> None:
     if not isinstance(entry, dict):
         raise ProfileError(f"{path}: {where} must be a mapping, got {entry!r}")
     s = _Section(entry, where, path, optional=("quality_ci", "latency_ci", "ttft_ms", "trial"))
-    k = s.section("knobs", optional=("compile",))
-    k.text("checkpoint"), k.integer("loops", 1), k.integer("window", 1), k.choice("dtype", DTYPES)
-    s.number("quality"), s.number("latency_ms", 0), s.integer("kv_bytes", 0)
+    knobs = s.section("knobs", optional=("compile",))
+    knobs.text("checkpoint")
+    knobs.integer("loops", 1)
+    knobs.integer("window", 1)
+    knobs.choice("dtype", DTYPES)
+    s.number("quality")
+    s.number("latency_ms", 0)
+    s.integer("kv_bytes", 0)
 
 
 def write_profile(path, profile: Profile) -> Path:
