@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -189,8 +190,32 @@ SECRET_READERS = [
 def test_the_parents_environment_is_out_of_reach(kind):
     secret = "looptune-secret-" + secrets.token_hex(8)
     results = in_a_parent(kind, SECRET_READERS, env={**os.environ, "LOOPTUNE_TEST_SECRET": secret})
-    assert "PATH" in results[4]["output"]  # what they print is kept: the readers did run
+    assert "PATH" in results[4]["output"], results  # what they print is kept: they did run
     assert secret not in json.dumps(results)  # detail and output: all a score keeps of a check
+
+
+def test_the_score_names_its_sandbox_and_its_cache_holds_nothing_of_the_parents(
+        kind, tmp_path, monkeypatch):
+    from looptune.model.checkpoint import init_checkpoint
+    from looptune.quality import humaneval
+    from looptune.quality.score import score_checkpoints
+
+    # a variable of this process's own environment, as /proc shows it to others
+    pick = ("lambda v: max((e for e in v.split('\\0') if len(e) < 200 and "
+            "e.split('=')[0] not in ('PATH', 'PWD', 'HOME')), key=len)")
+    secret = eval(pick)(Path("/proc/self/environ").read_text(errors="replace"))
+    steal = (f"    import os\n    s = ({pick})(open(f'/proc/{{os.getppid()}}/environ').read())\n"
+             "    print(s)\n    raise ValueError(s)\n")
+    monkeypatch.setattr(humaneval, "complete", lambda *a, **k: (steal, 1))  # every completion
+    monkeypatch.setenv("LOOPTUNE_SANDBOX", kind)
+    init_checkpoint(tmp_path / "ck", "tiny", loops=2)
+    s, = score_checkpoints([tmp_path / "ck"], loops=[2], sets=["humaneval"], limit=2,
+                           execute=True)
+    assert s.to_dict()["sandbox"] == kind and s.value == 0.0
+    cache = Path(os.environ["LOOPTUNE_CACHE_DIR"])
+    cached = [f.read_text() for f in cache.rglob("*") if f.is_file()]
+    assert cached and all("ValueError" in text or "PermissionError" in text for text in cached)
+    assert len(secret) > 10 and secret not in json.dumps(s.to_dict()) + "".join(cached)
 
 
 # --- files, disk and network -------------------------------------------------------------------

@@ -68,6 +68,9 @@ def score(
         # a pipe or a file gets the whole table, not one cut to 80 columns
         out = console if console.is_terminal else Console(stderr=True, width=160)
         out.print(_table(scores))
+        kinds = sorted({s.sandbox for s in scores if s.sandbox})
+        if kinds:
+            out.print(f"generated code ran in the sandbox: {', '.join(kinds)}")
 
 
 def _table(scores) -> Table:

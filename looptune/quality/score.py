@@ -76,6 +76,7 @@ class Score:
     dtype: str
     torch_version: str
     cached: bool = False
+    sandbox: str | None = None  # pass_at_1: "boundary" or "tripwire" (quality.sandbox)
 
     @property
     def higher_is_better(self) -> bool:
@@ -104,7 +105,7 @@ class Score:
             "tokens_per_s": self.tokens_per_s, "bytes_per_s": self.bytes_per_s,
             "pass_loops": self.pass_loops, "context": self.context, "stride": self.stride,
             "device": self.device, "dtype": self.dtype,
-            "torch_version": self.torch_version, "cached": self.cached,
+            "torch_version": self.torch_version, "cached": self.cached, "sandbox": self.sandbox,
         }
 
 
@@ -145,7 +146,7 @@ def score_checkpoints(
         raise LooptuneError(f"loops must be positive integers, got {list(loops)!r}")
     vsets = [load_set(s, limit, seed) for s in sets]  # every set is checked before any scoring
     dtype = run_dtype(dtype, resolve_device(device))
-    cache = ResultCache("score")
+    cache = ResultCache("score", validate=check_record)
     scores = []
     for ckpt in checkpoints:
         model, tokenizer = load_model(ckpt, device, dtype)
@@ -163,6 +164,17 @@ def score_checkpoints(
                 scores += [_summarise(run, vs, w, r, records, seed, n_boot) for r in loops]
         del model
     return scores
+
+
+def check_record(rec: dict) -> None:
+    """The result cache's check of a per-item record: one no scoring could produce (bits per
+    byte <= 0, a byte count < 0, a pass that is not 0 or 1) is scored again."""
+    if "passed" in rec:
+        if any(p not in (0, 1) for p in rec["passed"]):
+            raise ValueError("passed must be 0 or 1 per item")
+    elif (len(rec["bits"]) != len(rec["bytes"]) or min(rec["bytes"]) < 0
+          or min(rec["bits"]) < 0 or sum(rec["bits"]) <= 0 or sum(rec["bytes"]) <= 0):
+        raise ValueError("bits per byte must be positive, with one count per item")
 
 
 def trained_context(checkpoint, cfg) -> int:
@@ -205,8 +217,8 @@ class _Run:
                "items": [x.id for x in vs.items], "device": self.device.type,
                "dtype": self.dtype}
         if vs.metric == "pass_at_1":
-            from looptune.quality.humaneval import MAX_NEW_TOKENS, STOP_SEQUENCES
-            key.update(max_new_tokens=MAX_NEW_TOKENS, stop=list(STOP_SEQUENCES))
+            from looptune.quality.humaneval import HARNESS, MAX_NEW_TOKENS, STOP_SEQUENCES
+            key.update(max_new_tokens=MAX_NEW_TOKENS, stop=list(STOP_SEQUENCES), harness=HARNESS)
         else:
             key.update(context=self.context, stride=self.stride, reference=self.trained)
         return key
@@ -275,7 +287,8 @@ class _Run:
             out[r] = {"passed": [int(x.passed) for x in results], "tokens": tokens,
                       "bytes": [len(c.encode()) for c in completions], "seconds": seconds,
                       "pass_loops": r, "completions": completions,
-                      "results": [x.detail or x.status for x in results]}
+                      "results": [x.detail or x.status for x in results],
+                      "sandbox": results[0].sandbox if results else None}
         return out
 
 
@@ -303,7 +316,8 @@ def _summarise(run: _Run, vs: ValidationSet, window: int, r: int, records: dict[
         set_items=vs.total, tokens=sum(rec["tokens"]), bytes=sum(rec["bytes"]),
         seconds=rec["seconds"], pass_loops=rec["pass_loops"], context=run.context,
         stride=run.stride, device=str(run.device),
-        dtype=run.dtype, torch_version=torch.__version__, cached=rec["cached"])
+        dtype=run.dtype, torch_version=torch.__version__, cached=rec["cached"],
+        sandbox=rec.get("sandbox"))
 
 
 __all__ = ["DEFAULT_LOOPS", "Score", "score_checkpoints", "scores_document"]
