@@ -411,8 +411,7 @@ def check_model(profile: Profile, checkpoint, profile_path="profile") -> None:
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise ProfileError(
-            f"{profile_path}: its model {checkpoint} is not there (moved or "
-            f"deleted?); rerun `looptune pareto` or pass the checkpoint"
+            f"{profile_path}: its model {checkpoint} is not there (moved or deleted?)"
         )
     expected = profile.model.content_hash
     actual = content_hash(checkpoint)
