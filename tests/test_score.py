@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from typer.testing import CliRunner
 
-from conftest import tiny_model
 from looptune.cli import app
 from looptune.errors import LooptuneError
 from looptune.model.checkpoint import build_model, init_checkpoint
@@ -36,7 +36,7 @@ def test_a_model_that_predicts_bytes_uniformly_scores_exactly_8_bits_per_byte():
     tok = ByteTokenizer()
     tok.bos_id = None  # a 256-token vocabulary has no BOS; the first byte is context only
     texts = [CODE, "x", "é and ü are two bytes each"]
-    for r, items in score_loops(model, tok, texts, [1, 2, 3], context=32, stride=8).items():
+    for items in score_loops(model, tok, texts, [1, 2, 3], context=32, stride=8).values():
         assert abs(bits_per_byte(items) - 8.0) < 1e-6
     pairs = score_loops(model, tok, ["    return 1\n"], [2], prompts=["def f():\n"])[2]
     assert abs(pairs[0].bits_per_byte - 8.0) < 1e-6 and pairs[0].bytes == 13

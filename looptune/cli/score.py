@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -14,34 +14,37 @@ from looptune.cli.app import app, console, emit_json, parse_int_list
 
 @app.command()
 def score(
-    checkpoints: Annotated[Optional[list[Path]], typer.Argument(
+    checkpoints: Annotated[list[Path] | None, typer.Argument(
         help="Checkpoint directories (default: the bundled model).")] = None,
     loops: Annotated[str, typer.Option(help="Loop counts R to score.")] = "1,2,3,4",
-    window: Annotated[Optional[str], typer.Option(
+    window: Annotated[str | None, typer.Option(
         help="G-SWA windows W to score, comma-separated (default: the checkpoint's).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
+    set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Validation set, repeatable: code (default), humaneval-nll, humaneval "
                       "(pass@1, needs --execute), or a .jsonl file of {\"text\"} or "
                       "{\"prompt\", \"completion\"} records.")] = None,
-    limit: Annotated[Optional[int], typer.Option(
+    limit: Annotated[int | None, typer.Option(
         min=0, help="Score a seeded random subset of N items per set, stratified by size "
                     "(default: 32 of the 512-byte pieces of code, every item of the other "
                     "sets; 0: every item).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the subset and the bootstrap.")] = 0,
-    mode: Annotated[Optional[str], typer.Option(
+    mode: Annotated[str | None, typer.Option(
         help="plt, plt-noshift or sequential (default: the checkpoint's).")] = None,
-    context: Annotated[Optional[int], typer.Option(
+    context: Annotated[int | None, typer.Option(
         min=2, help="Tokens per scoring window (default: the context the checkpoint was "
-                    "trained with, else its max_position_embeddings); windows advance by half.")] = None,
+                    "trained with, else its max_position_embeddings); windows advance by "
+                    "half.")] = None,
     family: Annotated[bool, typer.Option(
-        "--family", help="Score every bundled family member (when no checkpoint is given).")] = False,
+        "--family",
+        help="Score every bundled family member (when no checkpoint is given).")] = False,
     execute: Annotated[bool, typer.Option(
         "--execute", help="Allow running generated code (needed by the humaneval set).")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute cached results.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (as stored on a GPU, float32 on the CPU), "
                                             "float32, bfloat16, float16.")] = "auto",
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON document on stdout.")] = False,
 ):
     """Measure quality per loop count on small validation sets of real code.
 

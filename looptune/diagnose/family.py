@@ -33,7 +33,8 @@ def family_scores(vs: ValidationSet, device="auto", dtype="auto", cache_dir: Pat
         context, stride = clamp_window(cfg, trained_context(path, cfg), None)
         key = {"v": CACHE_VERSION, "model": content_hash(path), "set": vs.name,
                "set_hash": vs.content_hash, "items": [x.id for x in vs.items],
-               "context": context, "stride": stride, "device": resolve_device(device).type, "dtype": str(dtype)}
+               "context": context, "stride": stride, "device": resolve_device(device).type,
+               "dtype": str(dtype)}
         value = cache.get(key) if cache else None
         if value is None and compute:
             model, tokenizer = load_model(path, device, dtype)

@@ -37,7 +37,8 @@ def windows(n_tokens: int, context: int, stride: int, first: int = 1) -> list[tu
     Each window sees up to `context` tokens; after the first, a window scores only the tokens no
     earlier window scored, so every token is scored exactly once with at least
     `context - stride` tokens of left context (the usual strided evaluation). Tokens before
-    `first` (a prompt) are context only; `first` is at least 1, token 0 has nothing to predict it."""
+    `first` (a prompt) are context only; `first` is at least 1, token 0 has nothing to predict
+    it."""
     scored_to = max(first, 1)
     spans = []
     while scored_to < n_tokens:

@@ -33,7 +33,8 @@ HELDOUT_MANIFEST = HELDOUT_DIR / "MANIFEST.json"
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
 GENERATED = re.compile(r"auto-?generated|generated (by|from|with)|automatically generated|"
-                       r"this file (was|is) generated|do not edit|character mapping codec", re.IGNORECASE)
+                       r"this file (was|is) generated|do not edit|character mapping codec",
+                       re.IGNORECASE)
 GENERATED_FILES = {"html/entities.py"}  # data tables written by a script, without a marker
 SOURCE_SUFFIXES = (".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".js", ".ts",
                    ".java", ".rb", ".sh", ".lua", ".jl", ".scala", ".kt", ".swift", ".txt", ".md")
@@ -147,7 +148,8 @@ def _read_manifest(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise LooptuneError(f"{path}: missing or unreadable manifest ({e}); reinstall looptune") from None
+        raise LooptuneError(f"{path}: missing or unreadable manifest ({e}); "
+                            "reinstall looptune") from None
 
 
 def heldout_texts() -> list[tuple[str, str]]:
