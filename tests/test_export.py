@@ -346,3 +346,18 @@ def test_export_help_and_default_out(tmp_path):
     assert export(prof, "--to", "vllm").exit_code == 0
     assert (tmp_path / "loop-vllm" / "vllm.yaml").exists()
     assert SGLANG.architectures["IQuestLoopCoderForCausalLM"].convention == "exclusive"
+
+
+def test_a_moved_model_is_refused_and_force_needs_a_context(tmp_path):
+    ckpt, prof = loop_profile(tmp_path)
+    ckpt.rename(tmp_path / "elsewhere")
+    refused = export(prof, "--to", "vllm", "--out", tmp_path / "v")
+    assert refused.exit_code == 2 and "is not there (moved or deleted?)" in refused.stderr
+    forced = export(
+        prof, "--to", "vllm", "--out", tmp_path / "v", "--force", "--max-model-len", 128
+    )
+    assert forced.exit_code == 0, forced.output
+    args = parse_like_the_engine("vllm", tmp_path / "v" / "vllm.yaml")
+    assert args.max_model_len == 128 and args.model == str(ckpt.resolve())
+    hf = export(prof, "--to", "hf", "--out", tmp_path / "hf", "--force")
+    assert hf.exit_code == 2 and "no copy can be written" in hf.stderr
