@@ -159,6 +159,8 @@ def test_the_verdict_says_why_the_measurement_overrides_the_rule():
     worse = verdict(_rows([30, 45, 48], [3.0, 2.5, 2.6]), 36.0)
     assert worse.rule_loop == worse.best_loop == 2 and worse.another_loop_helps is False
     assert "does not lower bits per byte" in worse.text
+    first = verdict(_rows([30, 45], [2.0, 2.5]), 36.0, trained_loops=1)
+    assert first.rule_loop == first.best_loop == 1 and "The rule fails at loop 2" in first.text
 
 
 def test_prediction_at_one_loop_follows_the_rank_and_only_at_the_trained_r():
@@ -193,6 +195,18 @@ def test_diagnose_reads_the_items_score_reads_and_writes_nothing(checkpoint, tmp
     assert diagnose(checkpoint, set_name=str(texts), limit=0, device="cpu").texts == 9
     assert set(tmp_path.rglob("*")) == before and sorted(os.walk(cache)) == cache_before
     assert diag.verdict.rule_loop <= diag.verdict.best_loop
+
+
+def test_diagnose_and_score_score_the_same_tokens_the_same_way(checkpoint, tmp_path):
+    from looptune.quality.score import score_checkpoints
+
+    texts = _jsonl(tmp_path / "set.jsonl", TEXTS * 2)
+    diag = diagnose(checkpoint, set_name=str(texts), limit=4, seed=1, device="cpu")
+    scores = score_checkpoints([checkpoint], loops=[1, 2, 3], sets=[str(texts)], limit=4, seed=1,
+                               use_cache=False)
+    assert [s.bytes for s in scores] == [diag.bytes] * 3 and diag.texts == scores[0].items
+    for row, s in zip(diag.rows, scores):
+        assert row.bits_per_byte == pytest.approx(s.value, rel=1e-5)
 
 
 def test_cli_diagnose_json_plot_and_tables_within_100_columns(checkpoint, tmp_path):

@@ -66,8 +66,8 @@ def verdict(rows: list[LoopRow], embedding_rank: float, family: list[FamilyRow] 
             words.append(f"The rule (rank rising, refinement above offset cost) holds at every "
                          f"loop through {R}.")
         else:
-            words.append(f"The rule holds through loop {rule_loop}: "
-                         f"{_why_not(rows[rule_loop - 1], rows[rule_loop])}.")
+            where = (f"holds through loop {rule_loop}" if rule_loop > 1 else "fails at loop 2")
+            words.append(f"The rule {where}: {_why_not(rows[rule_loop - 1], rows[rule_loop])}.")
         if best.loop != rule_loop:
             words.append(f"The measurement overrides the rule: decoding is best at loop "
                          f"{best.loop} ({best.bits_per_byte:.3f} bits per byte), past the loop "
