@@ -1,13 +1,17 @@
-"""Measurement: timers, peak memory, the environment fingerprint, statistics, and the profiler.
+"""Measurement: timers, peak memory, the environment fingerprint, statistics, interference, and
+the latency benchmark.
 
-`profile_candidates(...) -> list[Measurement]` is the profiler's API; `environment(device, dtype)`
-is the fingerprint every result carries. Heavy imports happen on first use."""
+`profile_candidates(...) -> list[Measurement]` is the benchmark's API (`latency.py`, its loop in
+`bench.py`); `environment(device, dtype)` is the fingerprint every result carries; `Limits` says
+when a measurement counts as taken under interference. Heavy imports happen on first use."""
 
 from importlib import import_module
 
 _EXPORTS = {
     "Measurement": "looptune.measure.latency",
     "profile_candidates": "looptune.measure.latency",
+    "check_measurement": "looptune.measure.latency",
+    "Limits": "looptune.measure.interference",
     "environment": "looptune.measure.env",
     "fingerprint": "looptune.measure.env",
     "gpu_state": "looptune.measure.env",

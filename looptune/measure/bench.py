@@ -10,8 +10,6 @@ candidates' partial runs are dropped with it.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import gc
 import os
 import statistics
@@ -30,6 +28,7 @@ from looptune.measure.timers import LapTimer, Timer, synchronize
 from looptune.model.cache import KVCache, kv_bytes
 from looptune.model.checkpoint import load_model
 from looptune.model.generate import prefill
+from looptune.model.step import make_decode_step
 
 
 @dataclass
@@ -87,15 +86,6 @@ def _held_bytes(cache: KVCache) -> int:
     return sum(storages.values())
 
 
-@contextlib.contextmanager
-def _recompile_budget(n: int):
-    """Room for one compiled decode graph per candidate (dynamo's default is 8)."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    with cfg.patch(**{name: max(getattr(cfg, name), n + 8)}):
-        yield
-
-
 def run_candidates(todo: list[Candidate], dev, plan: Plan, say: Callable[[str], None],
                    on_done: Callable[[Candidate], None]) -> None:
     """Measure `todo` in place; `on_done(c)` as each finishes. OOM makes one infeasible."""
@@ -104,8 +94,7 @@ def run_candidates(todo: list[Candidate], dev, plan: Plan, say: Callable[[str], 
     threads = torch.get_num_threads()
     watch = CpuWatch()
     try:
-        with torch.inference_mode(), (_recompile_budget(len(todo)) if built
-                                      else contextlib.nullcontext()):
+        with torch.inference_mode():
             for c in todo:
                 _prepare(c, dev, loaded, say)
             for c in todo:
@@ -147,7 +136,8 @@ def _prepare(c: Candidate, dev, loaded: dict, say):
         say(f"loading {c.path} ({c.m.dtype}, {dev})")
         start = time.perf_counter()
         try:
-            loaded[k] = load_model(c.path, dev, c.m.dtype)[0], (time.perf_counter() - start) * 1e3
+            model = load_model(c.path, dev, c.m.dtype)[0].fuse()  # as every step runs it
+            loaded[k] = model, (time.perf_counter() - start) * 1e3
         except (RuntimeError, MemoryError) as e:
             if not is_oom(e):
                 raise
@@ -164,66 +154,18 @@ def _prepare(c: Candidate, dev, loaded: dict, say):
 
 
 def _build(c: Candidate, dev, how: str, say):
-    """The candidate's own cache and compiled or graph-captured step, built before any timed
-    run; what that takes (compiling, capturing, the first calls) is `setup_ms`."""
+    """The candidate's own cache and its compiled or graph-captured step, built before any
+    timed run; what building costs (compiling, capturing) is `setup_ms`."""
     m = c.m
     say(f"{m.label}: building the {how} step")
     if dev.type == "cpu":
         torch.set_num_threads(m.threads)
     cache = c.model.new_cache(m.batch, m.prompt_len + m.gen_len, m.loops, m.mode, m.window)
-    span = cache.max_len  # one static shape for every step
-    synchronize(dev)
-    start = time.perf_counter()
-    token = prefill(c.model, c.prompt, cache).argmax(-1)
-    step = (_graph_step if how == "graphs" else _compiled_step)(c.model, cache, span, token)
-    for _ in range(2):  # the first calls after building, so no timed run pays for them
-        token = step(token).argmax(-1)
-    synchronize(dev)
-    m.setup_ms = (time.perf_counter() - start) * 1e3
+    c.step, m.setup_ms = make_decode_step(c.model, cache, how)
+    c.cache = cache  # a built step is bound to this cache (fixed shapes and addresses)
     if how == "compile":
         m.compile_ms = m.setup_ms
-    c.cache, c.step = cache, step
     return True
-
-
-def _compiled_step(model, cache, span, token):
-    """torch.compile of the static step; on a GPU with CUDA graphs (reduce-overhead)."""
-    cudagraphs = token.device.type == "cuda"
-    if cudagraphs:
-        for t in vars(cache).values():
-            if isinstance(t, torch.Tensor):
-                torch._dynamo.mark_static_address(t)
-    fn = torch.compile(model.decode_static, mode="reduce-overhead" if cudagraphs else None)
-
-    def step(token):
-        if cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        logits = fn(token, cache, span)
-        cache.length += 1
-        return logits
-    step(token)  # compiles here, inside the timed setup
-    return step
-
-
-def _graph_step(model, cache, span, token):
-    """The eager static step captured in one CUDA graph (no inductor): a replay per token."""
-    static_token = token.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up off the capture stream, as CUDA graphs require
-        for _ in range(2):
-            model.decode_static(static_token, cache, span)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_logits = model.decode_static(static_token, cache, span)
-
-    def step(token):
-        static_token.copy_(token)
-        graph.replay()
-        cache.length += 1
-        return static_logits
-    return step
 
 
 def _guard(c: Candidate, dev, say, what: str, fn, *args) -> bool:
@@ -281,7 +223,7 @@ def _run(c: Candidate, dev):
         if cache is None:
             cache = c.model.new_cache(m.batch, m.prompt_len + m.gen_len, m.loops, m.mode,
                                       m.window)
-        step = c.step or functools.partial(c.model.decode_step, cache=cache)
+        step = c.step or make_decode_step(c.model, cache, "eager")[0]
         with Timer(dev) as first_token:
             token = prefill(c.model, c.prompt, cache).argmax(-1)
         with LapTimer(dev) as laps:
