@@ -226,7 +226,7 @@ def test_info_names_the_layout_and_the_engines_that_load_it(tmp_path):
         (
             "iquest-loop",
             ["model.gate_projections.0.weight", "model.gate_projections.0.bias"],
-            ["vLLM", "SGLang", "mlx-lm"],
+            ["vLLM", "mlx-lm"],
         ),
         (
             "plt",

@@ -31,7 +31,7 @@ def init(
             help="plt (LoopCoder-V2 layout, gate "
             "self_attn.plt_gate.*) or iquest-loop "
             "(IQuest-Coder-V1-Loop, gate model.gate_projections.{i}.*"
-            ", as vLLM, SGLang and mlx-lm load it)."
+            ", as vLLM and mlx-lm load it)."
         ),
     ] = "plt",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,

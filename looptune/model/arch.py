@@ -168,10 +168,12 @@ LOOP = Architecture(
                 "mlx-lm (models/iquestloopcoder.py module tree)",
                 "looptune init --arch iquest-loop",
             ),
-            loaders=("vllm", "sglang", "mlx-lm", "vllm-plt-fork", "hf-remote-code"),
-            note="vLLM's and SGLang's iquest_loopcoder.py map gate_projections.{i}.weight to "
-            "their gate_proj (SGLang's test is on the name without `model.`: unverified here); "
-            "the HF remote code loads it in its newer version only",
+            loaders=("vllm", "mlx-lm", "vllm-plt-fork", "hf-remote-code"),
+            note="vLLM's iquest_loopcoder.py maps gate_projections.{i}.weight onto its gate_proj "
+            "(AutoWeightsLoader strips `model.`); SGLang's load_weights is written for these "
+            "names but tests startswith('gate_projections.') on names still starting with "
+            "`model.`, so by reading it leaves its gates unloaded; the HF remote code loads "
+            "them in its newer version only",
         ),
         Spelling(
             "layer_gate_projection",
