@@ -390,7 +390,7 @@ def test_interference_reasons():
     two = {"load_before": 1.0, "load_after": 1.9, "cores": 2, "cpus": 2,
            "other_busy_cores": 1.5, "tpot_p90_over_p50": 2.4, "run_cv": 0.3}
     assert interference(two, threads=1, limits=Limits()) == [
-        "other processes", "dispersion", "drift between runs"]
+        "other processes", "dispersion", "drift"]
     assert interference(two, threads=1, limits=Limits.never()) == []
     assert interference({}, threads=1, limits=Limits()) == []  # nothing known, nothing claimed
 

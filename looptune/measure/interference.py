@@ -123,7 +123,7 @@ def interference(conditions: dict, threads: int, limits: Limits) -> list[str]:
     if ratio is not None and ratio > limits.dispersion:
         reasons.append("dispersion")
     if cv is not None and cv > limits.run_cv:
-        reasons.append("drift between runs")
+        reasons.append("drift")  # the runs' medians differ
     return reasons
 
 

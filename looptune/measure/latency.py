@@ -272,7 +272,7 @@ def _threads(path, cfg, dtype_name, batch, dev, threads, fresh, limits, say) -> 
     say(f"{path.name}: probing CPU threads (1 or {usable_cores()}) at batch {batch}")
     with device_lock(_lock_name(dev), on_wait=say):
         watch = CpuWatch()
-        model = load_model(path, dev, dtype_name)[0]
+        model = load_model(path, dev, dtype_name)[0].fuse()  # as the measured steps run it
         probe = choose_threads(model, batch, dev)
         del model
     if not interference(watch.read(), 1, limits):
