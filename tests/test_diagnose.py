@@ -24,8 +24,11 @@ from looptune.model.tokenizer import ByteTokenizer
 from looptune.quality.bpb import bits_per_byte, score_texts
 from looptune.quality.sets import load_set
 
-TEXTS = ["def add(a, b):\n    return a + b\n" * 6, "for i in range(10):\n    print(i)\n" * 9,
-         "x = 1\n"]
+TEXTS = [
+    "def add(a, b):\n    return a + b\n" * 6,
+    "for i in range(10):\n    print(i)\n" * 9,
+    "x = 1\n",
+]
 runner = CliRunner()
 
 
@@ -42,6 +45,7 @@ def _jsonl(path, texts=TEXTS):
 
 
 # ----- metrics on hand-made states -----
+
 
 def test_rank_one_states_have_effective_rank_one():
     u, v = torch.randn(50, 1, dtype=torch.float64), torch.randn(1, 16, dtype=torch.float64)
@@ -91,23 +95,27 @@ def test_offset_distance_on_a_known_sequence():
 
 # ----- the measuring pass -----
 
+
 def test_bits_per_byte_at_loop_r_equals_a_run_with_r_loops_and_the_parts_add_up():
     model, tok = tiny_model(), ByteTokenizer()
     m = measure_loops(model, tok, TEXTS, 3, context=64, stride=32)
     assert m["bytes"] == sum(len(t.encode()) for t in TEXTS) and m["tokens"] == m["bytes"]
     for row in m["rows"]:
-        direct = bits_per_byte(score_texts(model, tok, TEXTS, loops=row["loop"], context=64,
-                                           stride=32))
+        direct = bits_per_byte(
+            score_texts(model, tok, TEXTS, loops=row["loop"], context=64, stride=32)
+        )
         assert row["bits_per_byte"] == pytest.approx(direct, rel=1e-5)
     for prev, row in zip(m["rows"], m["rows"][1:]):
-        assert row["gain_bits_per_byte"] == pytest.approx(prev["bits_per_byte"]
-                                                          - row["bits_per_byte"], abs=1e-12)
+        assert row["gain_bits_per_byte"] == pytest.approx(
+            prev["bits_per_byte"] - row["bits_per_byte"], abs=1e-12
+        )
         parts = row["refinement_bits_per_byte"] - row["offset_cost_bits_per_byte"]
         assert parts == pytest.approx(row["gain_bits_per_byte"], abs=1e-9)
         assert row["offset_cost_bits_per_byte"] != 0  # the shift matters to these weights
     # loop 2 with its carry unshifted is exactly a 2-loop plt-noshift run of the same weights
-    noshift = bits_per_byte(score_texts(model, tok, TEXTS, loops=2, mode="plt-noshift",
-                                        context=64, stride=32))
+    noshift = bits_per_byte(
+        score_texts(model, tok, TEXTS, loops=2, mode="plt-noshift", context=64, stride=32)
+    )
     assert m["rows"][1]["bits_per_byte_unshifted"] == pytest.approx(noshift, rel=1e-5)
 
 
@@ -123,19 +131,27 @@ def test_without_the_shift_there_is_no_offset_cost():
 
 def test_prompts_are_context_only():
     model, tok = tiny_model(), ByteTokenizer()
-    m = measure_loops(model, tok, ["    return 1\n"], 2, context=32, stride=16,
-                      prompts=["def f():\n"])
+    m = measure_loops(
+        model, tok, ["    return 1\n"], 2, context=32, stride=16, prompts=["def f():\n"]
+    )
     assert m["bytes"] == m["tokens"] == len("    return 1\n")
 
 
 # ----- the verdict -----
 
+
 def _rows(ranks, bpbs, costs=None):
     """Rows as `measure_loops` makes them: refinement - offset cost = gain."""
     rows = []
     for r, (rank, bpb) in enumerate(zip(ranks, bpbs), 1):
-        row = LoopRow(loop=r, trained=True, bits_per_byte=bpb, effective_rank=rank,
-                      step_size=1.0, hidden_norm=1.0)
+        row = LoopRow(
+            loop=r,
+            trained=True,
+            bits_per_byte=bpb,
+            effective_rank=rank,
+            step_size=1.0,
+            hidden_norm=1.0,
+        )
         if r > 1:
             gain = rows[-1].bits_per_byte - bpb
             cost = (costs or [0.0] * len(bpbs))[r - 1]
@@ -171,8 +187,9 @@ def test_prediction_at_one_loop_follows_the_rank_and_only_at_the_trained_r():
 
 
 def test_the_family_checks_the_prediction_of_a_member():
-    family = [FamilyRow(f"plt-r{r}", r, b, 128) for r, b in zip((1, 2, 3, 4),
-                                                                (2.0, 1.9, 2.1, 1.95))]
+    family = [
+        FamilyRow(f"plt-r{r}", r, b, 128) for r, b in zip((1, 2, 3, 4), (2.0, 1.9, 2.1, 1.95))
+    ]
     rows = _rows([30, 45], [3.0, 2.5])  # predicts that R=3 beats R=2; it does not
     v = verdict(rows, 36.0, family, 2, is_member=True)
     assert v.family_best_loops == 2 and v.family_agrees is False and "fails" in v.text
@@ -183,8 +200,8 @@ def test_the_family_checks_the_prediction_of_a_member():
 
 # ----- texts, the library, the command -----
 
-def test_diagnose_reads_the_items_score_reads_and_writes_nothing(checkpoint, tmp_path,
-                                                                 monkeypatch):
+
+def test_diagnose_reads_the_items_score_reads_and_writes_nothing(checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     texts = _jsonl(tmp_path / "set.jsonl", TEXTS * 3)
     before = set(tmp_path.rglob("*"))
@@ -202,8 +219,9 @@ def test_diagnose_and_score_score_the_same_tokens_the_same_way(checkpoint, tmp_p
 
     texts = _jsonl(tmp_path / "set.jsonl", TEXTS * 2)
     diag = diagnose(checkpoint, set_name=str(texts), limit=4, seed=1, device="cpu")
-    scores = score_checkpoints([checkpoint], loops=[1, 2, 3], sets=[str(texts)], limit=4, seed=1,
-                               use_cache=False)
+    scores = score_checkpoints(
+        [checkpoint], loops=[1, 2, 3], sets=[str(texts)], limit=4, seed=1, use_cache=False
+    )
     assert [s.bytes for s in scores] == [diag.bytes] * 3 and diag.texts == scores[0].items
     for row, s in zip(diag.rows, scores):
         assert row.bits_per_byte == pytest.approx(s.value, rel=1e-5)
@@ -214,8 +232,20 @@ def test_cli_diagnose_json_plot_and_tables_within_100_columns(checkpoint, tmp_pa
 
     texts = _jsonl(tmp_path / "set.jsonl")
     plot = tmp_path / "gain.png"
-    result = runner.invoke(app, ["diagnose", str(checkpoint), "--set", str(texts), "--json",
-                                 "--plot", str(plot), "--limit", "2"])
+    result = runner.invoke(
+        app,
+        [
+            "diagnose",
+            str(checkpoint),
+            "--set",
+            str(texts),
+            "--json",
+            "--plot",
+            str(plot),
+            "--limit",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["loops"] == 3 and doc["texts"] == 2 and len(doc["rows"]) == 3
@@ -227,8 +257,14 @@ def test_cli_diagnose_json_plot_and_tables_within_100_columns(checkpoint, tmp_pa
     print_diagnosis(diagnose(checkpoint, set_name=str(texts), device="cpu"), out)
     text = out.export_text()
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 100
-    for header in ("refinement", "offset cost", "unshifted bpb", "eff. rank", "cos(dh, dh')",
-                   "Omega/|h'|"):
+    for header in (
+        "refinement",
+        "offset cost",
+        "unshifted bpb",
+        "eff. rank",
+        "cos(dh, dh')",
+        "Omega/|h'|",
+    ):
         assert header in text
 
 
@@ -251,8 +287,9 @@ def test_cli_diagnose_refuses_bad_input_in_one_line(checkpoint, tmp_path):
 @pytest.mark.skipif(len(family_members()) < 4, reason="the bundled family is not installed")
 def test_a_bundled_member_by_name_against_the_family(tmp_path):
     texts = _jsonl(tmp_path / "set.jsonl", TEXTS[:2])
-    diag = diagnose("plt-r2", set_name=str(texts), device="cpu", family=True,
-                    cache_dir=tmp_path / "cache")
+    diag = diagnose(
+        "plt-r2", set_name=str(texts), device="cpu", family=True, cache_dir=tmp_path / "cache"
+    )
     assert diag.loops == diag.trained_loops == 2 and [m.loops for m in diag.family] == [1, 2, 3, 4]
     own = next(m for m in diag.family if m.loops == 2)
     assert own.bits_per_byte == pytest.approx(diag.rows[-1].bits_per_byte, rel=1e-5)

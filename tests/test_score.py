@@ -27,9 +27,11 @@ CODE = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    x: int = 0\n    
 
 # ----- bits per byte -----
 
+
 def test_a_model_that_predicts_bytes_uniformly_scores_exactly_8_bits_per_byte():
-    cfg = preset_config("tiny", vocab_size=256, tie_word_embeddings=False,
-                        max_position_embeddings=64)
+    cfg = preset_config(
+        "tiny", vocab_size=256, tie_word_embeddings=False, max_position_embeddings=64
+    )
     model = build_model(cfg, "cpu", torch.float32).eval()
     with torch.no_grad():
         model.lm_head.weight.zero_()  # every logit 0: p = 1/256 for every byte
@@ -45,8 +47,9 @@ def test_a_model_that_predicts_bytes_uniformly_scores_exactly_8_bits_per_byte():
 def test_one_pass_at_max_loops_equals_separate_runs_per_loop_count():
     model, tok = tiny_model(max_position_embeddings=64), ByteTokenizer()
     texts = [CODE, CODE[:70], "a", ""]
-    shared = score_loops(model, tok, texts, [1, 2, 3], reference=2, context=32, stride=12,
-                         batch_tokens=100)
+    shared = score_loops(
+        model, tok, texts, [1, 2, 3], reference=2, context=32, stride=12, batch_tokens=100
+    )
     for r in (1, 2, 3):
         alone = score_texts(model, tok, texts, loops=r, context=32, stride=12, batch_size=1)
         for a, b in zip(shared[r], alone):
@@ -55,8 +58,10 @@ def test_one_pass_at_max_loops_equals_separate_runs_per_loop_count():
     assert all(x.agree == x.tokens for x in shared[2])  # the reference agrees with itself
 
 
-@pytest.mark.parametrize("n,context,stride,first", [(100, 16, 5, 1), (100, 16, 5, 40),
-                                                    (10, 16, 8, 3), (40, 8, 7, 1), (5, 8, 4, 5)])
+@pytest.mark.parametrize(
+    "n,context,stride,first",
+    [(100, 16, 5, 1), (100, 16, 5, 40), (10, 16, 8, 3), (40, 8, 7, 1), (5, 8, 4, 5)],
+)
 def test_windows_score_each_token_once_with_enough_left_context(n, context, stride, first):
     seen = []
     for start, end, scored in windows(n, context, stride, first):
@@ -68,6 +73,7 @@ def test_windows_score_each_token_once_with_enough_left_context(n, context, stri
 
 
 # ----- sets and subsets -----
+
 
 def _jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -104,8 +110,13 @@ def _heldout(tmp_path, files):
     for rel, text in files.items():
         (root / (rel + ".txt")).parent.mkdir(parents=True, exist_ok=True)
         (root / (rel + ".txt")).write_text(text)
-        entries.append({"path": rel, "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                        "bytes": len(text.encode())})
+        entries.append(
+            {
+                "path": rel,
+                "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                "bytes": len(text.encode()),
+            }
+        )
     (root / "LICENSE-PSF.txt").write_text("licence, not code")
     (root / "MANIFEST.json").write_text(json.dumps({"files": entries, "stored_as": "<path>.txt"}))
     return root
@@ -133,14 +144,20 @@ def test_code_set_is_the_manifest_files_in_pieces_stratified_by_file_size(tmp_pa
         load_set("code", heldout_dir=root)
 
 
-@pytest.mark.parametrize("lines,message", [
-    (['{"text": "ok"}', '{"text": "ok"'], r"bad\.jsonl:2: not valid JSON"),
-    (['{"text": "ok"}', '', '["text"]'], r"bad\.jsonl:3: expected an object"),
-    (['{"text": 3}'], r"bad\.jsonl:1: expected an object"),
-    (['{"prompt": "a"}'], r"bad\.jsonl:1: expected an object"),
-    (['{"text": "a"}', '{"prompt": "a", "completion": "b"}'], r"bad\.jsonl:2: a prompt/completion"),
-    (['', '  '], r"bad\.jsonl: no records"),
-])
+@pytest.mark.parametrize(
+    "lines,message",
+    [
+        (['{"text": "ok"}', '{"text": "ok"'], r"bad\.jsonl:2: not valid JSON"),
+        (['{"text": "ok"}', "", '["text"]'], r"bad\.jsonl:3: expected an object"),
+        (['{"text": 3}'], r"bad\.jsonl:1: expected an object"),
+        (['{"prompt": "a"}'], r"bad\.jsonl:1: expected an object"),
+        (
+            ['{"text": "a"}', '{"prompt": "a", "completion": "b"}'],
+            r"bad\.jsonl:2: a prompt/completion",
+        ),
+        (["", "  "], r"bad\.jsonl: no records"),
+    ],
+)
 def test_malformed_jsonl_names_the_file_and_line(tmp_path, lines, message):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -161,6 +178,7 @@ def test_a_bad_line_stops_scoring_before_any_model_work(tmp_path):
 
 # ----- statistics -----
 
+
 def test_bootstrap_intervals():
     rng = np.random.default_rng(0)
     den = rng.integers(50, 500, size=60).astype(float)
@@ -179,6 +197,7 @@ def test_bootstrap_intervals():
 
 # ----- the library function, its cache and the CLI -----
 
+
 @pytest.fixture
 def checkpoint(tmp_path):
     ck = tmp_path / "ck"
@@ -187,12 +206,18 @@ def checkpoint(tmp_path):
 
 
 def test_score_checkpoints_compares_with_trained_r_and_caches(tmp_path, checkpoint):
-    texts = _jsonl(tmp_path / "t.jsonl", [{"text": CODE[i:i + 90]} for i in range(0, 400, 40)])
-    pairs = _jsonl(tmp_path / "p.jsonl", [{"prompt": "def f(x):\n", "completion": "    return x\n"},
-                                          {"prompt": "# add\n", "completion": "a + b\n"}])
+    texts = _jsonl(tmp_path / "t.jsonl", [{"text": CODE[i : i + 90]} for i in range(0, 400, 40)])
+    pairs = _jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "def f(x):\n", "completion": "    return x\n"},
+            {"prompt": "# add\n", "completion": "a + b\n"},
+        ],
+    )
     scores = score_checkpoints([checkpoint], loops=[1, 2, 3], sets=[str(texts), str(pairs)])
-    assert [(s.set, s.loops) for s in scores] == [(str(texts), r) for r in (1, 2, 3)] + \
-        [(str(pairs), r) for r in (1, 2, 3)]
+    assert [(s.set, s.loops) for s in scores] == [(str(texts), r) for r in (1, 2, 3)] + [
+        (str(pairs), r) for r in (1, 2, 3)
+    ]
     by = {(s.metric, s.loops): s for s in scores}
     trained = by["bits_per_byte", 2]
     assert trained.trained_loops == 2 and trained.diff_vs_trained is None
@@ -205,8 +230,14 @@ def test_score_checkpoints_compares_with_trained_r_and_caches(tmp_path, checkpoi
     nll = by["nll_per_byte", 1]
     assert nll.bytes == len("    return x\n") + len("a + b\n") and nll.items == 2
     doc = other.to_dict()
-    for key in ("bits_per_byte", "bits_per_byte_ci95", "diff_vs_trained_bits_per_byte",
-                "diff_vs_trained_bits_per_byte_ci95", "items", "tokens_per_s"):
+    for key in (
+        "bits_per_byte",
+        "bits_per_byte_ci95",
+        "diff_vs_trained_bits_per_byte",
+        "diff_vs_trained_bits_per_byte_ci95",
+        "items",
+        "tokens_per_s",
+    ):
         assert key in doc
     assert "nll_per_byte" in nll.to_dict() and not any(s.cached for s in scores)
 
@@ -221,17 +252,30 @@ def test_score_checkpoints_compares_with_trained_r_and_caches(tmp_path, checkpoi
 def test_humaneval_pass_at_1_needs_execute_then_runs(checkpoint):
     with pytest.raises(LooptuneError, match="--execute"):
         score_checkpoints([checkpoint], sets=["humaneval"])
-    scores = score_checkpoints([checkpoint], loops=[2], sets=["humaneval"], limit=2,
-                               execute=True)
+    scores = score_checkpoints([checkpoint], loops=[2], sets=["humaneval"], limit=2, execute=True)
     (s,) = scores
     assert s.metric == "pass_at_1" and s.items == 2 and s.set_items == 164
     assert 0.0 <= s.value <= 1.0 and s.tokens > 0 and "pass_at_1" in s.to_dict()
 
 
 def test_cli_score_json_and_table(tmp_path, checkpoint):
-    texts = _jsonl(tmp_path / "t.jsonl", [{"text": CODE[i:i + 60]} for i in range(0, 300, 30)])
-    result = runner.invoke(app, ["score", str(checkpoint), "--set", str(texts), "--loops", "1,2",
-                                 "--limit", "4", "--seed", "1", "--json"])
+    texts = _jsonl(tmp_path / "t.jsonl", [{"text": CODE[i : i + 60]} for i in range(0, 300, 30)])
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            str(checkpoint),
+            "--set",
+            str(texts),
+            "--loops",
+            "1,2",
+            "--limit",
+            "4",
+            "--seed",
+            "1",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert [s["loops"] for s in doc["scores"]] == [1, 2]
@@ -247,8 +291,9 @@ def test_cli_score_json_and_table(tmp_path, checkpoint):
 def test_texts_are_scored_in_the_context_the_checkpoint_was_trained_with(tmp_path):
     from looptune.model.checkpoint import save_checkpoint
 
-    ck = save_checkpoint(tiny_model(), tmp_path / "ck",
-                         extra_config={"looptune_train": {"context": 24}})
+    ck = save_checkpoint(
+        tiny_model(), tmp_path / "ck", extra_config={"looptune_train": {"context": 24}}
+    )
     texts = _jsonl(tmp_path / "t.jsonl", [{"text": CODE}])
     (s,) = score_checkpoints([ck], loops=[2], sets=[str(texts)])
     assert (s.context, s.stride) == (24, 12)

@@ -73,9 +73,19 @@ class _Mean:
 
 
 @torch.inference_mode()
-def measure_loops(model, tokenizer, texts: list[str], loops: int, context: int, stride: int,
-                  prompts: list[str] | None = None, batch_tokens: int = BATCH_TOKENS,
-                  rank_sample: int = RANK_SAMPLE, seed: int = 0, progress=None) -> dict:
+def measure_loops(
+    model,
+    tokenizer,
+    texts: list[str],
+    loops: int,
+    context: int,
+    stride: int,
+    prompts: list[str] | None = None,
+    batch_tokens: int = BATCH_TOKENS,
+    rank_sample: int = RANK_SAMPLE,
+    seed: int = 0,
+    progress=None,
+) -> dict:
     """Every per-loop quantity of the module docstring over the scored tokens of `texts` (each
     after its prompt, if any) at `loops` loops. `progress(done, total)` counts windows.
     Returns {"rows": [dict per loop], "embedding_effective_rank", "tokens", "bytes",
@@ -91,7 +101,7 @@ def measure_loops(model, tokenizer, texts: list[str], loops: int, context: int, 
     nbytes_of = token_bytes(tokenizer, model.config.vocab_size, device)
     n_total = plan.scored_tokens
     gen = torch.Generator().manual_seed(seed)
-    sample = torch.randperm(n_total, generator=gen)[:min(rank_sample, n_total)].sort().values
+    sample = torch.randperm(n_total, generator=gen)[: min(rank_sample, n_total)].sort().values
     rank_states = torch.zeros(R + 1, len(sample), model.config.hidden_size)  # [R+1, S, d]
     step, norm, kl, cosine, omega = (_Mean(R) for _ in range(5))
     bits, bits_un = [0.0] * (R + 1), [0.0] * (R + 1)
@@ -141,20 +151,36 @@ def measure_loops(model, tokenizer, texts: list[str], loops: int, context: int, 
     rows = []
     for r in range(1, R + 1):
         rank = metrics.effective_rank(rank_states[r])
-        row = {"loop": r, "bits_per_byte": bpb[r], "effective_rank": rank,
-               "step_size": step[r], "hidden_norm": norm[r]}
+        row = {
+            "loop": r,
+            "bits_per_byte": bpb[r],
+            "effective_rank": rank,
+            "step_size": step[r],
+            "hidden_norm": norm[r],
+        }
         if r >= 2:
             un = bits_un[r] / nbytes if shift else bpb[r]
             om = omega[r]
-            row.update(kl_nats=kl[r], update_cosine=cosine[r], offset_distance=om,
-                       offset_distance_relative=None if om is None else om / norm[r - 1],
-                       gain_bits_per_byte=bpb[r - 1] - bpb[r], bits_per_byte_unshifted=un,
-                       refinement_bits_per_byte=bpb[r - 1] - un,
-                       offset_cost_bits_per_byte=bpb[r] - un)
+            row.update(
+                kl_nats=kl[r],
+                update_cosine=cosine[r],
+                offset_distance=om,
+                offset_distance_relative=None if om is None else om / norm[r - 1],
+                gain_bits_per_byte=bpb[r - 1] - bpb[r],
+                bits_per_byte_unshifted=un,
+                refinement_bits_per_byte=bpb[r - 1] - un,
+                offset_cost_bits_per_byte=bpb[r] - un,
+            )
         rows.append(row)
-    return {"rows": rows, "embedding_effective_rank": metrics.effective_rank(rank_states[0]),
-            "tokens": n_total, "bytes": nbytes, "rank_sample": len(sample),
-            "windows": len(plan.jobs), "seconds": time.perf_counter() - start}
+    return {
+        "rows": rows,
+        "embedding_effective_rank": metrics.effective_rank(rank_states[0]),
+        "tokens": n_total,
+        "bytes": nbytes,
+        "rank_sample": len(sample),
+        "windows": len(plan.jobs),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def _bits(logits, targets) -> float:

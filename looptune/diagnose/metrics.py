@@ -48,8 +48,9 @@ def effective_rank(h: torch.Tensor) -> float:
     return math.exp(-(p * p.log()).sum().item())
 
 
-def update_cosine(h: torch.Tensor, h_prev: torch.Tensor, h_prev2: torch.Tensor,
-                  eps: float = 1e-8) -> float:
+def update_cosine(
+    h: torch.Tensor, h_prev: torch.Tensor, h_prev2: torch.Tensor, eps: float = 1e-8
+) -> float:
     """Mean per-token cosine between successive updates,
     `cos(h_r - h_{r-1}, h_{r-1} - h_{r-2})`: +1 keeps going the same way, -1 undoes the previous
     loop's step (oscillation). A token whose either update is zero counts as 0."""

@@ -25,38 +25,68 @@ def plot_diagnosis(diag, path) -> Path:
     name = Path(diag.checkpoint).name
     if later:
         x = [r.loop for r in later]
-        ax.bar([v - 0.27 for v in x], [r.gain_bits_per_byte for r in later], 0.27,
-               label=r"gain $b_{r-1} - b_r$", color="tab:green")
-        ax.bar(x, [r.refinement_bits_per_byte for r in later], 0.27,
-               label=r"refinement $b_{r-1} - \tilde b_r$", color="tab:blue")
-        ax.bar([v + 0.27 for v in x], [r.offset_cost_bits_per_byte for r in later], 0.27,
-               label=r"offset cost $b_r - \tilde b_r$", color="tab:red")
+        ax.bar(
+            [v - 0.27 for v in x],
+            [r.gain_bits_per_byte for r in later],
+            0.27,
+            label=r"gain $b_{r-1} - b_r$",
+            color="tab:green",
+        )
+        ax.bar(
+            x,
+            [r.refinement_bits_per_byte for r in later],
+            0.27,
+            label=r"refinement $b_{r-1} - \tilde b_r$",
+            color="tab:blue",
+        )
+        ax.bar(
+            [v + 0.27 for v in x],
+            [r.offset_cost_bits_per_byte for r in later],
+            0.27,
+            label=r"offset cost $b_r - \tilde b_r$",
+            color="tab:red",
+        )
         ax.set_xticks(x)
     else:
-        ax.text(0.5, 0.5, "one loop: no gain to split", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "one loop: no gain to split", ha="center", va="center", transform=ax.transAxes
+        )
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xlabel(r"loop $r$")
     ax.set_ylabel("bits per byte")
-    ax.set_title(f"{name}: gain = refinement $-$ offset cost\n"
-                 r"($b_r$: bits/byte at loop $r$; $\tilde b_r$: loop $r$ with its carry unshifted)",
-                 fontsize=9)
+    ax.set_title(
+        f"{name}: gain = refinement $-$ offset cost\n"
+        r"($b_r$: bits/byte at loop $r$; $\tilde b_r$: loop $r$ with its carry unshifted)",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
 
     loops = [0] + [r.loop for r in rows]
-    ax_rank.plot(loops, [diag.embedding_effective_rank] + [r.effective_rank for r in rows],
-                 marker="o", label="effective rank")
+    ax_rank.plot(
+        loops,
+        [diag.embedding_effective_rank] + [r.effective_rank for r in rows],
+        marker="o",
+        label="effective rank",
+    )
     ax_rank.set_xticks(loops)
     ax_rank.set_xlabel(r"loop $r$ (0 = embeddings)")
     ax_rank.set_ylabel(r"effective rank of $h_r$")
     if later:
         twin = ax_rank.twinx()
-        twin.plot([r.loop for r in later], [r.offset_distance_relative for r in later],
-                  marker="s", color="tab:red")
-        twin.set_ylabel(r"$\Omega_r / \overline{\|h_{r-1}\|}$ (indicator, not in the verdict)",
-                        color="tab:red")
-    ax_rank.set_title(r"effective rank and relative offset $\Omega_r = "
-                      r"\overline{\|h_{r-1,i} - h_{r-1,i-1}\|}$", fontsize=9)
+        twin.plot(
+            [r.loop for r in later],
+            [r.offset_distance_relative for r in later],
+            marker="s",
+            color="tab:red",
+        )
+        twin.set_ylabel(
+            r"$\Omega_r / \overline{\|h_{r-1}\|}$ (indicator, not in the verdict)", color="tab:red"
+        )
+    ax_rank.set_title(
+        r"effective rank and relative offset $\Omega_r = "
+        r"\overline{\|h_{r-1,i} - h_{r-1,i-1}\|}$",
+        fontsize=9,
+    )
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)

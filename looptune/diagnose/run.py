@@ -30,10 +30,19 @@ def resolve_checkpoint(checkpoint) -> Path:
     return resolve_checkpoints([checkpoint] if checkpoint else None)[0]
 
 
-def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
-             limit: int | None = None, seed: int = 0, device="auto", dtype="auto",
-             family: bool = False, cache_dir: Path | None = None,
-             batch_tokens: int = BATCH_TOKENS, progress=None) -> Diagnosis:
+def diagnose(
+    checkpoint=None,
+    loops: int | None = None,
+    set_name: str = "code",
+    limit: int | None = None,
+    seed: int = 0,
+    device="auto",
+    dtype="auto",
+    family: bool = False,
+    cache_dir: Path | None = None,
+    batch_tokens: int = BATCH_TOKENS,
+    progress=None,
+) -> Diagnosis:
     """Per-loop diagnostics of `checkpoint` (a directory or a bundled member's name; default:
     the bundled model) at `loops` (default: its trained R) on the set `set_name` (`code`,
     `humaneval-nll` or a JSONL path; `limit`, `seed` as in `score`), with the verdict.
@@ -55,8 +64,10 @@ def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
         raise LooptuneError(f"loops must be at least 1, got {loops}")
     vs = load_set(set_name, limit, seed)
     if vs.metric == "pass_at_1":
-        raise LooptuneError(f"set {set_name!r} is scored by running code; diagnose measures "
-                            "likelihood: use humaneval-nll")
+        raise LooptuneError(
+            f"set {set_name!r} is scored by running code; diagnose measures "
+            "likelihood: use humaneval-nll"
+        )
     dtype = run_dtype(dtype, resolve_device(device))  # norms, KL and SVD want float32 on a CPU
     model, tokenizer = load_model(path, device, dtype)
     if tokenizer is None:
@@ -67,9 +78,18 @@ def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
     texts = [x.text for x in vs.items]
     prompts = [x.prompt for x in vs.items] if any(x.prompt for x in vs.items) else None
     with small_model_threads(model):
-        m = measure_loops(model, tokenizer, texts, R, context, stride, prompts=prompts,
-                          batch_tokens=batch_tokens, seed=seed,
-                          progress=(lambda d, t: progress("windows", d, t)) if progress else None)
+        m = measure_loops(
+            model,
+            tokenizer,
+            texts,
+            R,
+            context,
+            stride,
+            prompts=prompts,
+            batch_tokens=batch_tokens,
+            seed=seed,
+            progress=(lambda d, t: progress("windows", d, t)) if progress else None,
+        )
     rows = [LoopRow(trained=row["loop"] <= cfg.num_loops, **row) for row in m["rows"]]
     members = []
     if family or cache_dir is not None:
@@ -78,13 +98,28 @@ def diagnose(checkpoint=None, loops: int | None = None, set_name: str = "code",
     p = next(model.parameters())
     _, mode, window = model.knobs(R)
     diag = Diagnosis(
-        checkpoint=str(path), content_hash=content_hash(path), trained_loops=cfg.num_loops,
-        loops=R, mode=mode, window=window, set_name=vs.name, texts=len(vs.items),
-        set_items=vs.total, tokens=m["tokens"], bytes=m["bytes"], context=context,
-        stride=stride, rank_sample=m["rank_sample"],
-        embedding_effective_rank=m["embedding_effective_rank"], device=str(p.device),
-        dtype=str(p.dtype).removeprefix("torch."), torch_version=torch.__version__,
-        seconds=m["seconds"], rows=rows, family=members, items=[x.id for x in vs.items])
-    diag.verdict = verdict(rows, diag.embedding_effective_rank, members, cfg.num_loops,
-                           is_member)
+        checkpoint=str(path),
+        content_hash=content_hash(path),
+        trained_loops=cfg.num_loops,
+        loops=R,
+        mode=mode,
+        window=window,
+        set_name=vs.name,
+        texts=len(vs.items),
+        set_items=vs.total,
+        tokens=m["tokens"],
+        bytes=m["bytes"],
+        context=context,
+        stride=stride,
+        rank_sample=m["rank_sample"],
+        embedding_effective_rank=m["embedding_effective_rank"],
+        device=str(p.device),
+        dtype=str(p.dtype).removeprefix("torch."),
+        torch_version=torch.__version__,
+        seconds=m["seconds"],
+        rows=rows,
+        family=members,
+        items=[x.id for x in vs.items],
+    )
+    diag.verdict = verdict(rows, diag.embedding_effective_rank, members, cfg.num_loops, is_member)
     return diag

@@ -74,8 +74,14 @@ class WindowPlan:
     is context only. This is the one windowing loop behind `score`, training's held-out loss and
     `diagnose`."""
 
-    def __init__(self, tokenizer, texts: list[str], context: int, stride: int,
-                 prompts: list[str] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        texts: list[str],
+        context: int,
+        stride: int,
+        prompts: list[str] | None = None,
+    ):
         bos = getattr(tokenizer, "bos_id", None)
         head = [bos] if bos is not None else []
         self.encoded, self.jobs = [], []  # jobs: (item, start, end, first_scored)
@@ -83,8 +89,9 @@ class WindowPlan:
             prompt = head + (tokenizer.encode(prompts[i]) if prompts and prompts[i] else [])
             ids = prompt + tokenizer.encode(text)
             self.encoded.append(ids)
-            self.jobs += [(i, s, e, f) for s, e, f in windows(len(ids), context, stride,
-                                                              len(prompt))]
+            self.jobs += [
+                (i, s, e, f) for s, e, f in windows(len(ids), context, stride, len(prompt))
+            ]
         self.jobs.sort(key=lambda j: j[1] - j[2])  # longest first, so padding stays small
 
     @property
@@ -96,13 +103,13 @@ class WindowPlan:
         b = 0
         while b < len(self.jobs):
             length = self.jobs[b][2] - self.jobs[b][1]
-            group = self.jobs[b:b + max(1, batch_tokens // length)]
+            group = self.jobs[b : b + max(1, batch_tokens // length)]
             b += len(group)
             ids = torch.zeros(len(group), length, dtype=torch.long, device=device)
             scored = torch.zeros(len(group), length - 1, dtype=torch.bool, device=device)
             for row, (i, s, e, f) in enumerate(group):
-                ids[row, :e - s] = torch.tensor(self.encoded[i][s:e])
-                scored[row, f - s - 1:e - s - 1] = True  # position t predicts token t + 1
+                ids[row, : e - s] = torch.tensor(self.encoded[i][s:e])
+                scored[row, f - s - 1 : e - s - 1] = True  # position t predicts token t + 1
             yield WindowBatch(ids, scored, [j[0] for j in group])
 
 
@@ -126,19 +133,36 @@ def small_model_threads(model, small: int = 50_000_000):
 
 def token_bytes(tokenizer, vocab_size: int, device) -> torch.Tensor:
     """UTF-8 bytes each token id stands for, `[vocab]`: the denominator of bits per byte."""
-    return torch.tensor([len(tokenizer.token_bytes(t)) for t in range(vocab_size)],
-                        device=device)
+    return torch.tensor([len(tokenizer.token_bytes(t)) for t in range(vocab_size)], device=device)
 
 
-def score_texts(model, tokenizer, texts: list[str], loops=None, mode=None, window=None,
-                context: int | None = None, stride: int | None = None, batch_size: int = 8,
-                progress=None) -> list[ItemScore]:
+def score_texts(
+    model,
+    tokenizer,
+    texts: list[str],
+    loops=None,
+    mode=None,
+    window=None,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress=None,
+) -> list[ItemScore]:
     """One `ItemScore` per text, at `loops` (default: the model's)."""
     loops = model.knobs(loops, mode, window)[0]
     batch_tokens = batch_size * (context or model.config.max_position_embeddings)
-    return score_loops(model, tokenizer, texts, [loops], mode=mode, window=window,
-                       context=context, stride=stride, progress=progress,
-                       batch_tokens=batch_tokens)[loops]
+    return score_loops(
+        model,
+        tokenizer,
+        texts,
+        [loops],
+        mode=mode,
+        window=window,
+        context=context,
+        stride=stride,
+        progress=progress,
+        batch_tokens=batch_tokens,
+    )[loops]
 
 
 def clamp_window(cfg, context: int | None, stride: int | None) -> tuple[int, int]:
@@ -149,10 +173,20 @@ def clamp_window(cfg, context: int | None, stride: int | None) -> tuple[int, int
 
 
 @torch.inference_mode()
-def score_loops(model, tokenizer, texts: list[str], loops: list[int],
-                prompts: list[str] | None = None, reference: int | None = None, mode=None,
-                window=None, context: int | None = None, stride: int | None = None,
-                batch_tokens: int = 8192, progress=None) -> dict[int, list[ItemScore]]:
+def score_loops(
+    model,
+    tokenizer,
+    texts: list[str],
+    loops: list[int],
+    prompts: list[str] | None = None,
+    reference: int | None = None,
+    mode=None,
+    window=None,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_tokens: int = 8192,
+    progress=None,
+) -> dict[int, list[ItemScore]]:
     """`{R: [ItemScore per text]}` for every R in `loops`, from one pass at max(loops).
 
     `prompts[i]`, when given, is context for `texts[i]`: only the text's tokens are scored (the
@@ -189,8 +223,9 @@ def score_loops(model, tokenizer, texts: list[str], loops: list[int],
             ntok[i] += row_tokens[row]
         if progress:
             progress(len(batch.items))
-    return {r: [ItemScore(bits[r][i], nbytes[i], ntok[i], agree[r][i]) for i in range(n)]
-            for r in loops}
+    return {
+        r: [ItemScore(bits[r][i], nbytes[i], ntok[i], agree[r][i]) for i in range(n)] for r in loops
+    }
 
 
 def bits_per_byte(items: list[ItemScore]) -> float:

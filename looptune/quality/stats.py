@@ -34,8 +34,9 @@ def _interval(samples: np.ndarray, alpha: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def ratio_ci(num, den, n_boot: int = N_BOOT, seed: int = 0,
-             alpha: float = ALPHA) -> tuple[float, float, float]:
+def ratio_ci(
+    num, den, n_boot: int = N_BOOT, seed: int = 0, alpha: float = ALPHA
+) -> tuple[float, float, float]:
     """(sum(num) / sum(den), low, high): percentile bootstrap interval over items."""
     num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
     if len(num) == 0 or den.sum() <= 0:
@@ -47,8 +48,9 @@ def ratio_ci(num, den, n_boot: int = N_BOOT, seed: int = 0,
     return float(num.sum() / den.sum()), *_interval(ratios, alpha)
 
 
-def paired_ratio_diff_ci(num_a, den_a, num_b, den_b, n_boot: int = N_BOOT, seed: int = 0,
-                         alpha: float = ALPHA) -> tuple[float, float, float]:
+def paired_ratio_diff_ci(
+    num_a, den_a, num_b, den_b, n_boot: int = N_BOOT, seed: int = 0, alpha: float = ALPHA
+) -> tuple[float, float, float]:
     """(ratio_a - ratio_b, low, high) over the same resampled items for both."""
     arrays = [np.asarray(x, dtype=float) for x in (num_a, den_a, num_b, den_b)]
     if len(arrays[0]) == 0 or arrays[1].sum() <= 0 or arrays[3].sum() <= 0:

@@ -32,12 +32,35 @@ TRAIN_MANIFEST = DATA_DIR / "train_manifest.json"
 HELDOUT_MANIFEST = HELDOUT_DIR / "MANIFEST.json"
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
-GENERATED = re.compile(r"auto-?generated|generated (by|from|with)|automatically generated|"
-                       r"this file (was|is) generated|do not edit|character mapping codec",
-                       re.IGNORECASE)
+GENERATED = re.compile(
+    r"auto-?generated|generated (by|from|with)|automatically generated|"
+    r"this file (was|is) generated|do not edit|character mapping codec",
+    re.IGNORECASE,
+)
 GENERATED_FILES = {"html/entities.py"}  # data tables written by a script, without a marker
-SOURCE_SUFFIXES = (".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".js", ".ts",
-                   ".java", ".rb", ".sh", ".lua", ".jl", ".scala", ".kt", ".swift", ".txt", ".md")
+SOURCE_SUFFIXES = (
+    ".py",
+    ".pyi",
+    ".c",
+    ".h",
+    ".cc",
+    ".cpp",
+    ".hpp",
+    ".rs",
+    ".go",
+    ".js",
+    ".ts",
+    ".java",
+    ".rb",
+    ".sh",
+    ".lua",
+    ".jl",
+    ".scala",
+    ".kt",
+    ".swift",
+    ".txt",
+    ".md",
+)
 HELDOUT_BYTES = 1_000_000  # the packaged held-out corpus stays about this size
 HELDOUT_MAX_FILE = 120_000  # no single held-out file may dominate the held-out score
 
@@ -59,8 +82,11 @@ def stdlib_dir() -> Path:
 
 def is_generated(relpath: str, text: str) -> bool:
     name = relpath.rsplit("/", 1)[-1]
-    return (name.startswith("_sysconfigdata") or relpath in GENERATED_FILES
-            or bool(GENERATED.search(text[:800])))
+    return (
+        name.startswith("_sysconfigdata")
+        or relpath in GENERATED_FILES
+        or bool(GENERATED.search(text[:800]))
+    )
 
 
 def discover(root: Path, suffixes=(".py",)) -> list[tuple[SourceFile, str]]:
@@ -91,8 +117,9 @@ def split_key(relpath: str) -> str:
     return hashlib.sha256(relpath.encode()).hexdigest()
 
 
-def split(files: list[SourceFile], heldout_bytes: int = HELDOUT_BYTES,
-          max_file: int = HELDOUT_MAX_FILE) -> tuple[list[SourceFile], list[SourceFile]]:
+def split(
+    files: list[SourceFile], heldout_bytes: int = HELDOUT_BYTES, max_file: int = HELDOUT_MAX_FILE
+) -> tuple[list[SourceFile], list[SourceFile]]:
     """(train, heldout) by file: files in hash order go to held-out until it holds
     `heldout_bytes`; files larger than `max_file` always train."""
     heldout, total = [], 0
@@ -110,9 +137,13 @@ def split(files: list[SourceFile], heldout_bytes: int = HELDOUT_BYTES,
 def manifest_doc(files: list[SourceFile], source: str) -> dict:
     entries = [{"path": f.relpath, "sha256": f.sha256, "bytes": f.nbytes} for f in files]
     digest = sha256_bytes(json.dumps(entries, sort_keys=True).encode())
-    return {"source": source, "python_version": platform.python_version(),
-            "files": entries, "total_bytes": sum(f.nbytes for f in files),
-            "manifest_sha256": digest}
+    return {
+        "source": source,
+        "python_version": platform.python_version(),
+        "files": entries,
+        "total_bytes": sum(f.nbytes for f in files),
+        "manifest_sha256": digest,
+    }
 
 
 def build_manifests(root: Path | None = None, data_dir: Path = DATA_DIR) -> dict:
@@ -135,21 +166,29 @@ def build_manifests(root: Path | None = None, data_dir: Path = DATA_DIR) -> dict
     (heldout_dir / "LICENSE-PSF.txt").write_text(
         "The files in this directory are copies of CPython standard library sources, stored with\n"
         "a .txt suffix. They are distributed under the Python Software Foundation License;\n"
-        "the full text follows.\n\n" + (licence.read_text() if licence.exists() else ""))
+        "the full text follows.\n\n" + (licence.read_text() if licence.exists() else "")
+    )
     (heldout_dir / "MANIFEST.json").write_text(
-        json.dumps(manifest_doc(heldout, source) | {"stored_as": "<path>.txt"}, indent=1) + "\n")
+        json.dumps(manifest_doc(heldout, source) | {"stored_as": "<path>.txt"}, indent=1) + "\n"
+    )
     (data_dir / "train_manifest.json").write_text(
-        json.dumps(manifest_doc(train, source), indent=1) + "\n")
-    return {"train_files": len(train), "train_bytes": sum(f.nbytes for f in train),
-            "heldout_files": len(heldout), "heldout_bytes": sum(f.nbytes for f in heldout)}
+        json.dumps(manifest_doc(train, source), indent=1) + "\n"
+    )
+    return {
+        "train_files": len(train),
+        "train_bytes": sum(f.nbytes for f in train),
+        "heldout_files": len(heldout),
+        "heldout_bytes": sum(f.nbytes for f in heldout),
+    }
 
 
 def _read_manifest(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise LooptuneError(f"{path}: missing or unreadable manifest ({e}); "
-                            "reinstall looptune") from None
+        raise LooptuneError(
+            f"{path}: missing or unreadable manifest ({e}); reinstall looptune"
+        ) from None
 
 
 def heldout_texts() -> list[tuple[str, str]]:
@@ -190,8 +229,10 @@ def stdlib_corpus() -> Corpus:
             continue
         train.append((entry["path"], data.decode("utf-8")))
     if not train:
-        raise LooptuneError(f"none of the {len(doc['files'])} pinned train files matched under "
-                            f"{root} (the manifest is from {doc['source']}); pass --corpus PATH")
+        raise LooptuneError(
+            f"none of the {len(doc['files'])} pinned train files matched under "
+            f"{root} (the manifest is from {doc['source']}); pass --corpus PATH"
+        )
     held_doc = _read_manifest(HELDOUT_MANIFEST)
     digest = sha256_bytes((doc["manifest_sha256"] + held_doc["manifest_sha256"]).encode())
     return Corpus(train, heldout_texts(), doc["source"], digest, skipped)
@@ -206,8 +247,10 @@ def folder_corpus(path: Path, heldout_bytes: int | None = None) -> Corpus:
         raise LooptuneError(f"--corpus {path}: not a directory (give a folder of source files)")
     found = discover(path, SOURCE_SUFFIXES)
     if not found:
-        raise LooptuneError(f"--corpus {path}: no source files found (looked for "
-                            f"{', '.join(SOURCE_SUFFIXES)}; tests and generated files skipped)")
+        raise LooptuneError(
+            f"--corpus {path}: no source files found (looked for "
+            f"{', '.join(SOURCE_SUFFIXES)}; tests and generated files skipped)"
+        )
     texts = {f.relpath: t for f, t in found}
     files = [f for f, _ in found]
     total = sum(f.nbytes for f in files)
@@ -215,16 +258,24 @@ def folder_corpus(path: Path, heldout_bytes: int | None = None) -> Corpus:
     train, heldout = split(files, budget, max_file=max(total // 10, 1))
     if not heldout:  # one file, or all of it tiny: hold out the smallest file if there are two
         if len(files) < 2:
-            raise LooptuneError(f"--corpus {path}: needs at least two source files (one is "
-                                "held out for validation)")
+            raise LooptuneError(
+                f"--corpus {path}: needs at least two source files (one is held out for validation)"
+            )
         heldout = [min(files, key=lambda f: (f.nbytes, f.relpath))]
         train = [f for f in files if f != heldout[0]]
-    digest = sha256_bytes(json.dumps(
-        [[f.relpath, f.sha256] for f in train] + [["heldout"]] +
-        [[f.relpath, f.sha256] for f in heldout]).encode())
-    return Corpus([(f.relpath, texts[f.relpath]) for f in train],
-                  [(f.relpath, texts[f.relpath]) for f in heldout], f"folder {path.resolve()}",
-                  digest)
+    digest = sha256_bytes(
+        json.dumps(
+            [[f.relpath, f.sha256] for f in train]
+            + [["heldout"]]
+            + [[f.relpath, f.sha256] for f in heldout]
+        ).encode()
+    )
+    return Corpus(
+        [(f.relpath, texts[f.relpath]) for f in train],
+        [(f.relpath, texts[f.relpath]) for f in heldout],
+        f"folder {path.resolve()}",
+        digest,
+    )
 
 
 def load_corpus(path: Path | None = None) -> Corpus:
