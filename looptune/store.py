@@ -171,6 +171,12 @@ class ResultCache:
         self.kind = kind
         self.dir = (root or cache_root()) / kind
         self.validate = validate
+        self._warned: set = set()  # one warning per kind of disk failure, not one per entry
+
+    def _warn_once(self, e: OSError, message: str) -> None:
+        if (type(e), e.errno) not in self._warned:
+            self._warned.add((type(e), e.errno))
+            warn(message)
 
     @staticmethod
     def digest(key: dict) -> str:
@@ -195,8 +201,12 @@ class ResultCache:
             text = path.read_text()
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError) as e:
-            warn(f"cannot read {self.kind} cache entry {path} ({e}); measuring again")
+        except OSError as e:
+            self._warn_once(e, f"cannot read the {self.kind} cache ({path}: "
+                               f"{e.strerror or e}); measuring again")
+            return None
+        except UnicodeDecodeError:
+            warn(f"ignoring {self.kind} cache entry {path}: not UTF-8; measuring again")
             return None
         try:
             entry = json.loads(text)
@@ -225,8 +235,8 @@ class ResultCache:
         try:
             atomic_write_text(path, document)
         except OSError as e:
-            warn(f"could not write the {self.kind} cache ({path.parent}: "
-                 f"{e.strerror or e}); the result is kept but not cached")
+            self._warn_once(e, f"could not write the {self.kind} cache ({path.parent}: "
+                               f"{e.strerror or e}); results are kept but not cached")
             return False
         return True
 

@@ -47,7 +47,7 @@ def test_timer_measures_known_sleeps():
             time.sleep(s)
             laps.lap()
     assert len(laps.ms) == 3
-    for got, want in zip(laps.ms, (10, 40, 20)):
+    for got, want in zip(laps.ms, (10, 40, 20), strict=True):
         assert want <= got < want + 250
 
 

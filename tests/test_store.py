@@ -112,7 +112,7 @@ def test_an_entry_that_cannot_be_trusted_is_a_one_line_warning_and_a_miss(cache,
                                                                             reason):
     cache.path(KEY).parent.mkdir(parents=True)
     cache.path(KEY).write_text(text)
-    assert cache.get(KEY) is None
+    assert cache.get(KEY) is None  # (a directory that cannot be read is the same warning)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: ignoring thing cache entry")
     assert reason in lines[0] and lines[0].endswith("measuring again")
@@ -123,7 +123,7 @@ def test_an_unreadable_entry_is_a_warning(cache, capsys):
     cache.path(KEY).parent.mkdir(parents=True)
     cache.path(KEY).write_bytes(b"\xff\xfe not utf-8")
     assert cache.get(KEY) is None
-    assert capsys.readouterr().err.startswith("warning: cannot read thing cache entry")
+    assert capsys.readouterr().err.startswith("warning: ignoring thing cache entry")
 
 
 def test_an_impossible_result_is_not_stored(cache, capsys):
@@ -146,6 +146,8 @@ def test_a_failed_cache_write_is_a_warning_not_a_lost_result(tmp_path, monkeypat
         cache = ResultCache("thing", root=tmp_path / "root")
     result = {"ms": 2.0}
     assert cache.put(KEY, result) is False and result == {"ms": 2.0}
+    assert cache.put({**KEY, "loops": 3}, result) is False  # warned once, not per entry
+    assert cache.get(KEY) is None  # (a directory that cannot be read is the same warning)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: could not write the thing cache")
     assert "not cached" in lines[0]

@@ -14,6 +14,7 @@ the CPU, whose kernels run to completion before returning).
 from __future__ import annotations
 
 import time
+from itertools import pairwise
 
 import torch
 
@@ -59,8 +60,8 @@ class LapTimer:
         marks = self._marks
         if self.cuda:
             marks[-1].synchronize()
-            return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+            return [a.elapsed_time(b) for a, b in pairwise(marks)]
+        return [(b - a) * 1e3 for a, b in pairwise(marks)]
 
 
 class Timer(LapTimer):
