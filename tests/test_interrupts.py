@@ -60,7 +60,7 @@ def test_a_signal_ends_profile_with_one_line_and_130(ckpt, tmp_path, names):
         stdout = proc.stdout.read()
         assert proc.returncode == 130, (name, lines)
         assert stdout == ""  # no JSON document of an interrupted measurement
-        assert lines[-1] == ("interrupted: 0 of 2 candidates were finished (and cached); "
+        assert lines[-1] == ("interrupted: 0 of 2 candidates were finished and cached; "
                              "a rerun measures the rest"), lines
         assert not any("Traceback" in line for line in lines)
         assert not (tmp_path / f"{name}.json").exists()

@@ -217,15 +217,14 @@ def profile_candidates(checkpoints: Sequence[Path | str], loops: Sequence[int] =
 
 
 def _measure(todo: list[Candidate], dev, plan: Plan, store: ResultCache, say):
-    finished = []
+    cached = []
 
     def done(c: Candidate):
-        finished.append(c)
         if c.m.interference:
             say(f"{c.m.label}: measured under interference ({', '.join(c.m.interference)}); "
                 "not cached")
-        elif c.m.status == "ok":
-            store.put(c.key, c.m.to_dict())
+        elif c.m.status == "ok" and store.put(c.key, c.m.to_dict()):
+            cached.append(c)
 
     with device_lock(_lock_name(dev), on_wait=say) as waited:
         for c in todo:
@@ -233,8 +232,8 @@ def _measure(todo: list[Candidate], dev, plan: Plan, store: ResultCache, say):
         try:
             run_candidates(todo, dev, plan, say, done)
         except KeyboardInterrupt:
-            raise Interrupted(f"{len(finished)} of {len(todo)} candidates were finished (and "
-                              "cached); a rerun measures the rest") from None
+            raise Interrupted(f"{len(cached)} of {len(todo)} candidates were finished and "
+                              "cached; a rerun measures the rest") from None
 
 
 def _lock_name(dev: torch.device) -> str:
