@@ -82,15 +82,15 @@ else  # the tiny preset holds 512 positions; one CPU thread
     BATCHES=1,8 CONTEXTS=64,256
 fi
 QUICK="--gen 16 --min-repeats 2 --min-time 0.2"
-stage "eager" 110 $BENCH --how eager --batch $BATCHES --context $CONTEXTS \
+stage "eager" 100 $BENCH --how eager --batch $BATCHES --context $CONTEXTS \
     --loops 1,2,3,4 --seq-loops 2,4 $QUICK
 if [ "$GPU" = 1 ]; then
-    stage "graphs" 120 $BENCH --how graphs --batch $BATCHES --context $CONTEXTS \
+    stage "graphs" 110 $BENCH --how graphs --batch $BATCHES --context $CONTEXTS \
         --loops 1,2,3,4 --seq-loops 2,4 $QUICK
 else
     log "graphs: needs CUDA, skipped"
 fi
-stage "compile" 170 $BENCH --how compile --batch 1 --context $CONTEXTS \
+stage "compile" 150 $BENCH --how compile --batch 1 --context $CONTEXTS \
     --loops 1,2 --seq-loops 2 $QUICK
 
 # 5. The GPU's state after the runs, and the table.

@@ -72,3 +72,13 @@ def test_graph_replay_equals_eager_on_cuda(mode):
     eager = _decode(model, ids, 3, mode, "eager", prefix=17)
     torch.testing.assert_close(eager, full[:, 17:], atol=1e-4, rtol=0)
     torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_step_equals_eager_on_cuda():
+    model = tiny_model().cuda()
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(14)).cuda()
+    eager = _decode(model, ids, 2, "plt", "eager", prefix=9)
+    compiled = _decode(model, ids, 2, "plt", "compile", prefix=9)  # inductor
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)

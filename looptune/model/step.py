@@ -6,9 +6,10 @@
 - `eager`: `PLTForCausalLM.decode_step`, one kernel launch per op. The global branch reads
   `cache.span()` slots (a power of two above the tokens held), so its cost grows with the
   length rather than the cache size.
-- `graphs`: the static-shape step (`decode_static`, the whole cache) captured once in a
-  `torch.cuda.CUDAGraph`, no inductor; each call copies the ids into a static input buffer and
-  replays, so launch overhead goes. CUDA only.
+- `graphs`: the static-shape step (`decode_static`) captured in `torch.cuda.CUDAGraph`s, no
+  inductor; each call copies the ids into a static input buffer and replays, so launch
+  overhead goes. One graph per span the cache can still need (`cache.span()` now, doubling up
+  to `max_len`): the cost still grows with the length, in steps of two. CUDA only.
 - `compile`: `torch.compile` of the same static step (inductor, no CUDA graphs).
 
 Every runner first fuses the model's q/k/v and gate/up projections (`PLTForCausalLM.fuse()`:
@@ -94,30 +95,38 @@ class _Saved:
 def _graphed(model, cache: KVCache):
     device = cache.pos.device
     tokens = torch.zeros(cache.batch, dtype=torch.long, device=device)  # the static input
+    spans = [cache.span()]  # one graph per span a later step may need, from here to max_len
+    while spans[-1] < cache.max_len:
+        spans.append(min(2 * spans[-1], cache.max_len))
     saved = _Saved(cache)
     _sync(device)
     t0 = time.perf_counter()
+    graphs = {}
     side = torch.cuda.Stream(device)  # warm up off the capture stream, as torch's docs advise
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            model.decode_static(tokens, cache, None)
-            saved.restore()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = model.decode_static(tokens, cache, None)  # [B, vocab], the static output
-    saved.restore()
+    for span in spans:
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.decode_static(tokens, cache, span)
+                saved.restore()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = model.decode_static(tokens, cache, span)  # [B, vocab], static output
+        saved.restore()
+        graphs[span] = (graph, logits)
     _sync(device)
     setup_ms = (time.perf_counter() - t0) * 1e3
 
     def step(token_ids):
+        need = cache.span()  # below the first captured span only after a new prefill
+        graph, logits = graphs.get(need) or graphs[spans[0]]
         tokens.copy_(token_ids)
         graph.replay()
         cache.length += 1
         return logits
 
-    step.graph = graph  # keeps the graph (and its memory pool) alive with the step
+    step.graphs = graphs  # the graphs (and their memory pools) live as long as the step
     return step, setup_ms
 
 
