@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from looptune.diagnose.measure import BATCHED_SMALL
 from looptune.diagnose.result import FamilyRow
 from looptune.quality.sets import ValidationSet
 
@@ -55,7 +56,7 @@ def family_scores(
         if value is None and compute:
             model, tokenizer = load_model(path, device, dtype)
             R = model.config.num_loops
-            with small_model_threads(model):
+            with small_model_threads(model, BATCHED_SMALL):
                 scores = score_loops(
                     model, tokenizer, texts, [R], prompts=prompts, context=context, stride=stride
                 )[R]

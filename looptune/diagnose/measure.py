@@ -55,6 +55,10 @@ from looptune.quality.bpb import WindowPlan, token_bytes
 
 RANK_SAMPLE = 4096
 BATCH_TOKENS = 8192  # tokens per forward batch of windows, as `score`
+# Batched windows make larger matmuls than a decode step, which threads can share: one CPU thread
+# only up to this size (measured on the 116K-parameter family: 3.3 s against 16 s on two threads
+# of a busy two-core machine; not measured on larger models).
+BATCHED_SMALL = 1_000_000
 
 
 class _Mean:

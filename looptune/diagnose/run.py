@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from looptune.diagnose.family import family_scores
-from looptune.diagnose.measure import BATCH_TOKENS, measure_loops
+from looptune.diagnose.measure import BATCH_TOKENS, BATCHED_SMALL, measure_loops
 from looptune.diagnose.result import Diagnosis, LoopRow
 from looptune.diagnose.verdict import verdict
 from looptune.errors import LooptuneError
@@ -77,7 +77,7 @@ def diagnose(
     context, stride = clamp_window(cfg, trained_context(path, cfg), None)
     texts = [x.text for x in vs.items]
     prompts = [x.prompt for x in vs.items] if any(x.prompt for x in vs.items) else None
-    with small_model_threads(model):
+    with small_model_threads(model, BATCHED_SMALL):
         m = measure_loops(
             model,
             tokenizer,

@@ -115,10 +115,10 @@ class WindowPlan:
 
 @contextmanager
 def small_model_threads(model, small: int = 50_000_000):
-    """One CPU thread while running a small model: its ops are tiny, and splitting each across
-    threads costs more than it saves (decode: 30 ms against 5 ms a token with two threads
-    against one; `diagnose` of a bundled member: 16 s against 3.3 s, both measured with the
-    family shape on a busy two-core machine)."""
+    """One CPU thread while running a model of at most `small` parameters: its ops are tiny,
+    and splitting each across threads costs more than it saves (decode: 30 ms against 5 ms a
+    token with two threads against one, measured with the family shape on a busy two-core
+    machine)."""
     param = model.model.embed_tokens.weight
     if param.device.type != "cpu" or model.num_params() > small:
         yield
