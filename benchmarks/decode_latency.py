@@ -71,8 +71,15 @@ def copy_bandwidth(device, nbytes=1 << 30) -> float | None:
 def measure(model, how, batch, context, mode, R, window, gen, min_repeats, min_time_s):
     """One candidate -> a result dict (status "ok" or "oom")."""
     device = model.model.embed_tokens.weight.device
-    row = {"how": how, "batch": batch, "context": context, "mode": mode, "loops": R,
-           "window": window, "gen": gen}
+    row = {
+        "how": how,
+        "batch": batch,
+        "context": context,
+        "mode": mode,
+        "loops": R,
+        "window": window,
+        "gen": gen,
+    }
     cache = step = None
     try:
         cache = model.new_cache(batch, context + gen, R, mode, window)
@@ -98,8 +105,14 @@ def measure(model, how, batch, context, mode, R, window, gen, min_repeats, min_t
             torch.cuda.empty_cache()
     steps = sorted(ms for run in runs[1:] for ms in run)  # runs[0] is the warm-up
     q = statistics.quantiles(steps, n=10)
-    row.update(status="ok", tpot_ms_p50=statistics.median(steps), tpot_ms_p10=q[0],
-               tpot_ms_p90=q[-1], runs=len(runs) - 1, warmup_ms=sum(runs[0]))
+    row.update(
+        status="ok",
+        tpot_ms_p50=statistics.median(steps),
+        tpot_ms_p10=q[0],
+        tpot_ms_p90=q[-1],
+        runs=len(runs) - 1,
+        warmup_ms=sum(runs[0]),
+    )
     return row
 
 
@@ -107,15 +120,20 @@ def table(rows, weight_bytes=None, copy_gbs=None) -> str:
     """Markdown: one line per (how, batch, context); R = 1 in ms, the rest as ratios to it."""
     by = {(r["how"], r["batch"], r["context"], r["mode"], r["loops"]): r for r in rows}
     pairs = sorted({k[3:] for k in by}, key=lambda p: (p[0] != "plt", p[1]))
-    heads = ["R=1 ms" if (m, R) == ("plt", 1) else f"{'PLT' if m == 'plt' else 'seq'} R={R}"
-             for m, R in pairs]
+    heads = [
+        "R=1 ms" if (m, R) == ("plt", 1) else f"{'PLT' if m == 'plt' else 'seq'} R={R}"
+        for m, R in pairs
+    ]
     extra = ["PLT-2 / seq-2"] if ("plt", 2) in pairs and ("sequential", 2) in pairs else []
     if weight_bytes and copy_gbs:
         extra.append("R=1 % copy bw")
-    lines = ["| how | batch | context | " + " | ".join(heads + extra + ["setup ms"]) + " |",
-             "|---|---:|---:|" + "---:|" * (len(heads) + len(extra) + 1)]
+    lines = [
+        "| how | batch | context | " + " | ".join(heads + extra + ["setup ms"]) + " |",
+        "|---|---:|---:|" + "---:|" * (len(heads) + len(extra) + 1),
+    ]
     keys = sorted({k[:3] for k in by}, key=lambda k: (HOWS.index(k[0]), k[1], k[2]))
     for how, batch, context in keys:
+
         def get(mode, R, how=how, batch=batch, context=context):
             r = by.get((how, batch, context, mode, R))
             return r.get("tpot_ms_p50") if r else None
@@ -133,8 +151,9 @@ def table(rows, weight_bytes=None, copy_gbs=None) -> str:
             p, s = get("plt", 2), get("sequential", 2)
             cells.append(f"{p / s:.2f}" if p and s else "-")
         if "R=1 % copy bw" in extra:
-            cells.append(f"{100 * weight_bytes / (base / 1e3) / 1e9 / copy_gbs:.0f}%"
-                         if base else "-")
+            cells.append(
+                f"{100 * weight_bytes / (base / 1e3) / 1e9 / copy_gbs:.0f}%" if base else "-"
+            )
         setups = [r.get("setup_ms") or 0.0 for k, r in by.items() if k[:3] == (how, batch, context)]
         cells.append(f"{max(setups):.0f}")
         lines.append(f"| {how} | {batch} | {context} | " + " | ".join(cells) + " |")
@@ -145,17 +164,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small", help="model shape (looptune.model.PRESETS)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on the CPU), float32, "
-                                                   "bfloat16 or float16")
+    p.add_argument(
+        "--dtype", default="auto", help="auto (float32 on the CPU), float32, bfloat16 or float16"
+    )
     p.add_argument("--how", default="eager", help=f"comma-separated, of {', '.join(HOWS)}")
     p.add_argument("--compile", action="store_true", help="the same as --how compile")
-    p.add_argument("--context", default="512", help="tokens held before decoding, "
-                                                    "comma-separated")
+    p.add_argument("--context", default="512", help="tokens held before decoding, comma-separated")
     p.add_argument("--gen", type=int, default=32, help="decode steps timed per run")
     p.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
     p.add_argument("--loops", default="1,2,3,4", help="loop counts, comma-separated")
-    p.add_argument("--seq-loops", default=None, help="sequential's loop counts (default "
-                                                     "--loops)")
+    p.add_argument("--seq-loops", default=None, help="sequential's loop counts (default --loops)")
     p.add_argument("--window", type=int, default=None, help="G-SWA window (default: preset's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--min-repeats", type=int, default=5)
@@ -173,22 +191,30 @@ def main(argv=None):
     pairs = candidates(loops, ints(args.seq_loops) if args.seq_loops else loops)
     device = resolve_device(args.device)
     dtype = resolve_dtype(run_dtype(args.dtype, device)) or (
-        torch.bfloat16 if args.preset == "loopcoder-v2-7b" else torch.float32)
+        torch.bfloat16 if args.preset == "loopcoder-v2-7b" else torch.float32
+    )
     cfg = preset_config(args.preset)
     window = args.window or cfg.window
     t0 = time.perf_counter()
     model = build_model(cfg, device, dtype).eval()
     synchronize(device)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
-    say(f"{args.preset}: {model.num_params() / 1e6:.2f}M parameters, {weight_bytes / 1e9:.2f} GB "
+    say(
+        f"{args.preset}: {model.num_params() / 1e6:.2f}M parameters, {weight_bytes / 1e9:.2f} GB "
         f"{str(dtype).removeprefix('torch.')} on {device}, built in "
-        f"{time.perf_counter() - t0:.1f} s")
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     env = environment(device, dtype)
     copy_gbs = copy_bandwidth(device)
     if copy_gbs:
         say(f"device-to-device copy: {copy_gbs:.0f} GB/s")
-    head = {"preset": args.preset, "parameters": model.num_params(), "weight_bytes": weight_bytes,
-            "copy_gb_per_s": copy_gbs, "environment": env}
+    head = {
+        "preset": args.preset,
+        "parameters": model.num_params(),
+        "weight_bytes": weight_bytes,
+        "copy_gb_per_s": copy_gbs,
+        "environment": env,
+    }
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "decode_latency_env.json").write_text(json.dumps(head, indent=2, default=str))
@@ -197,25 +223,45 @@ def main(argv=None):
         for context in ints(args.context):
             for batch in ints(args.batch):
                 for mode, R in pairs:
-                    row = measure(model, how, batch, context, mode, R, window, args.gen,
-                                  args.min_repeats, args.min_time)
+                    row = measure(
+                        model,
+                        how,
+                        batch,
+                        context,
+                        mode,
+                        R,
+                        window,
+                        args.gen,
+                        args.min_repeats,
+                        args.min_time,
+                    )
                     rows.append(row)
-                    say(f"{how} batch {batch} context {context} {mode} R={R}: " + (
-                        f"{row['tpot_ms_p50']:.3f} ms/step, setup {row['setup_ms']:.0f} ms"
-                        if row["status"] == "ok" else row["status"]))
+                    say(
+                        f"{how} batch {batch} context {context} {mode} R={R}: "
+                        + (
+                            f"{row['tpot_ms_p50']:.3f} ms/step, setup {row['setup_ms']:.0f} ms"
+                            if row["status"] == "ok"
+                            else row["status"]
+                        )
+                    )
                     if args.out:  # the table covers every run into this folder
                         with open(args.out / "decode_latency.jsonl", "a") as f:
                             f.write(json.dumps(row) + "\n")
-                        kept = [json.loads(line) for line in
-                                (args.out / "decode_latency.jsonl").read_text().splitlines()]
+                        kept = [
+                            json.loads(line)
+                            for line in (args.out / "decode_latency.jsonl").read_text().splitlines()
+                        ]
                         (args.out / "decode_latency.md").write_text(
-                            table(kept, weight_bytes, copy_gbs))
+                            table(kept, weight_bytes, copy_gbs)
+                        )
     if args.json:
         print(json.dumps({**head, "results": rows}, indent=2, default=str))
         return
-    print(f"decode latency per token: preset {args.preset}, {env['dtype']}, {env['device']} "
-          f"({env['device_name']}), torch {env['torch']}, {env['threads']} thread(s), "
-          f"{args.gen} steps per run; R=1 in ms, the rest as ratios to it")
+    print(
+        f"decode latency per token: preset {args.preset}, {env['dtype']}, {env['device']} "
+        f"({env['device_name']}), torch {env['torch']}, {env['threads']} thread(s), "
+        f"{args.gen} steps per run; R=1 in ms, the rest as ratios to it"
+    )
     print(table(rows, weight_bytes, copy_gbs), end="")
 
 

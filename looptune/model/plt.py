@@ -29,7 +29,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def unit(self, x):
-        """x / rms(x), computed in float32 and returned in x's dtype (the part before the weight)."""
+        """x / rms(x), in float32, returned in x's dtype (the part before the weight)."""
         dtype = x.dtype
         x = x.float()
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
@@ -40,8 +40,9 @@ class RMSNorm(nn.Module):
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos, sin `[T, head_dim]` for integer `positions` `[T]` (HF rotate-half layout)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device,
-                                            dtype=torch.float32) / head_dim)
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    )
     freqs = positions.float()[:, None] * inv_freq  # [T, d_h/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -56,8 +57,9 @@ def apply_rope(x, cos, sin):
 def attend(q, k, v, mask=None, causal=False):
     """SDPA with grouped-query heads at dim -3 (full-sequence passes): `mask` `[T, T]` is True
     where a key may be seen, or `causal`."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                          enable_gqa=True)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+    )
 
 
 def attend_step(q, k, v, mask):
@@ -78,8 +80,7 @@ def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
     linear's weight is rebound as a view of it, so state-dict keys, loading in place and
     memory stay as they were, and one matmul replaces several (gpt-fast's wqkv)."""
     fused = torch.cat([lin.weight.detach() for lin in linears])
-    for lin, part in zip(linears, fused.split([lin.out_features for lin in linears]),
-                         strict=True):
+    for lin, part in zip(linears, fused.split([lin.out_features for lin in linears]), strict=True):
         lin.weight = nn.Parameter(part, requires_grad=lin.weight.requires_grad)
     return fused
 
@@ -120,7 +121,8 @@ class QueryGate(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: PLTConfig):
         super().__init__()
-        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
@@ -139,7 +141,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if self.wqkv is not None and not torch.is_grad_enabled():  # autograd sees the parts
             q, k, v = F.linear(x, self.wqkv).split(
-                [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
+                [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1
+            )
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, d_h]
@@ -185,15 +188,20 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn
         q, k, v = attn.qkv(self.input_layernorm(h), cos, sin)
         if gswa:
-            y = gswa_mix(attn.gate(h, q), attend(q, *loop1_kv, causal=True),
-                         attend(q, k, v, mask=window_mask))
+            y = gswa_mix(
+                attn.gate(h, q),
+                attend(q, *loop1_kv, causal=True),
+                attend(q, k, v, mask=window_mask),
+            )
         else:
             y = attend(q, k, v, causal=True)
         h = h + attn.out(y)
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, (k, v)
 
-    def forward_step(self, rows, cos, sin, loops: range, layer: int, cache: KVCache, span: int | None):
+    def forward_step(
+        self, rows, cos, sin, loops: range, layer: int, cache: KVCache, span: int | None
+    ):
         """Rows `[B, n, d]` are loops `loops` (numbered from 0) of one token at `cache.pos`.
 
         All rows share one weight read: this is the batched pass that makes PLT decode cheap.
@@ -307,8 +315,7 @@ class PLTForCausalLM(nn.Module):
         gswa = loop1_kv is not None
         kvs = []
         for i, layer in enumerate(self.model.layers):
-            h, kv = layer.forward_seq(h, cos, sin, gswa, loop1_kv[i] if gswa else None,
-                                      window_mask)
+            h, kv = layer.forward_seq(h, cos, sin, gswa, loop1_kv[i] if gswa else None, window_mask)
             kvs.append(kv)
         return h, kvs
 
@@ -334,14 +341,22 @@ class PLTForCausalLM(nn.Module):
         carry = self.carried(h_prev)
         if shift:  # CLP: loop r at position i reads loop r-1 at i-1
             carry = F.pad(carry[:, :-1], (0, 0, 1, 0))
-        h, kvs = self._loop(self.loop_input(self.model.embed_tokens(input_ids), carry),
-                            input_ids, loop1_kv, W)
+        h, kvs = self._loop(
+            self.loop_input(self.model.embed_tokens(input_ids), carry), input_ids, loop1_kv, W
+        )
         return (h, kvs) if return_kv else h
 
     # ----- full-sequence forward (training, scoring, prefill) -----
 
-    def forward(self, input_ids, loops=None, mode=None, window=None, return_hidden=False,
-                cache: KVCache | None = None):
+    def forward(
+        self,
+        input_ids,
+        loops=None,
+        mode=None,
+        window=None,
+        return_hidden=False,
+        cache: KVCache | None = None,
+    ):
         """Logits `[B, T, vocab]`; with `return_hidden`, also every loop's output `[R][B, T, d]`.
 
         With `cache` (empty, sized for at least T), this is the prefill: the cache is left
@@ -367,11 +382,14 @@ class PLTForCausalLM(nn.Module):
 
     # ----- incremental decode -----
 
-    def new_cache(self, batch, max_len, loops=None, mode=None, window=None, dtype=None,
-                  device=None) -> KVCache:
+    def new_cache(
+        self, batch, max_len, loops=None, mode=None, window=None, dtype=None, device=None
+    ) -> KVCache:
         R, mode, W = self.knobs(loops, mode, window)
         p = self.model.embed_tokens.weight
-        return KVCache(self.config, mode, R, W, batch, max_len, dtype or p.dtype, device or p.device)
+        return KVCache(
+            self.config, mode, R, W, batch, max_len, dtype or p.dtype, device or p.device
+        )
 
     def decode_step(self, token_ids, cache: KVCache):
         """Logits `[B, vocab]` for one new token per sequence at position `cache.pos`.

@@ -48,16 +48,18 @@ HOWS = ("eager", "graphs", "compile")
 _RECOMPILE_LIMIT = 64
 
 
-def make_decode_step(model: PLTForCausalLM, cache: KVCache, how: str = "eager",
-                     backend: str = "inductor") -> tuple[Callable, float]:
+def make_decode_step(
+    model: PLTForCausalLM, cache: KVCache, how: str = "eager", backend: str = "inductor"
+) -> tuple[Callable, float]:
     """`(step, setup_ms)`: `step(token_ids [B]) -> logits [B, vocab]` decodes one token per
     sequence at `cache.pos` and advances the cache. `how` is one of `HOWS`; `backend` is the
-    `torch.compile` backend for `compile` (tests use "aot_eager")."""
+    `torch.compile` backend for `compile` (the CPU tests use "eager", dynamo alone)."""
     if how not in HOWS:
         raise LooptuneError(f"how must be one of {', '.join(HOWS)}, got {how!r}")
     if how == "graphs" and cache.pos.device.type != "cuda":
-        raise LooptuneError(f"how='graphs' needs a CUDA device; the cache is on "
-                            f"{cache.pos.device.type}")
+        raise LooptuneError(
+            f"how='graphs' needs a CUDA device; the cache is on {cache.pos.device.type}"
+        )
     model.fuse()
     if how == "eager":
         return _no_grad(lambda token_ids: model.decode_step(token_ids, cache)), 0.0
@@ -70,6 +72,7 @@ def _no_grad(fn):
     def step(token_ids):
         with torch.no_grad():
             return fn(token_ids)
+
     return step
 
 
@@ -133,13 +136,7 @@ def _graphed(model, cache: KVCache):
 def _compiled(model, cache: KVCache, backend: str):
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, _RECOMPILE_LIMIT)
-    # batch and cache length dynamic (maybe_: sizes of 1 stay specialised, without an error)
-    for t, batch_dim, len_dim in ((cache.full_k, 2, 4), (cache.full_v, 2, 4),
-                                  (cache.ring_k, 1, None), (cache.ring_v, 1, None),
-                                  (cache.carry, 1, None), (cache._full_slots, None, 0)):
-        for dim in (batch_dim, len_dim):
-            if dim is not None:
-                torch._dynamo.maybe_mark_dynamic(t, dim)
+    cache.mark_dynamic()
     fn = torch.compile(model.decode_static, backend=backend)
 
     def raw(token_ids):
