@@ -14,13 +14,13 @@ from looptune.cli import app
 from looptune.errors import Interrupted, LooptuneError
 from looptune.measure import env as envmod
 from looptune.measure.interference import Limits, interference, usable_cores
-from looptune.measure.latency import Measurement, profile_candidates
+from looptune.measure.latency import Measurement, check_measurement, profile_candidates
 from looptune.measure.memory import PeakMemory
 from looptune.measure.stats import bootstrap_ci, percentile, summarize
 from looptune.measure.timers import LapTimer, Timer
 from looptune.model.checkpoint import init_checkpoint
 from looptune.model.plt import PLTForCausalLM
-from looptune.store import cache_root
+from looptune.store import ResultCache, cache_root
 
 runner = CliRunner()
 FAST = dict(prompt_len=8, gen_len=4, min_repeats=2, min_time_s=0.0, device="cpu", warmup=0,
@@ -345,10 +345,9 @@ def test_cli_without_a_checkpoint_or_bundled_model_is_a_clear_error(monkeypatch,
 
 # ----- the result cache, interference, threads -----
 
-@pytest.mark.parametrize("edit", [
-    {"tpot_ms_p50": 0.001}, {"tpot_ms_p50": -1.0}, {"ttft_ms": float("nan")},
-    {"tpot_ms_p99": None}, {"status": "partial"}, {"interference": ["load"]},
-    {"tpot_ms_p50_ci95": [1.0]}, {"kv_bytes": 0},
+@pytest.mark.parametrize("edit", [  # (the envelope's checks are in test_store.py)
+    {"tpot_ms_p50": 0.001}, {"ttft_ms": float("nan")}, {"tpot_ms_p50_ci95": [1.0]},
+    {"status": "partial"}, {"interference": ["load"]},
 ])
 def test_an_impossible_cache_entry_is_measured_again(ckpt, capsys, edit):
     args = dict(loops=[1], modes=["plt"], **FAST)
@@ -364,6 +363,17 @@ def test_an_impossible_cache_entry_is_measured_again(ckpt, capsys, edit):
     assert len(lines) == 1 and lines[0].startswith("warning: ignoring profile cache entry")
     (entry,) = (cache_root() / "profile").glob("*.json")
     assert json.loads(entry.read_text())["result"]["tpot_ms_p50"] == again.tpot_ms_p50
+
+
+def test_check_measurement_rejects_what_no_run_produces(ckpt):
+    (m,) = profile_candidates([ckpt], loops=[1], modes=["plt"], fresh=True, **FAST)
+    good = json.loads(json.dumps(m.to_dict()))
+    check_measurement(good)
+    for edit in [{"tpot_ms_p50": -1.0}, {"tpot_ms_p99": None}, {"tokens_per_s": 1e9},
+                 {"tpot_ms_p90": good["tpot_ms_p50"] / 2}, {"kv_bytes": 0}, {"repeats": 0},
+                 {"decode_steps": 1}, {"ttft_ms": float("inf")}, {"status": "infeasible"}]:
+        with pytest.raises(ValueError):
+            ResultCache("profile", validate=check_measurement).check({**good, **edit})
 
 
 def test_interference_is_flagged_and_never_cached(ckpt):
