@@ -71,7 +71,13 @@ def verdict(
         words.append(
             f"Loop {R}'s gain of {_b(last.gain_bits_per_byte)} is its refinement with "
             f"the carry unshifted ({_b(last.refinement_bits_per_byte)}) minus its "
-            f"offset cost ({_b(last.offset_cost_bits_per_byte)})."
+            f"offset cost ({_b(last.offset_cost_bits_per_byte)})"
+            + (
+                "; negative: these weights do better with the shifted carry they were "
+                "trained to read than with an unshifted one."
+                if last.offset_cost_bits_per_byte < 0
+                else "."
+            )
         )
         if rule_loop == R:
             words.append(
