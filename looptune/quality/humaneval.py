@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from looptune.model.generate import decode_one, prefill, sample
-from looptune.quality.sandbox import Limits, SandboxResult, run_check, sandbox_kind
+from looptune.quality.sandbox import Limits, Sandbox, SandboxResult
 from looptune.quality.sets import Item
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
@@ -64,15 +64,18 @@ def complete(model, tokenizer, prompt: str, loops=None, mode=None, window=None,
 
 
 def run_test(item: Item, completion: str, limits: Limits = TEST_LIMITS,
-             sandbox: str | None = None) -> SandboxResult:
-    """One completion against its problem's tests (`sandbox`: see `sandbox.sandbox_kind`)."""
-    return run_check(item.prompt + completion, f"{item.prompt}\n\n{item.test}", item.entry_point,
-                     limits, sandbox)
+             sandbox: str | Sandbox | None = None) -> SandboxResult:
+    """One completion against its problem's tests (`sandbox`: a `Sandbox` to run in, or the
+    kind of a new one, see `sandbox.sandbox_kind`)."""
+    if not isinstance(sandbox, Sandbox):
+        with Sandbox(sandbox) as box:
+            return run_test(item, completion, limits, box)
+    return sandbox.check(item.prompt + completion, f"{item.prompt}\n\n{item.test}",
+                         item.entry_point, limits)
 
 
 def run_tests(items: list[Item], completions: list[str], limits: Limits = TEST_LIMITS,
               workers: int = 2, sandbox: str | None = None) -> list[SandboxResult]:
-    """Each completion against its problem's tests, each check in its own processes."""
-    kind = sandbox_kind(sandbox)  # resolved (and warned about) once, not per thread
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda ic: run_test(*ic, limits, kind), zip(items, completions)))
+    """Each completion against its problem's tests, `workers` checks at a time."""
+    with Sandbox(sandbox) as box, ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda ic: run_test(*ic, limits, box), zip(items, completions)))

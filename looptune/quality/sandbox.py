@@ -43,13 +43,16 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from looptune.errors import LooptuneError
 
@@ -101,93 +104,170 @@ def sandbox_kind(requested: str | None = None) -> str:
 def run_check(program: str, tests: str, entry_point: str, limits: Limits = Limits(),
               sandbox: str | None = None, call: str = "check", *,
               tripwire: bool = True) -> SandboxResult:
-    """Run untrusted `program` (which defines `entry_point`) against trusted `tests` (which
-    define `call`, called with the entry point); see the module docstring. `tripwire=False`
-    leaves the audit hook out of the boundary, to test the boundary alone. Never raises for
-    anything the program does."""
-    kind = sandbox_kind(sandbox)
-    nonce = secrets.token_hex(16)
-    start = time.perf_counter()
-    with ExitStack() as stack:
-        out, log, verdict = (stack.enter_context(tempfile.TemporaryFile()) for _ in range(3))
-        work = None if kind == "boundary" else stack.enter_context(tempfile.TemporaryDirectory(
-            prefix="looptune-sandbox-", ignore_cleanup_errors=True))
-        lim = {"cpu_s": limits.cpu_s, "memory_bytes": limits.memory_bytes,
-               "file_bytes": limits.file_bytes, "open_files": limits.open_files}
-        to_read, to_write = os.pipe()  # runner -> candidate
-        from_read, from_write = os.pipe()  # candidate -> runner
+    """One check in a `Sandbox` of its own; see `Sandbox.check`."""
+    with Sandbox(sandbox, tripwire=tripwire) as box:
+        return box.check(program, tests, entry_point, limits, call)
+
+
+class Sandbox:
+    """Checks, from any number of threads, sharing warm test runners (one per check running at
+    once; a runner that timed out or died is replaced). Use as a context manager.
+
+    `sandbox`: see `sandbox_kind`. `tripwire=False` leaves the audit hook out of the boundary,
+    to test the boundary alone."""
+
+    def __init__(self, sandbox: str | None = None, *, tripwire: bool = True):
+        self.kind = sandbox_kind(sandbox)
+        self.tripwire = tripwire or self.kind == "tripwire"
+        self._idle: list[_Runner] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for runner in idle:
+            runner.close()
+
+    def check(self, program: str, tests: str, entry_point: str, limits: Limits = Limits(),
+              call: str = "check") -> SandboxResult:
+        """Run untrusted `program` (which defines `entry_point`) against trusted `tests`
+        (which define `call`, called with the entry point); see the module docstring. Never
+        raises for anything the program does."""
+        with self._lock:
+            runner = self._idle.pop() if self._idle else None
+        runner = runner or _Runner(non_dumpable=self.kind == "tripwire")
         try:
-            runner = subprocess.Popen(
-                [_python(), "-I", "-S", "-c", _source("runner")], stdin=subprocess.PIPE,
-                stdout=verdict, stderr=log, pass_fds=(to_write, from_read), cwd="/",
-                env=_SCRUBBED_ENV, start_new_session=True)
+            return self._check(runner, program, tests, entry_point, limits, call)
+        finally:
+            if runner.alive:
+                with self._lock:
+                    self._idle.append(runner)
+
+    def _check(self, runner, program, tests, entry_point, limits, call) -> SandboxResult:
+        kind, nonce = self.kind, secrets.token_hex(16)
+        start = time.perf_counter()
+        with ExitStack() as stack:
+            out, log = (stack.enter_context(tempfile.TemporaryFile()) for _ in range(2))
+            work = None if kind == "boundary" else stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="looptune-sandbox-",
+                                            ignore_cleanup_errors=True))
+            lim = {"cpu_s": limits.cpu_s, "memory_bytes": limits.memory_bytes,
+                   "file_bytes": limits.file_bytes, "open_files": limits.open_files}
             argv = [_python(), "-I", "-S", "-c", _source("candidate"),
-                    json.dumps({**lim, "tripwire": tripwire or kind == "tripwire"})]
+                    json.dumps({**lim, "tripwire": self.tripwire})]
             if kind == "boundary":
                 argv = _bwrap_argv(limits.disk_bytes) + argv
-            candidate = subprocess.Popen(
-                argv, stdin=to_read, stdout=from_write, stderr=out, cwd=work or "/",
-                env={**_SCRUBBED_ENV, "HOME": work or "/sandbox", "TMPDIR": work or "/sandbox"},
-                start_new_session=True)  # no terminal to inject keystrokes into
-        finally:
-            for fd in (to_read, to_write, from_read, from_write):
-                os.close(fd)
-        job = {"nonce": nonce, "program": program, "tests": tests, "entry_point": entry_point,
-               "call": call, "to_candidate": to_write, "from_candidate": from_read,
-               "non_dumpable": kind == "tripwire", "limits": lim}
-        try:
-            runner.stdin.write(json.dumps(job).encode())
-            runner.stdin.close()
-        except BrokenPipeError:
-            pass
-        timed_out = not _wait_unreaped(runner.pid, limits.timeout_s)
-        for leader in (runner.pid, candidate.pid):  # not reaped yet: their group ids cannot
-            try:  # have been reused
-                os.killpg(leader, signal.SIGKILL)
+            to_read, to_write = os.pipe()  # runner -> candidate
+            from_read, from_write = os.pipe()  # candidate -> runner
+            try:
+                candidate = subprocess.Popen(
+                    argv, stdin=to_read, stdout=from_write, stderr=out, cwd=work or "/",
+                    env={**_SCRUBBED_ENV, "HOME": work or "/sandbox", "TMPDIR": work or "/sandbox"},
+                    start_new_session=True)  # no terminal to inject keystrokes into
+            finally:
+                os.close(to_read)
+                os.close(from_write)
+            job = {"program": program, "tests": tests, "entry_point": entry_point, "call": call}
+            said = runner.run(nonce, job, log, to_write, from_read, limits.timeout_s)
+            try:  # not reaped yet: its group id cannot have been reused
+                os.killpg(candidate.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        runner.wait()
-        candidate_rc = candidate.wait()
-        seconds = time.perf_counter() - start
-        out_bytes = out.seek(0, os.SEEK_END)
-        output = _tail(out) + _tail(log)
-        verdict.seek(0)
-        lines = verdict.read(4096).decode("utf-8", errors="replace").splitlines()
-    said = next((x[len(nonce) + 1:] for x in lines if x.startswith(nonce + " ")), None)
-    if timed_out:
-        return SandboxResult("timeout", f"time limit ({limits.timeout_s:g} s wall)", seconds,
-                             kind, output)
-    if said == "passed":
-        return SandboxResult("passed", "", seconds, kind, output)
-    if candidate_rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):  # bwrap: 128 + the signal
-        return SandboxResult("timeout", f"time limit ({limits.cpu_s} s CPU)", seconds, kind,
-                             output)
-    if out_bytes >= limits.file_bytes:
-        detail = f"file size limit ({limits.file_bytes} bytes)"
-    elif said is not None:
-        detail = said.removeprefix("failed ")
-    else:
-        detail = "the tests ended without a verdict"
-    return SandboxResult("failed", detail, seconds, kind, output)
+            candidate_rc = candidate.wait()
+            seconds = time.perf_counter() - start
+            out_bytes = out.seek(0, os.SEEK_END)
+            output = _tail(out) + _tail(log)
+        if said is _TIMED_OUT:
+            return SandboxResult("timeout", f"time limit ({limits.timeout_s:g} s wall)", seconds,
+                                 kind, output)
+        if said == "passed":
+            return SandboxResult("passed", "", seconds, kind, output)
+        if candidate_rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):  # bwrap: 128 + the signal
+            return SandboxResult("timeout", f"time limit ({limits.cpu_s} s CPU)", seconds, kind,
+                                 output)
+        if out_bytes >= limits.file_bytes:
+            detail = f"file size limit ({limits.file_bytes} bytes)"
+        elif said is not None:
+            detail = said.removeprefix("failed ")
+        else:
+            detail = "the tests ended without a verdict"
+        return SandboxResult("failed", detail, seconds, kind, output)
+
+
+_TIMED_OUT = object()
+
+
+class _Runner:
+    """A warm `sandbox_runner` process, one check at a time. Each check's descriptors (its job,
+    its output, the candidate's two pipes) and nonce reach it over a private socket, and the
+    verdict comes back on it; the candidate holds none of these."""
+
+    def __init__(self, non_dumpable: bool):
+        self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.proc = subprocess.Popen(
+                [_python(), "-I", "-S", "-c", _source("runner"), str(theirs.fileno()),
+                 str(int(non_dumpable))], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), cwd="/",
+                env=_SCRUBBED_ENV, start_new_session=True)
+        self.alive = True
+
+    def run(self, nonce: str, job: dict, log, to_candidate: int, from_candidate: int,
+            timeout_s: float):
+        """The runner's verdict on `job` ("passed" or "failed <why>"), None when it died
+        without one, `_TIMED_OUT` after `timeout_s` (it is killed then)."""
+        job_read, job_write = os.pipe()
+        try:
+            socket.send_fds(self.socket, [nonce.encode()],
+                            [job_read, log.fileno(), to_candidate, from_candidate])
+        except OSError:
+            self.kill()
+            return None
+        finally:
+            for fd in (job_read, to_candidate, from_candidate):
+                os.close(fd)
+        try:
+            with open(job_write, "wb") as f:
+                f.write(json.dumps(job).encode())
+        except OSError:
+            pass
+        self.socket.settimeout(timeout_s)
+        try:
+            said = self.socket.recv(4096).decode("utf-8", errors="replace")
+        except TimeoutError:
+            self.kill()
+            return _TIMED_OUT
+        except OSError:
+            said = ""
+        if not said.startswith(nonce + " "):
+            self.kill()
+            return None
+        return said[len(nonce) + 1:]
+
+    def kill(self) -> None:
+        try:  # not reaped before this: its group id cannot have been reused
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.close()
+
+    def close(self) -> None:
+        self.alive = False
+        self.socket.close()  # it exits when it reads the end
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 def _tail(f, n: int = 1000) -> str:
     size = f.seek(0, os.SEEK_END)
     f.seek(max(0, size - n))
     return f.read().decode("utf-8", errors="replace")
-
-
-def _wait_unreaped(pid: int, timeout_s: float) -> bool:
-    """Wait for the child to exit without reaping it; False if the time ran out."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.001
-    while True:
-        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
 
 
 @functools.cache

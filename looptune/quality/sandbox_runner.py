@@ -1,21 +1,24 @@
-"""The trusted side of a check, run as `python -I -S -c <this file>` (never imported by
-looptune), outside the candidate's sandbox: it runs the problem's own tests against a stand-in
-for the candidate's function that forwards each call to the candidate's process
-(`sandbox_candidate`) and returns what comes back, decoded as plain data only.
+"""The trusted side of a check, run as `python -I -S -c <this file> SOCKET_FD NON_DUMPABLE`
+(never imported by looptune), outside the candidate's sandbox: it runs the problem's own tests
+against a stand-in for the candidate's function that forwards each call to the candidate's
+process (`sandbox_candidate`) and returns what comes back, decoded as plain data only.
 
-It reads its job, with a per-run nonce, as one JSON document on stdin, and writes its verdict
-on stdout as one line: `<nonce> passed`, only after the tests returned, or `<nonce> failed
-<why>`. The candidate's process never holds this process's stdin or stdout, never sees the
-nonce, and without the OS boundary cannot read this process's memory or descriptors (it is
-made non-dumpable first), so no line it writes anywhere can count as a pass.
+It serves one check after another. Each arrives on a private socket as a per-check nonce with
+four descriptors (the job as JSON, the output file, the pipes to and from the candidate); the
+verdict goes back on that socket: `<nonce> passed`, only after the tests returned, or `<nonce>
+failed <why>`. The candidate never holds the socket, never sees the nonce, and without the OS
+boundary cannot read this process's memory or descriptors (it is made non-dumpable first), so
+nothing it writes anywhere can count as a pass.
 """
 
 import json
 import os
 import resource
+import socket
 import sys
 
 MAX_ANSWER_BYTES = 16 << 20  # a longer answer from the candidate fails the check
+MEMORY_BYTES = 2 << 30  # RLIMIT_AS: the tests hold at most a few answers
 
 
 class CandidateFailed(Exception):
@@ -100,34 +103,44 @@ def run(job, to_candidate, from_candidate):
     namespace[job["call"]](candidate)
 
 
-def main():
-    job = json.loads(sys.stdin.read())
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    nonce, verdict = job.pop("nonce"), os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # the tests' own prints go to the output, not to the verdict
-    if job["non_dumpable"]:
-        non_dumpable()
-    lim = job["limits"]
-    resource.setrlimit(resource.RLIMIT_CPU, (lim["cpu_s"], lim["cpu_s"] + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (lim["memory_bytes"], lim["memory_bytes"]))
-    to_candidate = os.fdopen(job["to_candidate"], "wb")
-    from_candidate = os.fdopen(job["from_candidate"], "rb")
+def check(job, to_candidate, from_candidate):
+    """The outcome of one job: "passed" or "failed <why>"."""
     try:
         run(job, to_candidate, from_candidate)
-        outcome = "passed"
+        return "passed"
     except CandidateFailed as e:
-        outcome = f"failed {e}"
+        return f"failed {e}"
     except BrokenPipeError:
-        outcome = "failed the candidate's process ended before answering"
+        return "failed the candidate's process ended before answering"
     except AssertionError as e:
-        outcome = f"failed AssertionError{': ' + str(e) if str(e) else ''}"
+        return f"failed AssertionError{': ' + str(e) if str(e) else ''}"
     except Exception as e:  # noqa: BLE001 - a test that raised: the check failed
-        outcome = f"failed {type(e).__name__}: {e}"
-    verdict.write(f"{nonce} {' '.join(outcome.split())[:400]}\n")
-    verdict.flush()
-    os._exit(0)
+        return f"failed {type(e).__name__}: {e}"
+
+
+def main():
+    control = socket.socket(fileno=int(sys.argv[1]))
+    if sys.argv[2] == "1":
+        non_dumpable()
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES, MEMORY_BYTES))
+    null = os.open(os.devnull, os.O_RDWR)
+    while True:
+        message, fds, _, _ = socket.recv_fds(control, 256, 4)
+        if not message:
+            os._exit(0)  # the parent closed its end
+        job_fd, log_fd, to_fd, from_fd = fds
+        with open(job_fd, "rb") as f:
+            job = json.loads(f.read())
+        os.dup2(log_fd, 1)  # what the tests print goes to this check's output
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        with open(to_fd, "wb") as to_candidate, open(from_fd, "rb") as from_candidate:
+            outcome = check(job, to_candidate, from_candidate)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        control.sendall(f"{message.decode()} {' '.join(outcome.split())[:400]}".encode())
 
 
 if __name__ == "__main__":
