@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_model
 
 from looptune.errors import LooptuneError
-from looptune.model import MODES
+from looptune.model import MODES, PLTForCausalLM, preset_config
 from looptune.model.step import make_decode_step
 
 
@@ -49,6 +49,20 @@ def test_one_compile_serves_other_batches_and_contexts():
         got = _decode(model, ids, 2, "plt", "compile", backend="eager")
         torch.testing.assert_close(got, full[:, 5:], atol=1e-5, rtol=0)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_static_step_never_reads_a_value_on_the_host(mode):
+    """What a CUDA graph needs: on the meta device (shapes, no values) any host read, a
+    `.item()` or a branch on a tensor, would raise."""
+    with torch.device("meta"):
+        model = PLTForCausalLM(preset_config("tiny"))
+    model.fuse()
+    cache = model.new_cache(2, 32, loops=3, mode=mode)
+    tokens = torch.zeros(2, dtype=torch.long, device="meta")
+    with torch.no_grad():
+        for span in (None, 16):
+            assert model.decode_static(tokens, cache, span).shape == (2, model.config.vocab_size)
 
 
 def test_graphs_are_refused_off_cuda_and_bad_how_is_one_line():
