@@ -38,7 +38,13 @@ import torch
 from looptune.errors import Interrupted, LooptuneError
 from looptune.measure.bench import Candidate, Plan, run_candidates
 from looptune.measure.env import environment, fingerprint
-from looptune.measure.interference import Limits, choose_threads, usable_cores
+from looptune.measure.interference import (
+    CpuWatch,
+    Limits,
+    choose_threads,
+    interference,
+    usable_cores,
+)
 from looptune.model.checkpoint import (
     content_hash,
     load_model,
@@ -256,13 +262,11 @@ def _threads(path, cfg, dtype_name, batch, dev, threads, fresh, limits, say) -> 
         return threads, "given"
     if usable_cores() == 1:
         return 1, "one usable core"
-    from looptune.measure.env import environment as env_of
-    from looptune.measure.interference import CpuWatch, interference
-
     shape = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size",
                                           "num_hidden_layers", "num_attention_heads",
                                           "num_key_value_heads", "vocab_size")}
-    machine = {k: v for k, v in fingerprint(env_of(dev, dtype_name)).items() if k != "threads"}
+    machine = {k: v for k, v in fingerprint(environment(dev, dtype_name)).items()
+               if k != "threads"}
     key = {"v": 1, "shape": shape, "batch": batch, "machine": machine, "cores": usable_cores()}
     cache = ResultCache("threads", validate=_check_threads)
     hit = None if fresh else cache.get(key)
