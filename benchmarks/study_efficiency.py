@@ -12,7 +12,6 @@ exhaustive front each sampled study found and whether it made the same choice.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 from looptune.bundled import family_members
@@ -36,28 +35,45 @@ def main():
     budgets = Budgets(args.budget_ms)
     windows = [int(w) for w in args.windows.split(",")]
     dtypes = args.dtypes.split(",")
-    work = Workload(prompt_len=args.prompt_len, gen_len=args.gen_len, limit=args.limit,
-                    min_time_s=0.3, min_repeats=3)
-    with tempfile.TemporaryDirectory() as tmp:
-        grid = run_pareto(members, budgets, work, windows=windows, dtypes=dtypes, trials=10**6,
-                          out=Path(tmp) / "grid.yaml")
-        grid_front = {o.knobs for o in grid.front}
-        grid_best = grid.choice.best.knobs if grid.choice.best else None
-        print(f"space: {len(members)} members x 4 loops x {len(windows)} windows x "
-              f"{len(dtypes)} dtypes = {grid.grid_size} settings")
-        print(f"exhaustive grid: {grid.grid_size} measurements, front of {len(grid_front)}, "
-              f"choice {_name(grid_best)}")
-        print("trials  share_of_grid  front_found(mean)  same_choice")
-        for n in [int(t) for t in args.trials.split(",")]:
-            found, same = [], 0
-            for seed in range(args.seeds):
-                res = run_pareto(members, budgets, work, windows=windows, dtypes=dtypes, trials=n,
-                                 out=Path(tmp) / f"s{n}-{seed}.yaml", sampler_seed=seed)
-                measured = {o.knobs for o in res.outcomes}
-                found.append(len(grid_front & measured) / len(grid_front))
-                same += (res.choice.best.knobs if res.choice.best else None) == grid_best
-            print(f"{n:6d}  {n / grid.grid_size:13.2f}  {sum(found) / len(found):17.2f}  "
-                  f"{same}/{args.seeds}")
+    work = Workload(
+        prompt_len=args.prompt_len,
+        gen_len=args.gen_len,
+        limit=args.limit,
+        min_time_s=0.3,
+        min_repeats=3,
+    )
+    # Studies in memory (run_pareto writes nothing without a path); the caches are shared.
+    grid = run_pareto(members, budgets, work, windows=windows, dtypes=dtypes, trials=10**6)
+    grid_front = {o.knobs for o in grid.front}
+    grid_best = grid.choice.best.knobs if grid.choice.best else None
+    print(
+        f"space: {len(members)} members x 4 loops x {len(windows)} windows x "
+        f"{len(dtypes)} dtypes = {grid.grid_size} settings"
+    )
+    print(
+        f"exhaustive grid: {grid.grid_size} measurements, front of {len(grid_front)}, "
+        f"choice {_name(grid_best)}"
+    )
+    print("trials  share_of_grid  front_found(mean)  same_choice")
+    for n in [int(t) for t in args.trials.split(",")]:
+        found, same = [], 0
+        for seed in range(args.seeds):
+            res = run_pareto(
+                members,
+                budgets,
+                work,
+                windows=windows,
+                dtypes=dtypes,
+                trials=n,
+                sampler_seed=seed,
+            )
+            measured = {o.knobs for o in res.outcomes}
+            found.append(len(grid_front & measured) / len(grid_front))
+            same += (res.choice.best.knobs if res.choice.best else None) == grid_best
+        print(
+            f"{n:6d}  {n / grid.grid_size:13.2f}  {sum(found) / len(found):17.2f}  "
+            f"{same}/{args.seeds}"
+        )
 
 
 def _name(knobs) -> str:

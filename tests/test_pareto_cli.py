@@ -1,19 +1,38 @@
-"""`looptune pareto` end to end with real measurements on tiny checkpoints."""
+"""`looptune pareto` with real measurements on tiny checkpoints: one end-to-end subprocess run,
+the rest in-process through typer's CliRunner (the same command, without the interpreter start).
+"""
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from looptune.cli import app
 from looptune.model.checkpoint import init_checkpoint
 
-FAST = ["--limit", "2", "--prompt-len", "16", "--gen-len", "4", "--min-time", "0.02",
-        "--repeats", "2", "--windows", "8"]
+FAST = [
+    "--limit",
+    "2",
+    "--prompt-len",
+    "8",
+    "--gen-len",
+    "4",
+    "--min-time",
+    "0.01",
+    "--repeats",
+    "2",
+    "--windows",
+    "8",
+]
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -24,58 +43,253 @@ def family(tmp_path_factory):
     return root
 
 
-def looptune(*args, cwd, env=None, check=False):
-    proc = subprocess.run([sys.executable, "-m", "looptune", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+def pareto(family, tmp_path, *args, loops="1,2", members=("plt-r1", "plt-r2")):
+    """`looptune pareto` in-process; returns the CliRunner result."""
+    argv = [
+        "pareto",
+        *(str(family / m) for m in members),
+        "--loops",
+        loops,
+        "--out",
+        str(tmp_path / "p.yaml"),
+        *FAST,
+        *args,
+    ]
+    return runner.invoke(app, argv)
 
 
-def test_pareto_writes_a_profile_and_a_rerun_measures_nothing(family, tmp_path):
-    args = ["pareto", str(family / "plt-r1"), str(family / "plt-r2"), "--budget-ms", "1000",
-            "--loops", "1,2", "--out", str(tmp_path / "p.yaml"), "--json", *FAST]
-    doc = json.loads(looptune(*args, cwd=tmp_path, check=True).stdout)
-    assert doc["grid_size"] == 4 and len(doc["outcomes"]) == 4
-    assert doc["measurements"] == {"latency": 4, "quality_passes": 2}
+def last_line(result) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_pareto_end_to_end_writes_profile_plot_and_progress(family, tmp_path):
+    args = [
+        sys.executable,
+        "-m",
+        "looptune",
+        "pareto",
+        str(family / "plt-r2"),
+        "--budget-ms",
+        "1000",
+        "--loops",
+        "1,2",
+        "--out",
+        str(tmp_path / "p.yaml"),
+        "--plot",
+        str(tmp_path / "front.png"),
+        "--json",
+        *FAST,
+    ]
+    proc = subprocess.run(
+        args, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["grid_size"] == 2 and len(doc["outcomes"]) == 2
+    assert doc["measurements"] == {"latency": 2, "quality_passes": 1}  # one pass scores each R
     best = doc["recommendation"]
     assert best["quality"] == min(o["quality"] for o in doc["outcomes"])
     profile = yaml.safe_load((tmp_path / "p.yaml").read_text())
     assert profile["knobs"]["loops"] == best["knobs"]["loops"]
     assert profile["study"]["storage"] == f"sqlite:///{tmp_path / 'p.db'}"
-    again = json.loads(looptune(*args, cwd=tmp_path, check=True).stdout)
-    assert again["measurements"] == {"latency": 0, "quality_passes": 0}
-    assert again["recommendation"] == best
+    assert profile["command"].startswith("looptune pareto ")
+    assert (tmp_path / "front.png").read_bytes()[:4] == b"\x89PNG"
+    trial_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("trial ")]
+    assert len(trial_lines) == 2 and trial_lines[-1].endswith("(2/2)")  # progress, not a tty
+
+
+def test_rerun_measures_nothing_and_other_budgets_re_choose(family, tmp_path):
+    first = pareto(family, tmp_path, "--budget-ms", "1000", "--json", loops="1")
+    assert first.exit_code == 0, first.stderr
+    doc = json.loads(first.stdout)
+    latencies = sorted(o["latency_ms"] for o in doc["outcomes"])
+    budget = (latencies[0] + latencies[1]) / 2  # only the fastest setting fits
+    again = pareto(family, tmp_path, "--budget-ms", f"{budget:.6f}", "--json", loops="1")
+    assert again.exit_code == 0, again.stderr
+    tight = json.loads(again.stdout)
+    assert tight["measurements"] == {"latency": 0, "quality_passes": 0}
+    assert tight["study"] == doc["study"]
+    assert tight["recommendation"]["latency_ms"] == latencies[0]
+    assert [o["latency_ms"] for o in tight["pareto_set"]] == [latencies[0]]
+    profile = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    assert profile["budgets"]["latency_ms"] == pytest.approx(budget)
+    assert [o["latency_ms"] for o in profile["pareto_set"]] == [latencies[0]]
+
+
+def test_changed_workload_is_a_new_study_or_a_one_line_error(family, tmp_path):
+    first = pareto(
+        family,
+        tmp_path,
+        "--budget-ms",
+        "1000",
+        "--json",
+        "--study",
+        "fixed",
+        loops="1",
+        members=("plt-r1",),
+    )
+    assert first.exit_code == 0, first.stderr
+    refused = pareto(
+        family,
+        tmp_path,
+        "--budget-ms",
+        "1000",
+        "--study",
+        "fixed",
+        "--set",
+        "humaneval-nll",
+        loops="1",
+        members=("plt-r1",),
+    )
+    assert refused.exit_code == 2
+    assert last_line(refused).startswith(
+        "error: study 'fixed' was measured for another "
+        "question (quality_set 'code' -> 'humaneval-nll')"
+    )
+    assert "Traceback" not in refused.stderr
+    other = pareto(
+        family,
+        tmp_path,
+        "--budget-ms",
+        "1000",
+        "--json",
+        "--set",
+        "humaneval-nll",
+        loops="1",
+        members=("plt-r1",),
+    )
+    assert other.exit_code == 0, other.stderr
+    doc = json.loads(other.stdout)
+    assert doc["study"] != "fixed" and doc["measurements"]["quality_passes"] == 1
+    profile = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    assert profile["objectives"]["quality"]["set"] == "humaneval-nll"
+    assert profile["objectives"]["quality"]["value"] == doc["recommendation"]["quality"]
+
+
+def test_fresh_measures_again(family, tmp_path):
+    one = {"loops": "1", "members": ("plt-r1",)}
+    assert pareto(family, tmp_path, "--budget-ms", "1000", **one).exit_code == 0
+    fresh = pareto(family, tmp_path, "--budget-ms", "1000", "--json", "--fresh", **one)
+    assert fresh.exit_code == 0, fresh.stderr
+    assert json.loads(fresh.stdout)["measurements"] == {"latency": 1, "quality_passes": 1}
+
+
+def test_interference_is_flagged_in_table_json_and_profile(family, tmp_path, monkeypatch):
+    from looptune.measure.interference import Limits
+
+    monkeypatch.setattr(Limits, "from_env", classmethod(lambda cls: cls(0.0, 0.0, 0.0, 0.0)))
+    table = pareto(family, tmp_path, "--budget-ms", "1000", loops="1", members=("plt-r1",))
+    assert table.exit_code == 0, table.stderr
+    assert "busy" in table.stderr and "measured under interference" in table.stderr
+    doc = json.loads(
+        pareto(
+            family, tmp_path, "--budget-ms", "1000", "--json", loops="1", members=("plt-r1",)
+        ).stdout
+    )
+    assert doc["recommendation"]["interference"]
+    profile = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    assert profile["pareto_set"][0]["interference"] == doc["recommendation"]["interference"]
 
 
 def test_nothing_fits_exits_3(family, tmp_path):
-    proc = looptune("pareto", str(family / "plt-r1"), "--budget-ms", "0.0001", "--loops", "1",
-                    "--out", str(tmp_path / "p.yaml"), *FAST, cwd=tmp_path)
-    assert proc.returncode == 3, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
+    result = pareto(family, tmp_path, "--budget-ms", "0.0001", loops="1", members=("plt-r1",))
+    assert result.exit_code == 3, result.stderr
+    last = last_line(result)
     assert last.startswith("error: no setting fits the budgets; nearest miss: plt-r1 R=1")
     assert "latency_ms over by" in last and not (tmp_path / "p.yaml").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--budget-ms", "10", "--loops", "0"], "--loops values must be integers >= 1"),
-    (["--budget-ms", "10", "--metric", "p42"], "--metric must be from tpot-p50, tpot-p90"),
-    (["--budget-ms", "10", "--storage", "nosuchdb://x"], "cannot open study storage"),
-    (["--budget-ms", "10", "--plot", "front.gif"], "--plot must end in .png or .html"),
-])
-def test_bad_arguments_are_one_line(family, tmp_path, args, message):
-    proc = looptune("pareto", str(family / "plt-r1"), *args, *FAST, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--budget-ms", "0"], "--budget-ms must be a number > 0, got 0.0"),
+        (["--budget-ms", "10", "--budget-kv-mib", "0"], "--budget-kv-mib must be a number > 0"),
+        (["--budget-ms", "10", "--budget-ttft-ms", "-1"], "--budget-ttft-ms must be a number > 0"),
+        (["--budget-ms", "10", "--plot", "front.jpg"], "--plot must end in .png or .html"),
+        (["--budget-ms", "10", "--plot", "README.md/front.png"], "is a file, not a directory"),
+        (["--budget-ms", "10", "--out", "README.md/p.yaml"], "is a file, not a directory"),
+        (["--budget-ms", "10", "--out", "p.json"], "--out must end in .yaml or .yml"),
+        (["--budget-ms", "10", "--loops", "0"], "--loops values must be integers >= 1"),
+        (["--budget-ms", "10", "--metric", "p42"], "--metric must be from tpot-p50, tpot-p90"),
+        (["--budget-ms", "10", "--storage", "nosuchdb://x"], "cannot open study storage"),
+    ],
+)
+def test_bad_arguments_are_one_line_before_any_work(family, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("in the way\n")
+    result = runner.invoke(app, ["pareto", str(family / "plt-r1"), *FAST, *args])
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    cache = os.environ["LOOPTUNE_CACHE_DIR"]
+    assert not os.path.exists(os.path.join(cache, "profile"))  # nothing was measured
 
 
+def test_ctrl_c_mid_measurement_is_one_line_130_and_records_no_result(family, tmp_path):
+    db = tmp_path / "p.db"
+
+    def interrupt_when_measuring():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with sqlite3.connect(db) as con:
+                    running = con.execute("select count(*) from trials where state='RUNNING'")
+                    if running.fetchone()[0]:
+                        time.sleep(0.3)
+                        os.kill(os.getpid(), signal.SIGINT)
+                        return
+            except sqlite3.Error:
+                pass
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=interrupt_when_measuring, daemon=True)
+    killer.start()
+    # A long stopping rule: the interrupt lands in the middle of the first measurement.
+    result = runner.invoke(
+        app,
+        [
+            "pareto",
+            str(family / "plt-r1"),
+            "--loops",
+            "1",
+            "--budget-ms",
+            "1000",
+            "--out",
+            str(tmp_path / "p.yaml"),
+            *FAST,
+            "--min-time",
+            "60",
+        ],
+    )
+    killer.join(timeout=5)
+    assert result.exit_code == 130, result.stderr
+    assert last_line(result).startswith("interrupted") and "Traceback" not in result.stderr
+    assert not (tmp_path / "p.yaml").exists()
+    with sqlite3.connect(db) as con:
+        states = dict(con.execute("select state, count(*) from trials group by state"))
+    assert states.get("COMPLETE", 0) == 0 and states.get("FAIL") == 1
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_without_losing_trials(family, tmp_path):
-    args = [sys.executable, "-m", "looptune", "pareto", str(family / "plt-r1"),
-            str(family / "plt-r2"), "--budget-ms", "1000", "--loops", "1,2,3",
-            "--out", str(tmp_path / "p.yaml"), *FAST]
-    env = dict(os.environ)
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    args = [
+        sys.executable,
+        "-m",
+        "looptune",
+        "pareto",
+        str(family / "plt-r1"),
+        str(family / "plt-r2"),
+        "--budget-ms",
+        "1000",
+        "--loops",
+        "1,2,3",
+        "--out",
+        str(tmp_path / "p.yaml"),
+        *FAST,
+    ]
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     db = tmp_path / "p.db"
     deadline = time.time() + 300
     done = 0
@@ -84,7 +298,9 @@ def test_killed_run_resumes_without_losing_trials(family, tmp_path):
         if db.exists():
             try:
                 with sqlite3.connect(db) as con:
-                    done = con.execute("select count(*) from trials where state='COMPLETE'").fetchone()[0]
+                    done = con.execute(
+                        "select count(*) from trials where state='COMPLETE'"
+                    ).fetchone()[0]
             except sqlite3.Error:
                 continue
             if done >= 2:
@@ -95,8 +311,9 @@ def test_killed_run_resumes_without_losing_trials(family, tmp_path):
     with sqlite3.connect(db) as con:
         before = con.execute("select count(*) from trials where state='COMPLETE'").fetchone()[0]
     assert before < 6  # it was killed before the end
-    rerun = subprocess.run([*args, "--json"], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=600)
+    rerun = subprocess.run(
+        [*args, "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False
+    )
     assert rerun.returncode == 0, rerun.stderr
     doc = json.loads(rerun.stdout)
     assert len(doc["outcomes"]) == 6  # the whole grid, the finished trials kept

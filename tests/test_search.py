@@ -1,50 +1,129 @@
-"""The study mechanics: the Pareto set, the choice, budgets, resume and shared workers.
+"""The study mechanics: the Pareto set, the choice, budgets, identity, interrupts and retries,
+resume and shared workers.
 
 These use a deterministic stand-in for the measurements (a function of the knobs) so that the
 Optuna side is tested exactly; tests/test_pareto_cli.py runs the real measurements."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import uuid
+from pathlib import Path
 
+import optuna
 import pytest
 
 from looptune.errors import LooptuneError
-from looptune.search.choice import Budgets, Knobs, Outcome, choose, dominates, pareto_front
-from looptune.search.study import Space, collect, run_study
+from looptune.search.choice import (
+    Budgets,
+    Knobs,
+    Outcome,
+    choose,
+    pareto_front,
+    quality_latency_front,
+)
+from looptune.search.pareto import Workload, run_pareto
+from looptune.search.study import MAX_ATTEMPTS, Space, TrialReport, run_study
 
 SPACE = Space(("a", "b"), (1, 2, 3, 4), (8, 16, 32), ("float32",))
+SMALL = Space(("a", "b"), (1, 2), (8, 16), ("float32",))  # for studies in SQLite (slower)
 
 
 def synthetic(knobs: Knobs) -> Outcome:
     """Quality best at R=2 (as LoopCoder-v2), worse with a small window; latency grows with R."""
-    member = 0.05 if knobs.checkpoint == "b" else 0.0
+    member = 0.05 if Path(knobs.checkpoint).name[-1] in "b2" else 0.0
     quality = 2.0 + 0.3 * abs(knobs.loops - 2) + 4.0 / knobs.window + member
-    latency = 1.0 + 0.25 * knobs.loops + 0.002 * knobs.window + (0.1 if knobs.checkpoint == "b" else 0)
+    latency = 1.0 + 0.25 * knobs.loops + 0.002 * knobs.window + 2 * member
     kv = 1000 * (100 + (knobs.loops - 1) * knobs.window)
-    return Outcome(knobs, quality, (quality - 0.01, quality + 0.01), latency,
-                   (latency * 0.99, latency * 1.01), 10.0 * knobs.loops, kv)
+    return Outcome(
+        knobs,
+        quality,
+        (quality - 0.01, quality + 0.01),
+        latency,
+        (latency * 0.99, latency * 1.01),
+        10.0 * knobs.loops,
+        kv,
+    )
 
 
-def brute_force_front(outcomes):
-    return [o for o in outcomes if not any(dominates(p.values, o.values) for p in outcomes)]
+@pytest.fixture
+def db(tmp_path):
+    """An SQLite study storage, in /dev/shm where there is one: commits there wait for no disk
+    (a study in /tmp spends most of its time in fsync on a busy machine)."""
+    shm = Path("/dev/shm")
+    root = Path(tempfile.mkdtemp(dir=shm)) if os.access(shm, os.W_OK) else tmp_path
+    yield f"sqlite:///{root}/s.db"
+    if root != tmp_path:
+        shutil.rmtree(root, ignore_errors=True)
 
 
-def test_grid_study_front_equals_brute_force(tmp_path):
+class Counting:
+    """`synthetic`, counting calls; raises `fail(knobs)` when it returns an exception."""
+
+    def __init__(self, fail=None):
+        self.calls, self.fail = [], fail
+
+    def __call__(self, knobs):
+        self.calls.append(knobs)
+        error = self.fail(knobs) if self.fail else None
+        if error is not None:
+            raise error
+        return synthetic(knobs)
+
+
+def optuna_front(outcomes):
+    """Optuna's own non-dominated sort of the outcomes (an implementation apart from ours)."""
+    study = optuna.create_study(directions=["minimize"] * 3)
+    dists = {"i": optuna.distributions.IntDistribution(0, len(outcomes))}
+    study.add_trials(
+        [
+            optuna.trial.create_trial(values=list(o.values), params={"i": i}, distributions=dists)
+            for i, o in enumerate(outcomes)
+        ]
+    )
+    return {outcomes[t.params["i"]].knobs for t in study.best_trials}
+
+
+def test_pareto_front_known_answer():
+    def o(name, q, lat, kv):
+        return Outcome(Knobs(name, 1, 8, "float32"), q, (q, q), lat, (lat, lat), 1.0, kv)
+
+    points = [
+        o("best-quality", 1.0, 9.0, 900),
+        o("fast", 3.0, 1.0, 900),
+        o("small-kv", 4.0, 9.5, 100),
+        o("middle", 2.0, 5.0, 900),
+        o("beaten", 2.5, 6.0, 900),
+        o("tie-worse-kv", 2.0, 5.0, 950),
+    ]
+    names = {p.knobs.checkpoint for p in pareto_front(points)}
+    assert names == {"best-quality", "fast", "small-kv", "middle"}
+    names2d = {p.knobs.checkpoint for p in quality_latency_front(points)}
+    assert names2d == {"best-quality", "fast", "middle", "tie-worse-kv"}
+
+
+def test_grid_study_front_matches_optunas_own(tmp_path):
     budgets = Budgets(latency_ms=1.9)
-    study = run_study(SPACE, synthetic, budgets, 100, f"sqlite:///{tmp_path}/s.db", "grid")
-    outcomes, front, _ = collect(study)
-    assert len(outcomes) == SPACE.size == 24  # the grid fits in 100 trials: covered whole
-    feasible = [o for o in outcomes if budgets.fits(o)]
-    assert {o.knobs for o in front} == {o.knobs for o in brute_force_front(feasible)}
-    assert {o.knobs for o in pareto_front(feasible)} == {o.knobs for o in front}
+    record = run_study(SPACE, synthetic, 100, None, "grid")
+    assert len(record.outcomes) == SPACE.size == 24  # the grid fits in 100 trials: covered whole
+    feasible = [o for o in record.outcomes if budgets.fits(o)]
+    assert 0 < len(feasible) < 24
+    front = {o.knobs for o in pareto_front(feasible)}
+    assert front == optuna_front(feasible)
+    assert all(budgets.fits(o) for o in record.outcomes if o.knobs in front)
 
 
 def test_choice_obeys_every_budget_and_breaks_ties():
-    outs = [synthetic(Knobs(c, r, w, "float32")) for c in "ab" for r in (1, 2, 3, 4) for w in (8, 16, 32)]
+    outs = [
+        synthetic(Knobs(c, r, w, "float32"))
+        for c in "ab"
+        for r in (1, 2, 3, 4)
+        for w in (8, 16, 32)
+    ]
     for budgets in [Budgets(1.6), Budgets(1.9, kv_mib=0.1), Budgets(5.0, ttft_ms=15.0)]:
         best = choose(outs, budgets).best
         assert budgets.fits(best)
@@ -64,85 +143,298 @@ def test_nothing_fits_reports_the_nearest_miss():
     assert choice.overshoot["latency_ms"] == pytest.approx(outs[0].latency_ms - 1.0)
 
 
-def test_sampled_study_covers_every_loop_count(tmp_path):
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"latency_ms": 0},
+        {"latency_ms": -1.0},
+        {"latency_ms": float("nan")},
+        {"latency_ms": 5, "kv_mib": 0},
+        {"latency_ms": 5, "ttft_ms": 0.0},
+    ],
+)
+def test_budgets_must_be_positive(kwargs):
+    with pytest.raises(LooptuneError, match="must be a number > 0"):
+        Budgets(**kwargs)
+
+
+def test_sampled_study_covers_every_loop_count_and_reports_plain_trials():
     space = Space(("a", "b"), (1, 2, 3, 4), (4, 8, 16, 32, 64), ("float32", "bfloat16"))
     assert space.size == 80
-    study = run_study(space, synthetic, Budgets(2.0), 12, f"sqlite:///{tmp_path}/s.db", "tpe")
-    outcomes, front, _ = collect(study)
-    assert len(outcomes) == 12  # twelve distinct settings measured; repeats are not counted
-    assert {o.knobs.loops for o in outcomes} == {1, 2, 3, 4}  # the loop axis is exhaustive
-    assert {o.knobs for o in front} == {o.knobs for o in brute_force_front(
-        [o for o in outcomes if Budgets(2.0).fits(o)])}
+    reports = []
+    record = run_study(space, synthetic, 12, None, "tpe", on_trial=reports.append)
+    assert len(record.outcomes) == 12  # twelve distinct settings measured; repeats not counted
+    assert {o.knobs.loops for o in record.outcomes} == {1, 2, 3, 4}  # the loop axis: exhaustive
+    assert all(type(r) is TrialReport for r in reports)
+    measured = [r for r in reports if r.state == "measured"]
+    assert len(measured) == 12 and measured[-1].measured == measured[-1].target == 12
 
 
-def test_rerun_resumes_and_measures_nothing_twice(tmp_path):
-    calls = []
-
-    def counting(knobs):
-        calls.append(knobs)
-        return synthetic(knobs)
-
-    url = f"sqlite:///{tmp_path}/s.db"
+def test_rerun_resumes_and_measures_nothing_twice(db):
+    evaluate = Counting()
     small = Space(("a",), (1, 2, 3, 4), (8, 16), ("float32",))
-    run_study(small, counting, Budgets(2.0), 100, url, "resume")
-    assert len(calls) == 8
-    study = run_study(small, counting, Budgets(2.0), 100, url, "resume")
-    assert len(calls) == 8 and len(study.trials) == 8
+    run_study(small, evaluate, 100, db, "resume")
+    assert len(evaluate.calls) == 8
+    record = run_study(small, evaluate, 100, db, "resume")
+    assert len(evaluate.calls) == 8 and record.trials == 8
 
 
-def test_same_study_name_with_another_space_is_refused(tmp_path):
-    url = f"sqlite:///{tmp_path}/s.db"
-    run_study(Space(("a",), (1, 2), (8,), ("float32",)), synthetic, Budgets(2.0), 10, url, "x")
-    with pytest.raises(LooptuneError, match="another search space"):
-        run_study(Space(("a",), (1, 2, 3), (8,), ("float32",)), synthetic, Budgets(2.0), 10, url, "x")
+def test_more_trials_later_measures_only_the_rest(db):
+    evaluate = Counting()
+    run_study(SMALL, evaluate, 3, db, "grow")  # sampled: 3 of 8
+    first = set(evaluate.calls)
+    record = run_study(SMALL, evaluate, 100, db, "grow")  # now the whole grid
+    assert len(record.outcomes) == 8
+    assert len(evaluate.calls) == 8 and not first & set(evaluate.calls[3:])
+
+
+def test_interrupted_trial_is_not_a_result_and_a_rerun_measures_exactly_the_rest(db):
+    evaluate = Counting(fail=lambda k: KeyboardInterrupt() if len(evaluate.calls) == 5 else None)
+    with pytest.raises(KeyboardInterrupt):  # not Optuna's TypeError, not swallowed
+        run_study(SMALL, evaluate, 100, db, "ctrl-c")
+    interrupted = evaluate.calls[-1]
+    study = optuna.load_study(study_name="ctrl-c", storage=db)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4 and interrupted not in {Knobs(**t.params) for t in complete}
+    (failed,) = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed.user_attrs["failure"] == "interrupted"
+    record = run_study(SMALL, evaluate, 100, db, "ctrl-c")
+    assert len(record.outcomes) == 8 and not record.failed
+    rerun = evaluate.calls[5:]
+    assert len(rerun) == 4 and len(set(rerun)) == 4 and interrupted in rerun
+
+
+def test_failing_setting_is_retried_with_a_cap_and_its_reason_kept(db):
+    bad = Knobs("a", 2, 16, "float32")
+    evaluate = Counting(fail=lambda k: RuntimeError("cache entry unreadable") if k == bad else None)
+    for attempt in range(MAX_ATTEMPTS):
+        with pytest.raises(RuntimeError):
+            run_study(SMALL, evaluate, 100, db, "flaky")
+        assert evaluate.calls.count(bad) == attempt + 1  # tried again on every run
+    record = run_study(SMALL, evaluate, 100, db, "flaky")
+    assert evaluate.calls.count(bad) == MAX_ATTEMPTS and len(record.outcomes) == 7
+    (failure,) = record.failed
+    assert failure.knobs == bad and failure.attempts == MAX_ATTEMPTS and failure.gave_up
+    assert failure.reason == "RuntimeError: cache entry unreadable"
+
+
+def test_interference_flagged_setting_is_measured_again_by_the_next_run(db):
+    busy = Knobs("b", 2, 8, "float32")
+    quiet = [False]
+
+    def evaluate(knobs):
+        o = synthetic(knobs)
+        if knobs == busy and not quiet[0]:
+            o.latency_ms, o.interference = o.latency_ms * 7, "load"
+        return o
+
+    first = run_study(SMALL, evaluate, 100, db, "busy")
+    assert {o.knobs: o.interference for o in first.outcomes}[busy] == "load"
+    quiet[0] = True
+    second = run_study(SMALL, evaluate, 100, db, "busy")
+    clean = {o.knobs: o for o in second.outcomes}[busy]
+    assert clean.interference is None and clean.latency_ms == synthetic(busy).latency_ms
+
+
+def test_same_study_name_with_another_identity_is_refused(db):
+    space = Space(("a",), (1, 2), (8,), ("float32",))
+    run_study(space, synthetic, 10, db, "x", {"space": space.grid(), "prompt_len": 8})
+    with pytest.raises(LooptuneError, match=r"another question \(prompt_len 8 -> 16\)"):
+        run_study(space, synthetic, 10, db, "x", {"space": space.grid(), "prompt_len": 16})
+
+
+# ----- run_pareto: the library as a notebook uses it -----
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    from looptune.model.checkpoint import init_checkpoint
+
+    root = tmp_path_factory.mktemp("members")
+    for r in (1, 2):
+        init_checkpoint(root / f"plt-r{r}", "tiny", loops=r, seed=r)
+    return [root / "plt-r1", root / "plt-r2"]
+
+
+TINY = Workload(prompt_len=8, gen_len=4, limit=2, min_time_s=0.01, min_repeats=2)
+
+
+def test_run_pareto_writes_nothing_without_paths_and_names_studies_by_what_they_measure(
+    members, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    evaluate = Counting()
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "kernel.json"])
+    result = run_pareto(
+        members, Budgets(2.0), TINY, loops=(1, 2), windows=[8, 16], evaluator=evaluate
+    )
+    assert list(tmp_path.iterdir()) == []  # no profile, no database
+    assert result.storage == "memory" and result.profile is not None
+    assert result.profile.command == "run_pareto (Python API)" and result.profile_path is None
+    assert result.profile.knobs.loops == result.choice.best.knobs.loops
+    # another question in the same session: another study, no clash on a default name
+    other = run_pareto(
+        members,
+        Budgets(2.0),
+        Workload(**{**vars(TINY), "prompt_len": 16}),
+        loops=(1, 2),
+        windows=[8, 16],
+        evaluator=evaluate,
+    )
+    assert other.study_name != result.study_name and len(evaluate.calls) == 16
+
+
+def test_changed_workload_starts_a_new_study_or_names_the_change(members, db):
+    evaluate = Counting()
+    kwargs = {"loops": (1, 2), "windows": [8], "storage": db, "evaluator": evaluate}
+    first = run_pareto(members, Budgets(2.0), TINY, **kwargs)
+    assert len(evaluate.calls) == 4
+    changed = Workload(**{**vars(TINY), "quality_set": "humaneval-nll", "limit": 3})
+    second = run_pareto(members, Budgets(2.0), changed, **kwargs)
+    assert second.study_name != first.study_name and len(evaluate.calls) == 8
+    with pytest.raises(LooptuneError, match="limit 2 -> 3.*quality_set 'code' -> 'humaneval-nll'"):
+        run_pareto(members, Budgets(2.0), changed, study_name=first.study_name, **kwargs)
+
+
+def test_budgets_only_filter_and_re_choose_without_measuring(members, tmp_path, db):
+    evaluate = Counting()
+    kwargs = {"loops": (1, 2, 3), "windows": [8, 16], "storage": db, "evaluator": evaluate}
+    loose = run_pareto(members, Budgets(5.0), TINY, **kwargs)
+    tight_budget = Budgets(1.4)
+    tight = run_pareto(members, tight_budget, TINY, out=tmp_path / "p.yaml", **kwargs)
+    assert len(evaluate.calls) == 12  # the second run measured nothing
+    assert tight.study_name == loose.study_name
+    fitting = [o for o in tight.outcomes if tight_budget.fits(o)]
+    assert {o.knobs for o in tight.front} == optuna_front(fitting)
+    assert {o.knobs for o in tight.front} != {o.knobs for o in loose.front}
+    assert tight.choice.best.latency_ms <= 1.4 < loose.choice.best.latency_ms
+    import yaml
+
+    profile = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    assert profile["budgets"]["latency_ms"] == 1.4
+    assert all(o["latency_ms"] <= 1.4 for o in profile["pareto_set"])
+
+
+def test_fresh_measures_again(members, db):
+    evaluate = Counting()
+    kwargs = {"loops": (1, 2), "windows": [8], "storage": db, "evaluator": evaluate}
+    run_pareto(members, Budgets(2.0), TINY, **kwargs)
+    run_pareto(members, Budgets(2.0), TINY, fresh=True, **kwargs)
+    assert len(evaluate.calls) == 8
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"plot": "front.jpg"}, "plot must end in .png or .html"),
+        ({"out": "README.md/p.yaml"}, "is a file, not a directory"),
+        ({"out": "p.json"}, "out must end in .yaml or .yml"),
+        ({"trials": 0}, "trials must be an integer >= 1"),
+        ({"loops": (0, 1)}, "loops must be integers >= 1"),
+        ({"work": Workload(metric="p42")}, "metric must be one of tpot-p50, tpot-p90"),
+        ({"work": Workload(quality_set="humaneval")}, "cannot be a study objective"),
+    ],
+)
+def test_arguments_are_checked_before_any_measurement(
+    members, tmp_path, monkeypatch, change, message
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("in the way\n")
+    evaluate = Counting()
+    kwargs = {"work": TINY, "loops": (1, 2), "windows": [8], "evaluator": evaluate, **change}
+    with pytest.raises(LooptuneError, match=message):
+        run_pareto(members, Budgets(2.0), **kwargs)
+    assert evaluate.calls == []
+
+
+PLOTTED = {  # (R, W): (quality, latency ms, KV bytes); R=3 W=8 is Pareto only for its KV size
+    (1, 8): (3.0, 1.0, 100),
+    (1, 16): (2.8, 1.1, 100),
+    (2, 8): (2.5, 1.5, 110),
+    (2, 16): (2.3, 1.6, 120),
+    (3, 8): (2.6, 1.7, 105),
+    (3, 16): (2.4, 2.5, 130),
+}
+
+
+def test_plot_marks_the_two_dimensional_front_and_kv_only_points(members, tmp_path):
+    from looptune.search.plot import marked_points
+
+    def evaluate(k):
+        q, lat, kv = PLOTTED[k.loops, k.window]
+        return Outcome(k, q, (q, q), lat, (lat, lat), 1.0, kv)
+
+    budgets = Budgets(1.9)
+    result = run_pareto(
+        members[:1],
+        budgets,
+        TINY,
+        loops=(1, 2, 3),
+        windows=[8, 16],
+        evaluator=evaluate,
+        plot=tmp_path / "front.png",
+    )
+    front, kv_only = marked_points(result.outcomes, budgets)
+    assert [(o.knobs.loops, o.knobs.window) for o in front] == [(1, 8), (1, 16), (2, 8), (2, 16)]
+    assert [(o.knobs.loops, o.knobs.window) for o in kv_only] == [(3, 8)]
+    fitting = [o for o in result.outcomes if budgets.fits(o)]
+    assert {o.knobs for o in front + kv_only} == optuna_front(fitting)
+    assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 WORKER = textwrap.dedent("""
     import json, os, sys, time
     sys.path.insert(0, {tests!r})
     from test_search import synthetic, SPACE
-    from looptune.search.choice import Budgets, choose
-    from looptune.search.study import collect, run_study
+    from looptune.search.choice import Budgets, choose, pareto_front
+    from looptune.search.study import run_study
 
     def slow(knobs):
         time.sleep(0.1)  # long enough that both workers are busy at once
         return synthetic(knobs)
 
-    study = run_study(SPACE, slow, Budgets(1.9), 100, {url!r}, {name!r})
-    outcomes, front, _ = collect(study)
-    best = choose(outcomes, Budgets(1.9)).best
-    print(json.dumps({{"best": best.to_dict()["knobs"], "front": sorted(str(o.knobs) for o in front)}}))
+    record = run_study(SPACE, slow, 100, {url!r}, {name!r})
+    fits = [o for o in record.outcomes if Budgets(1.9).fits(o)]
+    best = choose(record.outcomes, Budgets(1.9)).best
+    print(json.dumps({{"best": best.to_dict()["knobs"],
+                       "front": sorted(str(o.knobs) for o in pareto_front(fits))}}))
 """)
 
 
-def storage_url(kind, tmp_path):
+def storage_url(kind, db):
     if kind == "sqlite":
-        return f"sqlite:///{tmp_path}/shared.db"
+        return db
     url = os.environ.get("LOOPTUNE_TEST_POSTGRES_URL")
     if not url:
-        pytest.skip("no PostgreSQL server: .ci/run starts one where it can "
-                    "(set LOOPTUNE_TEST_POSTGRES_URL to use your own)")
+        pytest.skip(
+            "no PostgreSQL server: .ci/run starts one where it can "
+            "(set LOOPTUNE_TEST_POSTGRES_URL to use your own)"
+        )
     return url
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-def test_two_workers_split_one_study_and_agree(tmp_path, kind):
-    url = storage_url(kind, tmp_path)
+def test_two_workers_split_one_study_and_agree(db, kind):
+    url = storage_url(kind, db)
     name = f"shared-{uuid.uuid4().hex[:8]}"
-    script = WORKER.format(tests=str(__import__("pathlib").Path(__file__).parent), url=url,
-                           name=name)
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    script = WORKER.format(tests=str(Path(__file__).parent), url=url, name=name)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     docs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert docs[0] == docs[1]  # both workers agree on the front and the choice
-    import optuna
-
     study = optuna.load_study(study_name=name, storage=url)
     finished = [t for t in study.trials if t.state.is_finished()]
-    assert {t.system_attrs["grid_id"] for t in finished} == set(range(SPACE.size))
+    assert {Knobs(**t.params) for t in finished} == set(SPACE.settings())
     assert len(finished) <= SPACE.size + 2  # at most a rare race duplicates a point
     per_worker = {}
     for t in finished:

@@ -3,7 +3,10 @@ and the recommendation. Nothing here imports Optuna."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+
+from looptune.errors import LooptuneError
 
 OBJECTIVES = ("quality", "latency_ms", "kv_bytes")  # all minimised
 
@@ -32,6 +35,7 @@ class Outcome:
     kv_bytes: int
     trial: int | None = None
     extra: dict = field(default_factory=dict)
+    interference: str | None = None  # why its latency may be inflated (measure's flag), or None
 
     @property
     def values(self) -> tuple[float, float, float]:
@@ -50,11 +54,28 @@ class Outcome:
         return cls(**d)
 
 
+BUDGET_NAMES = {"latency_ms": "latency_ms", "kv_mib": "kv_mib", "ttft_ms": "ttft_ms"}
+
+
+def check_budgets(latency_ms, kv_mib=None, ttft_ms=None, names: dict = BUDGET_NAMES) -> None:
+    """Raise LooptuneError unless every given budget is a finite number > 0; `names` says
+    how the message calls each one (the CLI passes its flags)."""
+    for key, value in (("latency_ms", latency_ms), ("kv_mib", kv_mib), ("ttft_ms", ttft_ms)):
+        if value is None and key != "latency_ms":
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value <= 0:
+            raise LooptuneError(f"{names[key]} must be a number > 0, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Budgets:
     latency_ms: float
     kv_mib: float | None = None
     ttft_ms: float | None = None
+
+    def __post_init__(self):
+        check_budgets(self.latency_ms, self.kv_mib, self.ttft_ms)
 
     def overshoot(self, o: Outcome) -> dict[str, float]:
         """Value minus budget per constraint: <= 0 fits. Optuna's constraint convention."""
@@ -81,6 +102,15 @@ def dominates(a, b) -> bool:
 def pareto_front(outcomes: list[Outcome]) -> list[Outcome]:
     """The non-dominated outcomes over (quality, latency, KV bytes); all three minimised."""
     return [o for o in outcomes if not any(dominates(p.values, o.values) for p in outcomes)]
+
+
+def quality_latency_front(outcomes: list[Outcome]) -> list[Outcome]:
+    """The outcomes no other one beats on both quality and latency (the plot's front)."""
+
+    def pair(o):
+        return (o.quality, o.latency_ms)
+
+    return [o for o in outcomes if not any(dominates(pair(p), pair(o)) for p in outcomes)]
 
 
 def rank_key(o: Outcome):

@@ -9,8 +9,6 @@ space in one pass, and knobs that change only speed (compile) never re-score it.
 from __future__ import annotations
 
 import datetime as dt
-import shlex
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +16,9 @@ from pathlib import Path
 from looptune.errors import LooptuneError, NothingFitsError
 from looptune.export.deployable import Profile
 from looptune.search.choice import Budgets, Choice, Knobs, Outcome, choose, pareto_front
-from looptune.search.study import Infeasible, Space, collect, redact, run_study
+from looptune.search.identity import study_identity
+from looptune.search.identity import study_name as default_study_name
+from looptune.search.study import Failure, Infeasible, Space, TrialReport, redact, run_study
 
 METRICS = {"tpot-p50": "tpot_ms_p50", "tpot-p90": "tpot_ms_p90"}
 
@@ -36,14 +36,38 @@ class Workload:
     min_time_s: float = 0.5  # per candidate: profile's stopping rule (both must be reached)
     min_repeats: int = 3
 
+    def check(self) -> None:
+        """Raise LooptuneError on a value no study can use (before any work)."""
+
+        def positive(name, value, low=1):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise LooptuneError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        positive("batch", self.batch)
+        positive("prompt_len", self.prompt_len)
+        positive("gen_len", self.gen_len, 2)
+        positive("min_repeats", self.min_repeats)
+        if self.limit is not None:
+            positive("limit", self.limit, 0)
+        if self.metric not in METRICS:
+            raise LooptuneError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if not self.min_time_s >= 0:
+            raise LooptuneError(f"min_time_s must be >= 0, got {self.min_time_s!r}")
+        if self.quality_set == "humaneval":  # pass@1 is higher-is-better and runs code
+            raise LooptuneError(
+                "quality_set 'humaneval' (pass@1) cannot be a study objective; use 'humaneval-nll'"
+            )
+
 
 @dataclass
 class Evaluator:
     """Turns knobs into an Outcome through the profile and score libraries, counting the
-    measurements that were not already cached."""
+    measurements that were not already cached. `fresh` measures again instead of reading the
+    caches."""
 
     space: Space
     work: Workload
+    fresh: bool = False
     # new (uncached) measurements: latency candidates, and quality passes (one scores every R)
     measured: dict = field(default_factory=lambda: {"latency": 0, "quality_passes": 0})
     _quality: dict = field(default_factory=dict)
@@ -53,10 +77,17 @@ class Evaluator:
 
         key = (knobs.checkpoint, knobs.window, knobs.dtype)
         if key not in self._quality:
-            scores = score_checkpoints([knobs.checkpoint], loops=list(self.space.loops),
-                                       windows=[knobs.window], sets=[self.work.quality_set],
-                                       limit=self.work.limit, seed=self.work.seed,
-                                       device=self.work.device, dtype=knobs.dtype)
+            scores = score_checkpoints(
+                [knobs.checkpoint],
+                loops=list(self.space.loops),
+                windows=[knobs.window],
+                sets=[self.work.quality_set],
+                limit=self.work.limit,
+                seed=self.work.seed,
+                device=self.work.device,
+                dtype=knobs.dtype,
+                use_cache=not self.fresh,
+            )
             self.measured["quality_passes"] += any(not s.cached for s in scores)
             self._quality[key] = {s.loops: s for s in scores}
         return self._quality[key][knobs.loops]
@@ -64,12 +95,25 @@ class Evaluator:
     def latency(self, knobs: Knobs):
         from looptune.measure.latency import profile_candidates
 
-        (m,) = profile_candidates([knobs.checkpoint], loops=[knobs.loops], modes=None,
-                                  batches=[self.work.batch], prompt_len=self.work.prompt_len,
-                                  gen_len=self.work.gen_len, window=knobs.window,
-                                  dtype=knobs.dtype, device=self.work.device,
-                                  compile=knobs.compile, min_repeats=self.work.min_repeats,
-                                  min_time_s=self.work.min_time_s, seed=self.work.seed)
+        (m,) = profile_candidates(
+            [knobs.checkpoint],
+            loops=[knobs.loops],
+            modes=None,
+            batches=[self.work.batch],
+            prompt_len=self.work.prompt_len,
+            gen_len=self.work.gen_len,
+            window=knobs.window,
+            dtype=knobs.dtype,
+            device=self.work.device,
+            compile=knobs.compile,
+            min_repeats=self.work.min_repeats,
+            min_time_s=self.work.min_time_s,
+            seed=self.work.seed,
+            fresh=self.fresh,
+        )
+        if m.status in ("partial", "not-measured"):
+            # The profiler keeps what it had on Ctrl-C; a study must not record it as a result.
+            raise KeyboardInterrupt
         self.measured["latency"] += not m.cached
         return m
 
@@ -79,18 +123,29 @@ class Evaluator:
             raise Infeasible(m.error or "infeasible")
         s = self.quality(knobs)
         field_name = METRICS[self.work.metric]
-        return Outcome(knobs, quality=s.value, quality_ci=(s.ci95_low, s.ci95_high),
-                       latency_ms=getattr(m, field_name),
-                       latency_ci=tuple(getattr(m, f"{field_name}_ci95")),
-                       ttft_ms=m.ttft_ms, kv_bytes=m.kv_bytes,
-                       extra={"metric": s.metric, "tokens_per_s": m.tokens_per_s,
-                              "mode": m.mode, "environment": m.environment})
+        flags = getattr(m, "interference", None)
+        return Outcome(
+            knobs,
+            quality=s.value,
+            quality_ci=(s.ci95_low, s.ci95_high),
+            latency_ms=getattr(m, field_name),
+            latency_ci=tuple(getattr(m, f"{field_name}_ci95")),
+            ttft_ms=m.ttft_ms,
+            kv_bytes=m.kv_bytes,
+            extra={
+                "metric": s.metric,
+                "tokens_per_s": m.tokens_per_s,
+                "mode": m.mode,
+                "environment": m.environment,
+            },
+            interference=", ".join(flags) if flags else None,
+        )
 
 
 @dataclass
 class ParetoResult:
     outcomes: list[Outcome]
-    front: list[Outcome]
+    front: list[Outcome]  # the Pareto set within the budgets (unconstrained when nothing fits)
     choice: Choice
     infeasible: list[dict]
     study_name: str
@@ -98,69 +153,148 @@ class ParetoResult:
     trials: int
     grid_size: int
     measured: dict
-    profile_path: Path | None = None
+    failed: list[Failure] = field(default_factory=list)  # settings not measured (see study.py)
+    profile: Profile | None = None  # the deployable profile of the choice
+    profile_path: Path | None = None  # where it was written, if anywhere
 
     def to_dict(self) -> dict:
         best, miss = self.choice.best, self.choice.nearest_miss
-        return {"recommendation": best.to_dict() if best else None,
-                "nearest_miss": miss.to_dict() if miss else None,
-                "overshoot": self.choice.overshoot,
-                "pareto_set": [o.to_dict() for o in self.front],
-                "outcomes": [o.to_dict() for o in self.outcomes],
-                "infeasible": self.infeasible, "study": self.study_name, "storage": self.storage,
-                "trials": self.trials, "grid_size": self.grid_size,
-                "measurements": self.measured,
-                "profile": str(self.profile_path) if self.profile_path else None}
+        return {
+            "recommendation": best.to_dict() if best else None,
+            "nearest_miss": miss.to_dict() if miss else None,
+            "overshoot": self.choice.overshoot,
+            "pareto_set": [o.to_dict() for o in self.front],
+            "outcomes": [o.to_dict() for o in self.outcomes],
+            "infeasible": self.infeasible,
+            "failed": [f.to_dict() for f in self.failed],
+            "study": self.study_name,
+            "storage": self.storage,
+            "trials": self.trials,
+            "grid_size": self.grid_size,
+            "measurements": self.measured,
+            "profile": str(self.profile_path) if self.profile_path else None,
+        }
 
 
-def run_pareto(checkpoints: list[Path], budgets: Budgets, work: Workload, windows=None,
-               loops=(1, 2, 3, 4), dtypes=None, compile_options=None, trials: int = 32,
-               storage: str | None = None, study_name: str | None = None,
-               out: Path | None = None, plot: Path | None = None,
-               on_trial: Callable | None = None, evaluator=None,
-               sampler_seed: int | None = None) -> ParetoResult:
-    """Run or resume the study and write the profile (when something fits) and the plot.
+PROFILE_SUFFIXES = (".yaml", ".yml")
+PLOT_SUFFIXES = (".png", ".html", ".htm")
 
-    `work.seed` seeds the quality subset and, unless `sampler_seed` is given, the sampler."""
+
+def check_paths(out=None, plot=None, names=("out", "plot")) -> None:
+    """Raise LooptuneError unless `out` and `plot` can be written (suffix, directory, rights);
+    `names` says how the message calls them (the CLI passes its flags)."""
+    from looptune.store import check_output_path
+
+    if out is not None:
+        check_output_path(out, PROFILE_SUFFIXES, names[0])
+    if plot is not None:
+        check_output_path(plot, PLOT_SUFFIXES, names[1])
+
+
+def run_pareto(
+    checkpoints: list[Path],
+    budgets: Budgets,
+    work: Workload | None = None,
+    windows=None,
+    loops=(1, 2, 3, 4),
+    dtypes=None,
+    compile_options=None,
+    trials: int = 32,
+    storage: str | None = None,
+    study_name: str | None = None,
+    out: Path | None = None,
+    plot: Path | None = None,
+    on_trial: Callable[[TrialReport], None] | None = None,
+    evaluator=None,
+    sampler_seed: int | None = None,
+    fresh: bool = False,
+    command: str = "",
+) -> ParetoResult:
+    """Run or resume the study; return the choice, the Pareto set and the profile (`profile`).
+
+    Writes nothing unless given a path: `out` (the profile, when something fits), `plot` (.png
+    or .html), `storage` (an Optuna storage URL; default: an SQLite file beside `out`, else
+    memory). The study is named after what decides its numbers (`search/identity.py`) unless
+    `study_name` is given; budgets only filter, so other budgets re-choose without measuring.
+    `fresh` measures again (the stored study of that name is started over). `command` is
+    recorded in the profile (the CLI passes its command line). `work.seed` seeds the quality subset and, unless `sampler_seed` is
+    given, the sampler. Every argument is checked before any measurement."""
     from looptune.model.checkpoint import read_config, resolve_device
 
+    work = work or Workload()
+    if not isinstance(budgets, Budgets):
+        raise LooptuneError(f"budgets must be a Budgets, got {type(budgets).__name__}")
+    work.check()
+    check_paths(out, plot)
+    if not checkpoints:
+        raise LooptuneError("checkpoints is empty")
+    if not isinstance(trials, int) or trials < 1:
+        raise LooptuneError(f"trials must be an integer >= 1, got {trials!r}")
     configs = [read_config(Path(c))[0] for c in checkpoints]  # fail early on a bad checkpoint
-    on_gpu = resolve_device(work.device).type == "cuda"
+    device = resolve_device(work.device)
     if windows is None:
         trained = sorted({c.window for c in configs})
         windows = sorted(set(trained) | {max(w // 2, 1) for w in trained})
-    dtypes = dtypes or (["bfloat16"] if on_gpu else ["float32"])
-    compile_options = compile_options or ([False, True] if on_gpu else [False])
-    space = Space(tuple(str(c) for c in checkpoints), tuple(loops), tuple(windows), tuple(dtypes),
-                  tuple(compile_options))
-    out = Path(out) if out else Path("profiles") / "pareto.yaml"
-    study_name = study_name or out.stem
-    storage = storage or f"sqlite:///{out.with_suffix('.db')}"
-    if storage.startswith("sqlite:///"):
+    dtypes = dtypes or (["bfloat16"] if device.type == "cuda" else ["float32"])
+    compile_options = compile_options or ([False, True] if device.type == "cuda" else [False])
+    for name, values in (("loops", loops), ("windows", windows)):
+        if not values or any(
+            not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values
+        ):
+            raise LooptuneError(f"{name} must be integers >= 1, got {list(values)!r}")
+    space = Space(
+        tuple(str(c) for c in checkpoints),
+        tuple(loops),
+        tuple(windows),
+        tuple(dtypes),
+        tuple(compile_options),
+    )
+    if evaluator is None:
+        from looptune.quality.sets import load_set
+
+        load_set(work.quality_set, work.limit, work.seed)  # a bad set fails now, not in a trial
+    identity = study_identity(checkpoints, work, space, device)
+    study_name = study_name or default_study_name(identity)
+    if storage is None and out is not None:
+        storage = f"sqlite:///{Path(out).with_suffix('.db')}"
+    if storage is not None and storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    evaluate = evaluator or Evaluator(space, work)
+    evaluate = evaluator or Evaluator(space, work, fresh=fresh)
     seed = work.seed if sampler_seed is None else sampler_seed
-    study = run_study(space, evaluate, budgets, trials, storage, study_name, seed, on_trial)
-    outcomes, front, infeasible = collect(study)
+    record = run_study(
+        space, evaluate, trials, storage, study_name, identity, seed, on_trial, fresh=fresh
+    )
+    outcomes = record.outcomes
     if not outcomes:
-        raise LooptuneError("no setting could be measured" +
-                            (f": {infeasible[0]['reason']}" if infeasible else ""))
+        why = [i["reason"] for i in record.infeasible] + [f.reason for f in record.failed]
+        raise LooptuneError("no setting could be measured" + (f": {why[0]}" if why else ""))
     choice = choose(outcomes, budgets)
-    if not front:  # nothing fits: show the unconstrained front instead
-        front = pareto_front(outcomes)
-    result = ParetoResult(outcomes, front, choice, infeasible, study_name, redact(storage),
-                          len(study.trials), space.size, getattr(evaluate, "measured", {}))
-    if plot:
+    # Budgets only filter: the set is recomputed from the stored outcomes with today's budgets.
+    front = pareto_front([o for o in outcomes if budgets.fits(o)]) or pareto_front(outcomes)
+    result = ParetoResult(
+        outcomes,
+        front,
+        choice,
+        record.infeasible,
+        study_name,
+        redact(storage),
+        record.trials,
+        space.size,
+        getattr(evaluate, "measured", {}),
+        record.failed,
+    )
+    if choice.best is not None:
+        result.profile = build_profile(
+            result, budgets, work, configs, checkpoints, command or "run_pareto (Python API)"
+        )
+    if plot is not None:
         from looptune.search.plot import write_plot
 
-        write_plot(plot, outcomes, front, choice.best, budgets, _quality_name(work),
-                   work.metric)
-    if choice.best is not None:
+        write_plot(plot, outcomes, choice.best, budgets, _quality_name(work), work.metric)
+    if out is not None and result.profile is not None:
         from looptune.export.deployable import write_profile
 
-        command = shlex.join(["looptune", *sys.argv[1:]]) if sys.argv else ""
-        profile = build_profile(result, budgets, work, configs, checkpoints, command)
-        result.profile_path = write_profile(out, profile)
+        result.profile_path = write_profile(out, result.profile)
     return result
 
 
@@ -168,8 +302,9 @@ def _quality_name(work: Workload) -> str:
     return "bits_per_byte" if work.quality_set == "code" else f"{work.quality_set} score"
 
 
-def build_profile(result: ParetoResult, budgets: Budgets, work: Workload, configs, checkpoints,
-                  command: str = "") -> Profile:
+def build_profile(
+    result: ParetoResult, budgets: Budgets, work: Workload, configs, checkpoints, command: str = ""
+) -> Profile:
     """The deployable profile of the study's recommendation (which must exist); writes nothing."""
     from looptune.export import deployable as d
     from looptune.model.checkpoint import content_hash
@@ -177,23 +312,50 @@ def build_profile(result: ParetoResult, budgets: Budgets, work: Workload, config
     best = result.choice.best
     cfg = configs[[str(c) for c in checkpoints].index(best.knobs.checkpoint)]
     return d.Profile(
-        model=d.ModelRef(d.portable_path(best.knobs.checkpoint), cfg.architecture,
-                         content_hash(best.knobs.checkpoint), cfg.num_loops, cfg.window),
-        knobs=d.Setting(best.knobs.loops, cfg.mode, best.knobs.window, best.knobs.dtype,
-                        best.knobs.compile, work.batch, work.prompt_len, work.gen_len),
+        model=d.ModelRef(
+            d.portable_path(best.knobs.checkpoint),
+            cfg.architecture,
+            content_hash(best.knobs.checkpoint),
+            cfg.num_loops,
+            cfg.window,
+        ),
+        knobs=d.Setting(
+            best.knobs.loops,
+            cfg.mode,
+            best.knobs.window,
+            best.knobs.dtype,
+            best.knobs.compile,
+            work.batch,
+            work.prompt_len,
+            work.gen_len,
+        ),
         objectives=d.Objectives(
-            d.Quality(work.quality_set, best.extra.get("metric", "quality"), best.quality,
-                      tuple(best.quality_ci), work.limit, work.seed),
+            d.Quality(
+                work.quality_set,
+                best.extra.get("metric", "quality"),
+                best.quality,
+                tuple(best.quality_ci),
+                work.limit,
+                work.seed,
+            ),
             d.Latency(METRICS[work.metric], best.latency_ms, tuple(best.latency_ci)),
-            kv_bytes=int(best.kv_bytes), ttft_ms=best.ttft_ms,
-            tokens_per_s=best.extra.get("tokens_per_s")),
+            kv_bytes=int(best.kv_bytes),
+            ttft_ms=best.ttft_ms,
+            tokens_per_s=best.extra.get("tokens_per_s"),
+        ),
         budgets=d.StudyBudgets(budgets.latency_ms, budgets.kv_mib, budgets.ttft_ms, work.metric),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         command=command,
         device=best.extra.get("environment", {}),
         pareto_set=[{k: v for k, v in o.to_dict().items() if k != "extra"} for o in result.front],
-        study={"storage": result.storage, "name": result.study_name, "trials": result.trials,
-               "grid_size": result.grid_size, "measurements": result.measured})
+        study={
+            "storage": result.storage,
+            "name": result.study_name,
+            "trials": result.trials,
+            "grid_size": result.grid_size,
+            "measurements": result.measured,
+        },
+    )
 
 
 def nothing_fits_message(result: ParetoResult, budgets: Budgets) -> NothingFitsError:
@@ -202,4 +364,5 @@ def nothing_fits_message(result: ParetoResult, budgets: Budgets) -> NothingFitsE
     return NothingFitsError(
         f"no setting fits the budgets; nearest miss: {Path(miss.knobs.checkpoint).name} "
         f"R={miss.knobs.loops} W={miss.knobs.window} {miss.knobs.dtype} at "
-        f"{miss.latency_ms:.3f} ms, {miss.kv_bytes / 2**20:.3f} MiB KV ({parts})")
+        f"{miss.latency_ms:.3f} ms, {miss.kv_bytes / 2**20:.3f} MiB KV ({parts})"
+    )

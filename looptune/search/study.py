@@ -1,37 +1,51 @@
 """The one module that owns Optuna: the multi-objective study over the inference knobs.
 
-- Objectives (all minimised): quality (e.g. bits per byte), per-token latency, KV bytes.
-- Budgets are Optuna 5 constraints, set in the objective with `trial.set_constraint`
-  (value - budget, feasible when <= 0); `study.best_trials` then is the feasible Pareto set.
-- The space is a finite grid. When it fits in `--trials` a `GridSampler` covers all of it;
+Nothing Optuna-shaped leaves this module: `run_study` returns a `StudyRecord` of plain
+dataclasses, and `on_trial` receives a `TrialReport` per finished trial.
+
+- Objectives (all minimised): quality (e.g. bits per byte), per-token latency, KV bytes. Budgets
+  are not part of the study: the caller picks the Pareto set and the choice from the stored
+  outcomes with the budgets of the day, so changing a budget re-chooses without measuring.
+- The space is a finite grid. When it fits in `trials` every setting is enqueued (the plan);
   otherwise the loop axis is still covered exhaustively (trials are enqueued round-robin over the
-  loop counts) and TPE samples the other knobs.
-- Storage is any URL Optuna's RDBStorage takes (an SQLite file by default). Several workers
-  running the same command against one storage and study name share the work: whichever
-  creates the study enqueues the plan (creation is atomic in the database), all of them stop
-  when the study has its trials, and heartbeats turn a killed worker's trial into a retry.
+  loop counts) and TPE samples the other knobs. No GridSampler: it counts a failed trial as
+  visited, so a setting interrupted once would be lost for good.
+- A setting whose trial failed (interrupted, crashed, its worker killed) is enqueued again by the
+  next run, up to MAX_ATTEMPTS attempts; the reason of each failure is kept on its trial and a
+  setting that used up its attempts is reported, never dropped silently.
+- Storage is any URL Optuna's RDBStorage takes, or None for memory. Several workers running the
+  same command against one storage and study name share the work: whichever creates the study
+  enqueues the plan (creation is atomic in the database), the others take trials from the queue,
+  and a killed worker's trial is failed by its missing heartbeat and retried.
+- The study's identity (what decides its numbers) is stored with it; opening a study of the
+  same name for another identity is refused with what changed (`identity.describe_change`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import socket
 import time
+import uuid
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import InMemoryStorage, RDBStorage
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from looptune.errors import LooptuneError
-from looptune.search.choice import Budgets, Knobs, Outcome
+from looptune.search.choice import Knobs, Outcome
+from looptune.search.identity import describe_change, plain
 
-DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial it runs
+MAX_ATTEMPTS = 3  # failed trials of one setting before the study gives it up
+POLL_S = 0.5  # while the last settings are measured by other workers
 
 
 @dataclass(frozen=True)
@@ -43,31 +57,82 @@ class Space:
     compile: tuple[bool, ...] = (False,)
 
     def grid(self) -> dict[str, list]:
-        return {"checkpoint": list(self.checkpoints), "loops": list(self.loops),
-                "window": list(self.windows), "dtype": list(self.dtypes),
-                "compile": list(self.compile)}
+        return {
+            "checkpoint": list(self.checkpoints),
+            "loops": list(self.loops),
+            "window": list(self.windows),
+            "dtype": list(self.dtypes),
+            "compile": list(self.compile),
+        }
+
+    def settings(self) -> list[Knobs]:
+        grid = self.grid()
+        return [Knobs(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
 
     @property
     def size(self) -> int:
-        return len(list(itertools.product(*self.grid().values())))
+        return len(self.settings())
 
 
 class Infeasible(Exception):
     """A setting that cannot run (out of memory, context too long): a pruned trial."""
 
 
-def open_storage(url: str, attempts: int = 5) -> RDBStorage:
-    """RDBStorage with heartbeats: a killed worker's trial is failed and retried by the others."""
+@dataclass(frozen=True)
+class TrialReport:
+    """One finished trial, for progress output."""
+
+    number: int
+    knobs: Knobs
+    state: str  # "measured", "infeasible" or "repeat" (a setting measured already)
+    detail: str  # the outcome in a few words, or why it was infeasible
+    measured: int  # distinct settings the study holds now (measured or infeasible)
+    target: int  # distinct settings it needs
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A setting not measured yet because its trials failed; retried while attempts remain."""
+
+    knobs: Knobs
+    attempts: int
+    reason: str  # of the last failure
+    gave_up: bool  # MAX_ATTEMPTS used: it will not be retried
+
+    def to_dict(self) -> dict:
+        return {
+            "knobs": vars(self.knobs).copy(),
+            "attempts": self.attempts,
+            "reason": self.reason,
+            "gave_up": self.gave_up,
+        }
+
+
+@dataclass
+class StudyRecord:
+    """What a study holds, read back as plain data."""
+
+    name: str
+    outcomes: list[Outcome]  # one per measured setting
+    infeasible: list[dict]  # {"knobs", "reason"} of settings that cannot run
+    failed: list[Failure] = field(default_factory=list)
+    trials: int = 0  # trials in the storage, repeats and failures included
+
+
+def open_storage(url: str | None, attempts: int = 5):
+    """Memory for None; else RDBStorage with heartbeats, so a killed worker's trial is failed."""
+    if url is None:
+        return InMemoryStorage()
     for attempt in range(attempts):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(url, heartbeat_interval=2, grace_period=10,
-                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                                      max_retry=2))
-        except Exception as e:  # sqlalchemy raises many kinds for a bad URL or a dead server
+                return RDBStorage(url, heartbeat_interval=2, grace_period=10)
+        except (SQLAlchemyError, ValueError, ImportError, OSError) as e:  # bad URL, dead server
             # Workers starting together race to create the tables; the loser just retries.
-            racing = any(m in str(e) for m in ("already exists", "UNIQUE constraint", "duplicate key"))
+            racing = any(
+                m in str(e) for m in ("already exists", "UNIQUE constraint", "duplicate key")
+            )
             if racing and attempt + 1 < attempts:
                 time.sleep(0.5 * (attempt + 1))
                 continue
@@ -75,112 +140,286 @@ def open_storage(url: str, attempts: int = 5) -> RDBStorage:
             raise LooptuneError(f"cannot open study storage {redact(url)}: {first}") from None
 
 
-def redact(url: str) -> str:
-    """The storage URL without its password, for profiles and messages."""
+def redact(url: str | None) -> str:
+    """The storage URL without its password, for profiles and messages ("memory" for None)."""
+    if url is None:
+        return "memory"
     from sqlalchemy.engine import make_url
 
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:
+    except (SQLAlchemyError, ValueError):
         return url
 
 
-def open_study(storage: RDBStorage, name: str, space: Space, trials: int, seed: int):
+def _sampler(space: Space, trials: int, seed: int):
+    # In grid mode every trial is enqueued, so the sampler is never asked.
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+
+
+def open_study(
+    storage, name: str, space: Space, trials: int, seed: int, identity: dict, fresh: bool = False
+):
     """Create the study and enqueue its plan, or join it if another worker made it."""
-    grid_mode = space.size <= trials
-    sampler = (optuna.samplers.GridSampler(space.grid(), seed=seed) if grid_mode
-               else optuna.samplers.TPESampler(seed=seed, multivariate=True))
-    directions = ["minimize"] * 3
+    sampler = _sampler(space, trials, seed)
+    if fresh:
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(study_name=name, storage=storage)
     try:
-        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
-                                    directions=directions)
+        study = optuna.create_study(
+            storage=storage, study_name=name, sampler=sampler, directions=["minimize"] * 3
+        )
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
-        _check_same_space(study, space, trials)
+        for _ in range(20):  # the worker that created it may not have stored its identity yet
+            stored = study.user_attrs.get("identity")
+            if stored is not None:
+                break
+            time.sleep(0.25)
+        if stored is None:
+            raise LooptuneError(
+                f"study {name!r} in this storage was not made by this version of "
+                f"looptune; give another study name"
+            ) from None
+        change = describe_change(stored, plain(identity))
+        if change:
+            raise LooptuneError(
+                f"study {name!r} was measured for another question ({change}); "
+                f"give another study name, or none to have one named after "
+                f"the settings"
+            ) from None
         return study
-    study.set_user_attr("space", space.grid())
-    study.set_user_attr("trials", trials)
-    if not grid_mode:
+    if space.size <= trials:
+        for knobs in space.settings():
+            study.enqueue_trial(vars(knobs).copy())
+        study.set_user_attr("planned", "grid")
+    else:
         for i in range(trials):  # the loop axis is small: cover it round-robin
             study.enqueue_trial({"loops": space.loops[i % len(space.loops)]})
+    study.set_user_attr("identity", plain(identity))  # last: joiners wait for it, plan complete
     return study
 
 
-def _check_same_space(study, space: Space, trials: int):
-    stored = study.user_attrs.get("space")
-    if stored is not None and stored != space.grid():
-        raise LooptuneError(f"study {study.study_name!r} already exists with another search space "
-                            f"({stored}); pick a new --study name or the same arguments")
+@contextlib.contextmanager
+def _quiet_optuna():
+    """Optuna logs every failed trial with its traceback (55 lines for a Ctrl-C); we report
+    failures ourselves."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
 
 
-def trial_outcome(trial) -> Outcome:
-    return Outcome.from_dict(trial.user_attrs["outcome"])
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
 
-def run_study(space: Space, evaluate: Callable[[Knobs], Outcome], budgets: Budgets,
-              trials: int, storage_url: str, name: str, seed: int = 0,
-              on_trial: Callable | None = None):
-    """Run (or resume, or join) the study until it has measured `trials` distinct settings (the
-    whole grid when that is smaller). Returns the study; `collect` reads the outcomes back."""
-    optuna.logging.set_verbosity(logging.WARNING)
+@dataclass
+class _State:
+    """The study's trials, by setting."""
+
+    done: dict  # Knobs -> FrozenTrial (measured or infeasible)
+    queued: set  # Knobs or partial-params tuples of WAITING trials
+    running: dict  # Knobs (or partial params) -> FrozenTrial
+    failures: dict  # Knobs -> [reason, ...] of its FAIL trials, oldest first
+    flagged: dict  # Knobs -> its complete trials measured under interference
+
+
+def _knobs(params: dict) -> Knobs | None:
+    try:
+        return Knobs(**params)
+    except TypeError:  # a partial plan entry ({"loops": r}) until the sampler fills it in
+        return None
+
+
+def _read(study) -> _State:
+    s = _State({}, set(), {}, {}, {})
+    for t in study.get_trials(deepcopy=False):
+        if t.state in (TrialState.WAITING, TrialState.RUNNING):
+            params = t.params or t.system_attrs.get("fixed_params", {})
+            key = _knobs(params) or tuple(sorted(params.items()))
+            if t.state == TrialState.WAITING:
+                s.queued.add(key)
+            else:
+                s.running[key] = t
+        elif (k := _knobs(t.params)) is None:
+            continue
+        elif t.state == TrialState.FAIL:
+            reason = t.user_attrs.get("failure", "its worker stopped (no heartbeat)")
+            s.failures.setdefault(k, []).append(reason)
+        elif not t.user_attrs.get("repeat"):
+            if _flagged(t):
+                s.flagged.setdefault(k, []).append(t)
+            if k not in s.done or _flagged(s.done[k]):  # a clean measurement wins, else the last
+                s.done[k] = t
+    return s
+
+
+def _flagged(t) -> bool:
+    """A measurement taken under interference (see looptune.measure.interference)."""
+    return t.state == TrialState.COMPLETE and bool(t.user_attrs["outcome"].get("interference"))
+
+
+def run_study(
+    space: Space,
+    evaluate: Callable[[Knobs], Outcome],
+    trials: int,
+    storage_url: str | None,
+    name: str,
+    identity: dict | None = None,
+    seed: int = 0,
+    on_trial: Callable[[TrialReport], None] | None = None,
+    fresh: bool = False,
+) -> StudyRecord:
+    """Run (or resume, or join) the study until it holds `trials` distinct settings (the whole
+    grid when that is smaller), then read it back. `evaluate` raises `Infeasible` for a setting
+    that cannot run; any other exception (KeyboardInterrupt included) fails the trial, keeps its
+    reason for the next run's retry, and propagates. `fresh` deletes a stored study of this
+    name first."""
+    identity = identity if identity is not None else {"space": space.grid()}
     storage = open_storage(storage_url)
-    study = open_study(storage, name, space, trials, seed)
-    target = min(trials, space.size)
-    grid = space.grid()
+    with _quiet_optuna():
+        study = open_study(storage, name, space, trials, seed, identity, fresh)
+        _run(
+            study,
+            space,
+            evaluate,
+            min(trials, space.size),
+            on_trial,
+            heartbeat=isinstance(storage, RDBStorage),
+        )
+        return collect(study)
 
-    def tried() -> set[tuple]:
-        """Settings already measured in this study (by any worker), infeasible ones included."""
-        done = study.get_trials(deepcopy=False, states=DONE)
-        return {tuple(sorted(t.params.items())) for t in done if not t.user_attrs.get("repeat")}
+
+def _run(study, space, evaluate, target, on_trial, heartbeat: bool):
+    grid = space.grid()
+    last: list[TrialReport] = []
+    run = uuid.uuid4().hex  # this call's trials; flagged measurements are redone once per run
+    unplanned = target == space.size and study.user_attrs.get("planned") != "grid"
 
     def objective(trial: optuna.Trial):
-        params = {k: trial.suggest_categorical(k, v) for k, v in grid.items()}
+        knobs = Knobs(**{k: trial.suggest_categorical(k, v) for k, v in grid.items()})
         trial.set_user_attr("worker", WORKER)
-        if tuple(sorted(params.items())) in tried():
+        trial.set_user_attr("run", run)
+        if knobs in _read(study).done and not trial.user_attrs.get("remeasure"):
             # A sampler may propose a setting twice; a repeat costs nothing and is not counted.
             trial.set_user_attr("repeat", True)
+            last.append(TrialReport(trial.number, knobs, "repeat", "", 0, target))
             raise optuna.TrialPruned("repeat of a measured setting")
-        knobs = Knobs(**params)
         try:
             outcome = evaluate(knobs)
         except Infeasible as e:
             trial.set_user_attr("infeasible", str(e))
+            last.append(TrialReport(trial.number, knobs, "infeasible", str(e), 0, target))
             raise optuna.TrialPruned(str(e)) from None
+        except KeyboardInterrupt:
+            trial.set_user_attr("failure", "interrupted")
+            raise
+        except BaseException as e:
+            trial.set_user_attr("failure", _one_line(e))
+            raise
         outcome.trial = trial.number
         trial.set_user_attr("outcome", outcome.to_dict())
-        for key, value in budgets.overshoot(outcome).items():
-            trial.set_constraint(key, value)
+        last.append(
+            TrialReport(
+                trial.number,
+                knobs,
+                "measured",
+                f"quality {outcome.quality:.4f}, {outcome.latency_ms:.3f} ms",
+                0,
+                target,
+            )
+        )
         return outcome.values
 
-    def stop_when_measured(study, trial):
-        if on_trial:
-            on_trial(trial)
-        if len(tried()) >= target:
-            study.stop()
+    idle = 0
+    while True:
+        if heartbeat:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        state = _read(study)
+        if not heartbeat:  # memory: no other worker, so a running trial is one we abandoned
+            for t in state.running.values():
+                study._storage.set_trial_user_attr(t._trial_id, "failure", "interrupted")
+                study.tell(t.number, state=TrialState.FAIL)
+            state = _read(study) if state.running else state
+        # Retry what failed, within the cap; plan what was never tried when a study made to be
+        # sampled is now to cover the whole grid (a larger `trials`).
+        settings = space.settings() if unplanned else state.failures
+        for knobs in settings:
+            reasons = state.failures.get(knobs, [])
+            if (
+                knobs not in state.done
+                and knobs not in state.queued
+                and knobs not in state.running
+                and len(reasons) < MAX_ATTEMPTS
+            ):
+                study.enqueue_trial(vars(knobs).copy(), user_attrs={"attempt": len(reasons) + 1})
+                state.queued.add(knobs)
+        # Measure again what was measured under interference by an earlier run, within the cap.
+        redo = {
+            k
+            for k, ts in state.flagged.items()
+            if _flagged(state.done[k])
+            and len(ts) < MAX_ATTEMPTS
+            and all(t.user_attrs.get("run") != run for t in ts)
+        }
+        for knobs in redo - state.queued - set(state.running):
+            study.enqueue_trial(vars(knobs).copy(), user_attrs={"remeasure": True, "run": run})
+            state.queued.add(knobs)
+        if len(state.done) >= target and not redo & (state.queued | set(state.running)):
+            return
+        planned = len(state.done) + len(state.running) + len(state.queued)
+        if not state.queued and (planned >= target or target == space.size):
+            if not state.running:
+                return  # nothing left to try: the rest gave up (reported by collect)
+            time.sleep(POLL_S)  # other workers are measuring the last settings
+            continue
+        idle += 1
+        if idle > 10 * target + 50:  # a sampler that keeps proposing measured settings
+            return
+        try:
+            study.optimize(objective, n_trials=1, catch=())
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as e:
+            # Two workers popped one queued trial (SQLite cannot lock the row) and the other
+            # finished it first: its result stands, and this worker goes on.
+            if not isinstance(e, optuna.exceptions.UpdateFinishedTrialError) and not str(
+                e
+            ).startswith("Cannot tell a"):
+                raise
+            last.clear()
+            continue
+        if on_trial and last:
+            report = last.pop()
+            measured = len(_read(study).done)
+            on_trial(
+                TrialReport(
+                    report.number, report.knobs, report.state, report.detail, measured, target
+                )
+            )
 
-    if len(tried()) < target:
-        # Repeats are skipped cheaply, so allow many more attempts than distinct settings.
-        study.optimize(objective, n_trials=max(10 * target, 50), callbacks=[stop_when_measured],
-                       catch=())
-    return study
 
-
-def collect(study) -> tuple[list[Outcome], list[Outcome], list[dict]]:
-    """(every measured outcome, the feasible Pareto set as Optuna computes it, infeasible trials).
-    Repeated settings (a retried or duplicated trial) count once."""
-    seen, outcomes = set(), []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        o = trial_outcome(t)
-        if o.knobs not in seen:
-            seen.add(o.knobs)
-            outcomes.append(o)
-    front, front_seen = [], set()
-    for t in study.best_trials:
-        o = trial_outcome(t)
-        if o.knobs not in front_seen:
-            front_seen.add(o.knobs)
-            front.append(o)
-    pruned = [{"params": t.params, "reason": t.user_attrs.get("infeasible", "")}
-              for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-              if not t.user_attrs.get("repeat")]
-    return outcomes, front, pruned
+def collect(study) -> StudyRecord:
+    """Every measured outcome (a setting measured twice, by a race of workers, counts once),
+    the infeasible settings, and the settings whose trials failed."""
+    state = _read(study)
+    outcomes, infeasible = [], []
+    for knobs, t in state.done.items():
+        if t.state == TrialState.COMPLETE:
+            outcomes.append(Outcome.from_dict(t.user_attrs["outcome"]))
+        else:
+            infeasible.append(
+                {"knobs": vars(knobs).copy(), "reason": t.user_attrs.get("infeasible", "")}
+            )
+    failed = [
+        Failure(k, len(r), r[-1], len(r) >= MAX_ATTEMPTS)
+        for k, r in state.failures.items()
+        if k not in state.done and k not in state.running
+    ]
+    return StudyRecord(
+        study.study_name, outcomes, infeasible, failed, len(study.get_trials(deepcopy=False))
+    )
