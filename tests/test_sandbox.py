@@ -1,8 +1,11 @@
 """The sandbox that runs generated code, against completions written to cheat or to escape.
 
 Each attack runs with the OS boundary (bubblewrap; skipped where it cannot run) and with the
-tripwire alone, except the classes only the boundary contains (marked `boundary_only`), which
-run with the boundary and without the tripwire inside it, so the boundary alone is what holds.
+tripwire alone; with the boundary, the file, secret, parent and network attacks also run without
+the tripwire inside it, so that the boundary alone is what holds. Only the boundary contains: a
+parent killed by a program that rebuilds the functions the tripwire takes away
+(`KILL_THE_PARENT_DETERMINED`), the cap on the total written, and the parent's files being
+invisible and the system read-only (`test_boundary_only_*`).
 """
 
 import ast
@@ -13,7 +16,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -296,13 +298,14 @@ def test_the_network_is_refused(kind):
 
 # --- limits ------------------------------------------------------------------------------------
 
-def test_time_limits(kind):
-    start = time.monotonic()
-    r = check(fn("while True:\n    pass"), kind, limits=Limits(timeout_s=5.0, cpu_s=1))
-    assert r.status == "timeout" and "CPU" in r.detail, r
+def test_the_cpu_limit_stops_a_loop(kind):
+    r = check(fn("while True:\n    pass"), kind, limits=Limits(timeout_s=10.0, cpu_s=1))
+    assert r.status == "timeout" and "CPU" in r.detail and r.seconds < 8, r
+
+
+def test_the_wall_clock_limit_stops_a_sleep(kind):
     r = check(fn("import time\ntime.sleep(60)"), kind, limits=Limits(timeout_s=1.0, cpu_s=5))
-    assert r.status == "timeout" and "wall" in r.detail, r
-    assert time.monotonic() - start < 20
+    assert r.status == "timeout" and "wall" in r.detail and r.seconds < 8, r
 
 
 def test_memory_and_output_are_capped(kind):

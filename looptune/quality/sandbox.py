@@ -1,18 +1,20 @@
 """Run a model's completion against a problem's tests, assuming the completion may be written
 to fake a pass or to harm the machine.
 
-A check is two processes, started together:
+A check is two processes:
 
-- the candidate (`sandbox_candidate`): the prompt and the completion, answering calls of the
-  entry point over a pipe, each result encoded as plain data (None, bool, int, float, complex,
-  str, bytes, and lists, tuples, sets and dicts of them, by exact type) or refused;
-- the runner (`sandbox_runner`, trusted): the problem's own tests, calling a stand-in that
-  forwards each call to the candidate and decodes the answer as plain data only.
+- the candidate (`sandbox_candidate`), fresh for each check: the prompt and the completion,
+  answering calls of the entry point over a pipe, each result encoded as plain data (None,
+  bool, int, float, complex, str, bytes, and lists, tuples, sets and dicts of them, by exact
+  type) or refused;
+- the runner (`sandbox_runner`, trusted, kept warm across a `Sandbox`'s checks): the problem's
+  own tests, calling a stand-in that forwards each call to the candidate and decodes the answer
+  as plain data only.
 
-A check passes only when the runner writes `<nonce> passed` after the tests returned, on a file
-the candidate never holds, with a nonce the candidate never sees. Exit statuses count for
-nothing: `os._exit(0)` or `sys.exit(0)` in a completion is a failure, and so is an answer the
-candidate forges, since all it can forge is a return value.
+A check passes only when the runner answers `<nonce> passed` after the tests returned, on a
+socket the candidate never holds, with a nonce the candidate never sees. Exit statuses count
+for nothing: `os._exit(0)` or `sys.exit(0)` in a completion is a failure, and so is an answer
+the candidate forges, since all it can forge is a return value.
 
 Where the candidate runs (`sandbox_kind`):
 
@@ -28,8 +30,8 @@ Where the candidate runs (`sandbox_kind`):
   ctypes. It stops accidents, not a program written to escape it; the total written is not
   capped.
 
-Both: a fresh `python -I -S` per process, rlimits on CPU, memory, file size and open files,
-and a wall-clock limit after which the whole process group is killed. `LOOPTUNE_SANDBOX`
+Both: `python -I -S`, rlimits on CPU, memory, file size and open files, and a wall-clock limit
+after which the candidate's process group, and the runner, are killed. `LOOPTUNE_SANDBOX`
 (`auto`, `boundary`, `tripwire`) or the `sandbox` argument chooses; `boundary` fails where the
 boundary is not available. Not covered by either: a fork bomb from native code when looptune
 runs as root (rlimits on processes do not bind root; a cgroup would).
@@ -213,7 +215,7 @@ class _Runner:
                  str(int(non_dumpable))], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), cwd="/",
                 env=_SCRUBBED_ENV, start_new_session=True)
-        self.alive = True
+        self.alive, self.verdicts = True, 0
 
     def run(self, nonce: str, job: dict, log, to_candidate: int, from_candidate: int,
             timeout_s: float):
@@ -244,7 +246,11 @@ class _Runner:
             said = ""
         if not said.startswith(nonce + " "):
             self.kill()
+            if self.proc.returncode > 0 and not self.verdicts:  # not killed: it never ran
+                raise LooptuneError(f"the sandbox's test runner exited at its start (status "
+                                    f"{self.proc.returncode}); run it with python -I -S to see why")
             return None
+        self.verdicts += 1
         return said[len(nonce) + 1:]
 
     def kill(self) -> None:

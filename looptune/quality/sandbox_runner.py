@@ -121,7 +121,10 @@ def check(job, to_candidate, from_candidate):
 def main():
     control = socket.socket(fileno=int(sys.argv[1]))
     if sys.argv[2] == "1":
-        non_dumpable()
+        try:
+            non_dumpable()
+        except (ImportError, OSError, AttributeError):  # a second layer: the tripwire refuses
+            pass  # reading other processes' /proc entries too
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES, MEMORY_BYTES))
     null = os.open(os.devnull, os.O_RDWR)
     while True:
