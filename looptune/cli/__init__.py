@@ -18,6 +18,11 @@ from looptune.cli.app import app
 
 
 def main():
+    import signal
+
+    from looptune.cli.app import raise_interrupt
+
+    signal.signal(signal.SIGTERM, raise_interrupt)  # from the start, as Ctrl-C is
     app()
 
 

@@ -22,7 +22,7 @@ except ImportError:
 console = Console(stderr=True)
 
 
-def _raise_interrupt(signum, frame):
+def raise_interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM ends a command exactly as Ctrl-C does
 
 
@@ -49,7 +49,7 @@ class _Group(TyperGroup):
         main_thread = threading.current_thread() is threading.main_thread()
         if main_thread:
             previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, _raise_interrupt)
+            signal.signal(signal.SIGTERM, raise_interrupt)
         try:
             return super().invoke(ctx)
         except NoArgsIsHelpError:
