@@ -28,7 +28,8 @@ def profile(
                                             "float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     compile: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the decode step (CUDA graphs on a GPU).")] = False,
+        "--compile", help="torch.compile the decode step (inductor; its compile time is "
+                         "reported apart).")] = False,
     graphs: Annotated[bool, typer.Option(
         "--graphs", help="Capture the eager decode step in a CUDA graph, no compiler (GPU "
                          "only).")] = False,

@@ -160,7 +160,7 @@ def profile_candidates(checkpoints: Sequence[Path | str], loops: Sequence[int] =
 
     `modes=None` runs each checkpoint in the mode it was trained in; `window=None` uses each
     checkpoint's trained window; `dtype="auto"` keeps the stored dtype on a GPU, float32 on
-    the CPU. `compile`: torch.compile the decode step (with CUDA graphs on a GPU); `graphs`:
+    the CPU. `compile`: torch.compile the decode step (inductor); `graphs`:
     capture the eager step in a CUDA graph (GPU only). `threads`: torch CPU threads (default:
     the faster of 1 and all cores, probed). A candidate is measured until it has `min_repeats`
     runs and `min_time_s` seconds of them, after `warmup` runs. `limits`: when a measurement is
