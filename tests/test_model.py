@@ -35,7 +35,7 @@ def test_incremental_decode_equals_full_forward(gate, mode, W):
             torch.testing.assert_close(rest, full[:, 13:], atol=1e-5, rtol=0)
 
 
-def test_decode_reads_a_power_of_two_span_of_the_cache():
+def test_decode_reads_the_tokens_held_and_fixed_spans_agree():
     model = tiny_model()
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
@@ -43,16 +43,24 @@ def test_decode_reads_a_power_of_two_span_of_the_cache():
         cache = model.new_cache(2, 200, loops=2)
         model(ids[:, :17], loops=2, cache=cache)
         assert (cache.length, cache.span()) == (17, 32)
-        spans, rest = [], []
-        for t in range(17, 40):
-            spans.append(cache.span())
-            rest.append(model.decode_step(ids[:, t], cache))
-        assert (spans[0], spans[-1], cache.length) == (32, 64, 40)
+        rest = [model.decode_step(ids[:, t], cache) for t in range(17, 40)]
+        assert (cache.length, cache.span()) == (40, 64)
         torch.testing.assert_close(torch.stack(rest, 1), full[:, 17:], atol=1e-5, rtol=0)
-        # the whole static cache (what graphs and compile read) gives the same logits
+        # what graphs and compile read: a fixed span (or all of it) under a mask
+        for span in (None, 64):
+            cache.reset()
+            static = []
+            for t in range(40):
+                static.append(model.decode_static(ids[:, t], cache, span))
+                cache.stepped()
+            torch.testing.assert_close(torch.stack(static, 1), full, atol=1e-5, rtol=0)
+        # a count lost to a compiled step: the whole cache is read from then on, still right
         cache.reset()
-        static = [model.decode_static(ids[:, t], cache, None) for t in range(40)]
-    torch.testing.assert_close(torch.stack(static, 1), full, atol=1e-5, rtol=0)
+        model(ids[:, :17], loops=2, cache=cache)
+        cache.length = None
+        rest = [model.decode_step(ids[:, t], cache) for t in range(17, 40)]
+    torch.testing.assert_close(torch.stack(rest, 1), full[:, 17:], atol=1e-5, rtol=0)
+    assert cache.length is None and cache.span() == 200
 
 
 def test_window_override_changes_plt_but_decode_still_matches():

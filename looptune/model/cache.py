@@ -88,9 +88,10 @@ class KVCache:
         carries = loops - 1 if mode == "plt" else 0
         self.carry = torch.zeros((carries, batch, cfg.hidden_size), dtype=dtype, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # next position to write
-        # The same count on the host, so a step can size its reads without a device sync.
+        # The same count on the host, so a step can size its reads without a device sync; None
+        # when unknown (after a compiled `decode_step`): steps then read the whole cache.
         # Kept by `filled`, `reset`, `PLTForCausalLM.decode_step` and the runners in step.py.
-        self.length = 0
+        self.length: int | None = 0
         self._full_slots = torch.arange(max_len, device=device)
         self._ring_slots = torch.arange(rings * W, device=device) % W  # position mod W' per slot
         self._ring_base = torch.arange(rings, device=device) * W  # first slot of each loop's block
@@ -111,9 +112,16 @@ class KVCache:
         self.length = 0
 
     def span(self) -> int:
-        """Full-cache slots the next step must read: the tokens held plus the new one, rounded
-        up to a power of two (so eager decode costs grow with the length, not `max_len`)."""
+        """Full-cache slots a fixed-shape step reads: the tokens held plus the new one, rounded
+        up to a power of two (one CUDA graph per such span), or all when the count is unknown."""
+        if self.length is None:
+            return self.max_len
         return min(self.max_len, max(16, 1 << self.length.bit_length()))
+
+    def stepped(self):
+        """Count one decoded token on the host (after a step; the device counter moved in it)."""
+        if self.length is not None:
+            self.length += 1
 
     def mark_dynamic(self):
         """Tell `torch.compile` that batch and length vary, so one compile serves every cache
@@ -131,13 +139,22 @@ class KVCache:
 
     # ----- decode-time access, position = self.pos -----
 
-    def begin_step(self):
+    def begin_step(self, span: int | None = None, exact: bool = False):
         """What every layer of the step at `pos` shares, made once: write indices and additive
-        masks (0 where a key may be seen, -inf where not). Shapes never depend on `pos`."""
+        masks (0 where a key may be seen, -inf where not). Shapes never depend on `pos`.
+
+        The full caches are read over their first `span` slots (None: all). `exact`: they end at
+        the new token (span = tokens held + 1, known on the host: the eager step), so every key
+        may be seen and no mask is made; fixed-shape steps read a longer span under a mask.
+        """
         zero = torch.zeros((), dtype=self.full_k.dtype, device=self.pos.device)
         blocked = torch.full((), float("-inf"), dtype=self.full_k.dtype, device=self.pos.device)
+        self._span = span
         self._full_at = self.pos.view(1)
-        self._full_mask = torch.where(self._full_slots <= self.pos, zero, blocked)[None]  # [1, S]
+        self._full_mask = None
+        if not exact:
+            seen = self._full_slots[:span] <= self.pos
+            self._full_mask = torch.where(seen, zero, blocked)[None]  # [1, span]
         if self.ring_k.shape[3]:
             self._ring_at = self._ring_base + self.pos % self.ring_len  # [R-1]
             # loop r sees its own block, and there only the slots written so far
@@ -160,15 +177,12 @@ class KVCache:
         self.full_k[layer, g].index_copy_(2, self._full_at, k)
         self.full_v[layer, g].index_copy_(2, self._full_at, v)
 
-    def full(self, layer: int, loop: int, span: int | None):
-        """(k, v, mask) of loop `loop`'s full cache, its first `span` slots (None: all), which
-        must cover every position up to and including the new token (in `plt` / `plt-noshift`,
-        loop 0's cache: the global branch)."""
-        g = self._group(loop)
-        k, v, mask = self.full_k[layer, g], self.full_v[layer, g], self._full_mask
-        if span is None:
-            return k, v, mask
-        return k[:, :, :span], v[:, :, :span], mask[:, :span]  # [B, H_kv, span, d_h], [1, span]
+    def full(self, layer: int, loop: int):
+        """(k, v, mask) of loop `loop`'s full cache over the step's span, every position up to
+        and including the new token (in `plt` / `plt-noshift`, loop 0's: the global branch);
+        the mask is None when the span ends at the new token."""
+        g, S = self._group(loop), self._span
+        return self.full_k[layer, g, :, :, :S], self.full_v[layer, g, :, :, :S], self._full_mask
 
     def write_local(self, layer: int, loops: range, k, v):  # k [B, H_kv, len(loops), d_h]
         """Push the new token's keys and values of G-SWA loops `loops` (>= 1) into their rings."""

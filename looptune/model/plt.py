@@ -64,13 +64,13 @@ def attend(q, k, v, mask=None, causal=False):
 
 def attend_step(q, k, v, mask):
     """Decode-time attention, q `[B, H, n, d_h]` over cached k, v `[B, H_kv, S, d_h]`; `mask`
-    `[n or 1, S]` is additive (0 where a key may be seen, -inf where not). The H / H_kv query
-    heads that share a key head are folded into the query axis, so the keys are read as they
-    are, never repeated per head, and the fused attention kernels (which take no GQA) apply."""
+    `[n or 1, S]` is additive (0 where a key may be seen, -inf where not), or None when every
+    key may be. The H / H_kv query heads that share a key head are folded into the query axis,
+    so keys are read as they are, never repeated per head, by kernels that take no GQA."""
     B, H, n, d_h = q.shape
     g = H // k.shape[1]
     q = q.reshape(B, k.shape[1], g * n, d_h)  # head h = kv * g + i -> rows i * n .. i * n + n
-    if mask.shape[0] > 1:
+    if mask is not None and mask.shape[0] > 1:
         mask = mask.repeat(g, 1)  # [g n, S]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, n, d_h)
 
@@ -199,9 +199,7 @@ class DecoderLayer(nn.Module):
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, (k, v)
 
-    def forward_step(
-        self, rows, cos, sin, loops: range, layer: int, cache: KVCache, span: int | None
-    ):
+    def forward_step(self, rows, cos, sin, loops: range, layer: int, cache: KVCache):
         """Rows `[B, n, d]` are loops `loops` (numbered from 0) of one token at `cache.pos`.
 
         All rows share one weight read: this is the batched pass that makes PLT decode cheap.
@@ -216,7 +214,7 @@ class DecoderLayer(nn.Module):
         m = cache.causal_rows(loops)
         if m:  # plain path: append this loop's k, v to its full cache
             cache.write_full(layer, loops.start, k[:, :, :m], v[:, :, :m])
-        y = attend_step(q, *cache.full(layer, loops.start, span))  # G-SWA rows: global branch
+        y = attend_step(q, *cache.full(layer, loops.start))  # G-SWA rows: the global branch
         if m < len(loops):  # G-SWA path: push k, v into the rings, mix in the local branch
             local = range(loops.start + m, loops.stop)
             q_r = q[:, :, m:]  # [B, H, n - m, d_h]
@@ -394,30 +392,31 @@ class PLTForCausalLM(nn.Module):
     def decode_step(self, token_ids, cache: KVCache):
         """Logits `[B, vocab]` for one new token per sequence at position `cache.pos`.
 
-        The global branch reads `cache.span()` slots, the tokens held rounded up to a power of
-        two, so its cost grows with the length, not the cache size. For CUDA graphs and
-        `torch.compile`, see `looptune.model.step`.
+        The global branch reads exactly the tokens held (their count is kept on the host), so
+        its cost grows with the length, not the cache size, and needs no mask. For CUDA graphs
+        and `torch.compile`, see `looptune.model.step`.
         """
-        if torch.compiler.is_compiling():  # keep the host count out of the graph: from here
-            cache.length = cache.max_len  # on it is unknown, so reads cover the whole cache
-            return self.decode_static(token_ids, cache, None)
-        logits = self.decode_static(token_ids, cache, cache.span())
-        cache.length += 1
+        if torch.compiler.is_compiling() or cache.length is None:  # no count in a graph: from
+            cache.length = None  # here on it is unknown, and steps read the whole cache
+            return self.decode_static(token_ids, cache)
+        logits = self.decode_static(token_ids, cache, cache.length + 1, exact=True)
+        cache.stepped()
         return logits
 
-    def decode_static(self, token_ids, cache: KVCache, span: int | None):
+    def decode_static(self, token_ids, cache: KVCache, span=None, exact=False):
         """`decode_step` as tensor work only, what CUDA graphs and `torch.compile` capture:
-        shapes fixed by the cache and `span` (None: the whole cache), no host sync, no Python
-        state; `cache.length` is the caller's to advance."""
+        shapes fixed by the cache and `span` (the full-cache slots read, None: all; see
+        `KVCache.begin_step` for `exact`), no host sync, no Python state; `cache.length` is
+        the caller's to advance."""
         R, cfg = cache.loops, self.config
-        cache.begin_step()
+        cache.begin_step(span, exact)
         emb = self.model.embed_tokens(token_ids)[:, None]  # [B, 1, d]
         cos, sin = rope_tables(cache.pos.view(1), cfg.head_dim, cfg.rope_theta, emb.dtype)
         if cache.mode == "plt":  # the carry is the previous position's: all R loops in one pass
             rows = emb
             if R > 1:  # rows r >= 2: a * E + c * carry[r-1]
                 rows = torch.cat((emb, self.loop_input(emb, cache.carry.transpose(0, 1))), dim=1)
-            rows = self._step_layers(rows, cos, sin, range(R), cache, span)  # [B, R, d]
+            rows = self._step_layers(rows, cos, sin, range(R), cache)  # [B, R, d]
             if R > 1:
                 cache.carry.copy_(self.carried(rows[:, :-1]).transpose(0, 1))
         else:  # loop r needs loop r-1 of the same token: one pass per loop
@@ -425,13 +424,13 @@ class PLTForCausalLM(nn.Module):
             for r in range(R):
                 if r > 0:
                     rows = self.loop_input(emb, self.carried(rows))
-                rows = self._step_layers(rows, cos, sin, range(r, r + 1), cache, span)
+                rows = self._step_layers(rows, cos, sin, range(r, r + 1), cache)
         cache.pos += 1
         return self.head(rows[:, -1])
 
-    def _step_layers(self, rows, cos, sin, loops: range, cache: KVCache, span: int | None):
+    def _step_layers(self, rows, cos, sin, loops: range, cache: KVCache):
         for i, layer in enumerate(self.model.layers):
-            rows = layer.forward_step(rows, cos, sin, loops, i, cache, span)
+            rows = layer.forward_step(rows, cos, sin, loops, i, cache)
         return rows
 
     # ----- costs -----

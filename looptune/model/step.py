@@ -126,7 +126,7 @@ def _graphed(model, cache: KVCache):
         graph, logits = graphs.get(need) or graphs[spans[0]]
         tokens.copy_(token_ids)
         graph.replay()
-        cache.length += 1
+        cache.stepped()
         return logits
 
     step.graphs = graphs  # the graphs (and their memory pools) live as long as the step
@@ -142,7 +142,7 @@ def _compiled(model, cache: KVCache, backend: str):
     def raw(token_ids):
         torch._dynamo.maybe_mark_dynamic(token_ids, 0)
         logits = fn(token_ids.contiguous(), cache, None)  # strides are guarded too
-        cache.length += 1
+        cache.stepped()
         return logits
 
     step = _no_grad(raw)
