@@ -77,5 +77,9 @@ def run_test(item: Item, completion: str, limits: Limits = TEST_LIMITS,
 def run_tests(items: list[Item], completions: list[str], limits: Limits = TEST_LIMITS,
               workers: int = 2, sandbox: str | None = None) -> list[SandboxResult]:
     """Each completion against its problem's tests, `workers` checks at a time."""
-    with Sandbox(sandbox) as box, ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda ic: run_test(*ic, limits, box), zip(items, completions)))
+    with Sandbox(sandbox) as box:
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
+            return list(pool.map(lambda ic: run_test(*ic, limits, box), zip(items, completions)))
+        finally:  # on Ctrl-C, only the checks already running are waited for
+            pool.shutdown(cancel_futures=True)

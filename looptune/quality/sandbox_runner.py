@@ -14,6 +14,7 @@ nothing it writes anywhere can count as a pass.
 import json
 import os
 import resource
+import signal
 import socket
 import sys
 
@@ -120,6 +121,7 @@ def check(job, to_candidate, from_candidate):
 
 def main():
     control = socket.socket(fileno=int(sys.argv[1]))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the parent's socket ends it
     if sys.argv[2] == "1":
         try:
             non_dumpable()
