@@ -4,8 +4,8 @@
     logits = step(token_ids)  # [B] ids -> [B, vocab]; the cache advances one position
 
 - `eager`: `PLTForCausalLM.decode_step`, one kernel launch per op. The global branch reads
-  `cache.span()` slots (a power of two above the tokens held), so its cost grows with the
-  length rather than the cache size.
+  exactly the tokens held (counted on the host), so its cost grows with the length rather than
+  the cache size.
 - `graphs`: the static-shape step (`decode_static`) captured in `torch.cuda.CUDAGraph`s, no
   inductor; each call copies the ids into a static input buffer and replays, so launch
   overhead goes. One graph per span the cache can still need (`cache.span()` now, doubling up
