@@ -69,8 +69,7 @@ def remove_stale_temps(directory: Path) -> list[Path]:
         if not match or int(match.group(1)) == os.getpid():
             continue
         try:
-            stale = (not _pid_alive(int(match.group(1)))
-                     or now - entry.stat().st_mtime > STALE_TMP_S)
+            stale = not _pid_alive(int(match.group(1))) or now - entry.stat().st_mtime > STALE_TMP_S
             if stale:
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
@@ -89,8 +88,9 @@ def atomic_write_bytes(path, data: bytes) -> Path:
         mode = path.stat().st_mode & 0o7777
     except OSError:
         mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
-                               dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)  # mkstemp makes 0600 whatever the umask
@@ -122,8 +122,7 @@ def check_output_path(path, suffixes: tuple[str, ...], name: str = "path") -> Pa
         parent = parent.parent
     if not parent.is_dir():
         raise LooptuneError(f"{name} {str(path)!r}: {str(parent)!r} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists()
-                                                    and not os.access(path, os.W_OK)):
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise LooptuneError(f"{name} {str(path)!r} is not writable")
     return path
 
@@ -166,8 +165,9 @@ class ResultCache:
     keeps its result.
     """
 
-    def __init__(self, kind: str, root: Path | None = None,
-                 validate: Callable[[object], None] | None = None):
+    def __init__(
+        self, kind: str, root: Path | None = None, validate: Callable[[object], None] | None = None
+    ):
         self.kind = kind
         self.dir = (root or cache_root()) / kind
         self.validate = validate
@@ -202,8 +202,9 @@ class ResultCache:
         except FileNotFoundError:
             return None
         except OSError as e:
-            self._warn_once(e, f"cannot read the {self.kind} cache ({path}: "
-                               f"{e.strerror or e}); measuring again")
+            self._warn_once(
+                e, f"cannot read the {self.kind} cache ({path}: {e.strerror or e}); measuring again"
+            )
             return None
         except UnicodeDecodeError:
             warn(f"ignoring {self.kind} cache entry {path}: not UTF-8; measuring again")
@@ -235,8 +236,11 @@ class ResultCache:
         try:
             atomic_write_text(path, document)
         except OSError as e:
-            self._warn_once(e, f"could not write the {self.kind} cache ({path.parent}: "
-                               f"{e.strerror or e}); results are kept but not cached")
+            self._warn_once(
+                e,
+                f"could not write the {self.kind} cache ({path.parent}: "
+                f"{e.strerror or e}); results are kept but not cached",
+            )
             return False
         return True
 

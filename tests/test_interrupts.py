@@ -25,14 +25,42 @@ def ckpt(tmp_path_factory):
 
 
 def _start_profile(ckpt, tmp_path, name):
-    env = {**os.environ, "LOOPTUNE_CACHE_DIR": str(tmp_path / f"cache-{name}"),
-           "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "looptune", "profile", str(ckpt), "--loops", "1,2",
-               "--mode", "plt", "--prompt-len", "8", "--gen-len", "4", "--min-repeats", "3",
-               "--min-time", "600", "--warmup", "0", "--device", "cpu", "--threads", "1",
-               "--json", "--out", str(tmp_path / f"{name}.json")]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    env = {
+        **os.environ,
+        "LOOPTUNE_CACHE_DIR": str(tmp_path / f"cache-{name}"),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "looptune",
+        "profile",
+        str(ckpt),
+        "--loops",
+        "1,2",
+        "--mode",
+        "plt",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "4",
+        "--min-repeats",
+        "3",
+        "--min-time",
+        "600",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--json",
+        "--out",
+        str(tmp_path / f"{name}.json"),
+    ]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     lines, measuring = [], threading.Event()
 
     def read():
@@ -40,15 +68,19 @@ def _start_profile(ckpt, tmp_path, name):
             lines.append(line.rstrip("\n"))
             if ": run " in line:
                 measuring.set()
+
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     return proc, lines, measuring, reader
 
 
-@pytest.mark.parametrize("names", [
-    ["SIGINT"],  # one process in the default run: starting torch takes seconds here
-    pytest.param(["SIGTERM", "SIGINT"], marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["SIGINT"],  # one process in the default run: starting torch takes seconds here
+        pytest.param(["SIGTERM", "SIGINT"], marks=pytest.mark.slow),
+    ],
+)
 def test_a_signal_ends_profile_with_one_line_and_130(ckpt, tmp_path, names):
     runs = {name: _start_profile(ckpt, tmp_path, name) for name in names}
     for name, (proc, lines, measuring, _) in runs.items():
@@ -60,23 +92,28 @@ def test_a_signal_ends_profile_with_one_line_and_130(ckpt, tmp_path, names):
         stdout = proc.stdout.read()
         assert proc.returncode == 130, (name, lines)
         assert stdout == ""  # no JSON document of an interrupted measurement
-        assert lines[-1] == ("interrupted: 0 of 2 candidates were finished and cached; "
-                             "a rerun measures the rest"), lines
+        assert lines[-1] == (
+            "interrupted: 0 of 2 candidates were finished and cached; a rerun measures the rest"
+        ), lines
         assert not any("Traceback" in line for line in lines)
         assert not (tmp_path / f"{name}.json").exists()
         assert not list((tmp_path / f"cache-{name}").glob("profile/*"))  # nothing cached
         assert not [p for p in tmp_path.rglob("*.tmp")]
 
 
-@pytest.mark.parametrize("command, target", [
-    (["profile"], "looptune.bundled.resolve_checkpoints"),
-    (["score"], "looptune.bundled.resolve_checkpoints"),
-    (["pareto", "--budget-ms", "5"], "looptune.bundled.resolve_checkpoints"),
-    (["diagnose"], "looptune.diagnose.diagnose"),
-])
+@pytest.mark.parametrize(
+    "command, target",
+    [
+        (["profile"], "looptune.bundled.resolve_checkpoints"),
+        (["score"], "looptune.bundled.resolve_checkpoints"),
+        (["pareto", "--budget-ms", "5"], "looptune.bundled.resolve_checkpoints"),
+        (["diagnose"], "looptune.diagnose.diagnose"),
+    ],
+)
 def test_every_command_ends_an_interrupt_the_same_way(monkeypatch, command, target):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(target, interrupted)
     result = runner.invoke(app, command)
     assert result.exit_code == 130, result.output
@@ -92,6 +129,7 @@ def test_sigterm_is_a_keyboard_interrupt_only_while_a_command_runs(monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (the main) thread
         time.sleep(5)  # interrupted long before this ends
         raise AssertionError("SIGTERM did not interrupt")
+
     monkeypatch.setattr("looptune.bundled.resolve_checkpoints", handler_now)
     before = signal.getsignal(signal.SIGTERM)
     result = runner.invoke(app, ["profile"])

@@ -23,10 +23,21 @@ from looptune.model.plt import PLTForCausalLM
 from looptune.store import ResultCache, cache_root
 
 runner = CliRunner()
-FAST = dict(prompt_len=8, gen_len=4, min_repeats=2, min_time_s=0.0, device="cpu", warmup=0,
-            threads=1)
-ISSUE_FIELDS = ["ttft_ms", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_p99", "tpot_ms_p50_ci95",
-                "tokens_per_s", "kv_bytes", "kv_bytes_analytic", "peak_mem_bytes", "environment"]
+FAST = dict(
+    prompt_len=8, gen_len=4, min_repeats=2, min_time_s=0.0, device="cpu", warmup=0, threads=1
+)
+ISSUE_FIELDS = [
+    "ttft_ms",
+    "tpot_ms_p50",
+    "tpot_ms_p90",
+    "tpot_ms_p99",
+    "tpot_ms_p50_ci95",
+    "tokens_per_s",
+    "kv_bytes",
+    "kv_bytes_analytic",
+    "peak_mem_bytes",
+    "environment",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +48,7 @@ def ckpt(tmp_path_factory):
 
 
 # ----- timers, statistics, memory, environment -----
+
 
 def test_timer_measures_known_sleeps():
     with Timer("cpu") as t:
@@ -79,8 +91,17 @@ def test_peak_memory_sees_an_allocation():
 
 def test_environment_and_fingerprint():
     e = envmod.environment("cpu", torch.float32)
-    for key in ["device", "device_name", "torch", "cuda", "dtype", "threads", "cpu_count",
-                "loadavg", "looptune"]:
+    for key in [
+        "device",
+        "device_name",
+        "torch",
+        "cuda",
+        "dtype",
+        "threads",
+        "cpu_count",
+        "loadavg",
+        "looptune",
+    ]:
         assert key in e
     assert e["dtype"] == "float32" and e["threads"] == torch.get_num_threads()
     fp = envmod.fingerprint(e)
@@ -106,12 +127,19 @@ def test_throttle_reasons_and_nvidia_smi_parsing(monkeypatch):
 
 # ----- the profiler -----
 
+
 def test_fields_present_and_sane(ckpt):
-    ms = profile_candidates([ckpt], loops=[1, 2, 3], modes=["plt", "plt-noshift", "sequential"],
-                            batches=[2], fresh=True, **{**FAST, "warmup": 1})
-    assert [(m.mode, m.loops) for m in ms] == [(mode, R) for mode in
-                                                ("plt", "plt-noshift", "sequential")
-                                                for R in (1, 2, 3)]
+    ms = profile_candidates(
+        [ckpt],
+        loops=[1, 2, 3],
+        modes=["plt", "plt-noshift", "sequential"],
+        batches=[2],
+        fresh=True,
+        **{**FAST, "warmup": 1},
+    )
+    assert [(m.mode, m.loops) for m in ms] == [
+        (mode, R) for mode in ("plt", "plt-noshift", "sequential") for R in (1, 2, 3)
+    ]
     for m in ms:
         d = m.to_dict()
         assert all(d[f] is not None for f in ISSUE_FIELDS), m.label
@@ -132,9 +160,15 @@ def test_fields_present_and_sane(ckpt):
 
 def test_kv_measured_equals_analytic(ckpt):
     # window 4 < context 12: the rings wrap; batch 3; every mode and R
-    ms = profile_candidates([ckpt], loops=[1, 2, 4], modes=["plt", "plt-noshift", "sequential"],
-                            batches=[1, 3], window=4, fresh=True,
-                            **{**FAST, "min_repeats": 1, "gen_len": 2})
+    ms = profile_candidates(
+        [ckpt],
+        loops=[1, 2, 4],
+        modes=["plt", "plt-noshift", "sequential"],
+        batches=[1, 3],
+        window=4,
+        fresh=True,
+        **{**FAST, "min_repeats": 1, "gen_len": 2},
+    )
     for m in ms:
         assert m.kv_bytes == m.kv_bytes_analytic and m.kv_match, m.label
     by = {(m.mode, m.loops, m.batch): m.kv_bytes for m in ms}
@@ -154,17 +188,22 @@ def _oom_at_batch(batch, error):
         if b == batch:
             raise error
         return real(self, b, *args, **kwargs)
+
     return new_cache
 
 
-@pytest.mark.parametrize("error", [
-    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB"),
-    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+        ),
+    ],
+)
 def test_out_of_memory_is_infeasible_and_the_run_goes_on(ckpt, monkeypatch, error):
     monkeypatch.setattr(PLTForCausalLM, "new_cache", _oom_at_batch(4, error))
-    ms = profile_candidates([ckpt], loops=[1, 2], modes=["plt"], batches=[1, 4], fresh=True,
-                            **FAST)
+    ms = profile_candidates([ckpt], loops=[1, 2], modes=["plt"], batches=[1, 4], fresh=True, **FAST)
     ok, oom = ms[:2], ms[2:]
     assert all(m.status == "ok" and m.tpot_ms_p50 for m in ok)
     for m in oom:
@@ -177,6 +216,7 @@ def test_out_of_memory_is_infeasible_and_the_run_goes_on(ckpt, monkeypatch, erro
 def test_weights_that_do_not_fit_make_every_candidate_infeasible(ckpt, monkeypatch):
     def load_model(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB")
+
     monkeypatch.setattr("looptune.measure.bench.load_model", load_model)
     ms = profile_candidates([ckpt], loops=[1, 2], modes=["plt"], fresh=True, **FAST)
     assert [m.status for m in ms] == ["infeasible"] * 2
@@ -196,6 +236,7 @@ def test_cache_hit_measures_nothing_and_fresh_remeasures(ckpt, monkeypatch):
 
     def no_loading(*a, **k):
         raise AssertionError("a cached candidate must not load the model")
+
     with monkeypatch.context() as patch:  # (undo() would also drop the isolated cache dir)
         patch.setattr("looptune.measure.bench.load_model", no_loading)
         again = profile_candidates([ckpt], **args)
@@ -214,8 +255,15 @@ def test_candidates_are_interleaved(ckpt):
     def progress(message):
         if ": run " in message:
             runs.append(message.split(":")[0])
-    profile_candidates([ckpt], loops=[1, 2], modes=["plt"], fresh=True, progress=progress,
-                       **{**FAST, "min_repeats": 4})
+
+    profile_candidates(
+        [ckpt],
+        loops=[1, 2],
+        modes=["plt"],
+        fresh=True,
+        progress=progress,
+        **{**FAST, "min_repeats": 4},
+    )
     a, b = "tiny plt R=1 B=1", "tiny plt R=2 B=1"
     assert runs == [a, b, b, a, a, b, b, a]  # never all of A, then all of B
 
@@ -228,20 +276,28 @@ def test_ctrl_c_caches_only_finished_candidates_and_raises(ckpt):
             seen.append(message.split(":")[0])
             if len(seen) == 4:  # A, B, then B's second run finished B; Ctrl-C at A's second
                 raise KeyboardInterrupt
+
     with pytest.raises(Interrupted, match="1 of 2 candidates were finished"):
-        profile_candidates([ckpt], loops=[1, 2], modes=["plt"], fresh=True, progress=progress,
-                           **FAST)
-    assert seen == ["tiny plt R=1 B=1", "tiny plt R=2 B=1", "tiny plt R=2 B=1",
-                    "tiny plt R=1 B=1"]
+        profile_candidates(
+            [ckpt], loops=[1, 2], modes=["plt"], fresh=True, progress=progress, **FAST
+        )
+    assert seen == ["tiny plt R=1 B=1", "tiny plt R=2 B=1", "tiny plt R=2 B=1", "tiny plt R=1 B=1"]
     again = profile_candidates([ckpt], loops=[1, 2], modes=["plt"], **FAST)
     assert [m.cached for m in again] == [False, True]  # the interrupted one is measured again
 
     def stop_at_warmup(message):
         if "warm-up" in message:
             raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-        profile_candidates([ckpt], loops=[3], modes=["plt"], fresh=True,
-                           progress=stop_at_warmup, **{**FAST, "warmup": 1})
+        profile_candidates(
+            [ckpt],
+            loops=[3],
+            modes=["plt"],
+            fresh=True,
+            progress=stop_at_warmup,
+            **{**FAST, "warmup": 1},
+        )
     (m,) = profile_candidates([ckpt], loops=[3], modes=["plt"], **FAST)
     assert not m.cached
 
@@ -252,13 +308,21 @@ def test_measurement_round_trips_through_a_dict(ckpt):
     assert back == m
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(loops=[0]), "loops"), (dict(modes=["fast"]), "modes"), (dict(batches=[]), "batches"),
-    (dict(window=0), "window"), (dict(prompt_len=600), "max_position_embeddings"),
-    (dict(dtype="float8"), "dtype"), (dict(device="tpu"), "device"),
-    (dict(threads=0), "threads"), (dict(graphs=True), "CUDA device"),
-    (dict(graphs=True, compile=True), "choose one"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(loops=[0]), "loops"),
+        (dict(modes=["fast"]), "modes"),
+        (dict(batches=[]), "batches"),
+        (dict(window=0), "window"),
+        (dict(prompt_len=600), "max_position_embeddings"),
+        (dict(dtype="float8"), "dtype"),
+        (dict(device="tpu"), "device"),
+        (dict(threads=0), "threads"),
+        (dict(graphs=True), "CUDA device"),
+        (dict(graphs=True, compile=True), "choose one"),
+    ],
+)
 def test_bad_arguments_are_looptune_errors(ckpt, kwargs, message):
     with pytest.raises(LooptuneError, match=message):
         profile_candidates([ckpt], **{**FAST, **kwargs})
@@ -266,14 +330,24 @@ def test_bad_arguments_are_looptune_errors(ckpt, kwargs, message):
 
 # ----- the command line -----
 
-@pytest.mark.parametrize("args, message", [
-    (["--loops", "0"], "--loops"), (["--loops", "1,two"], "--loops"),
-    (["--mode", "plt,fast"], "--mode"), (["--batch", "eight"], "--batch"),
-    (["--batch", "0"], "--batch"), (["--dtype", "float8"], "dtype"),
-    (["--prompt-len", "0"], "--prompt-len"), (["--threads", "0"], "--threads"),
-    (["--min-time", "-1"], "--min-time"), (["--no-such-flag"], "--no-such-flag"),
-    (["--out", "profile.txt"], ".json"), (["--graphs"], "CUDA"),
-])
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--loops", "0"], "--loops"),
+        (["--loops", "1,two"], "--loops"),
+        (["--mode", "plt,fast"], "--mode"),
+        (["--batch", "eight"], "--batch"),
+        (["--batch", "0"], "--batch"),
+        (["--dtype", "float8"], "dtype"),
+        (["--prompt-len", "0"], "--prompt-len"),
+        (["--threads", "0"], "--threads"),
+        (["--min-time", "-1"], "--min-time"),
+        (["--no-such-flag"], "--no-such-flag"),
+        (["--out", "profile.txt"], ".json"),
+        (["--graphs"], "CUDA"),
+    ],
+)
 def test_cli_bad_arguments_exit_2(ckpt, args, message):
     result = runner.invoke(app, ["profile", str(ckpt), *args])
     assert result.exit_code == 2, result.output
@@ -283,10 +357,32 @@ def test_cli_bad_arguments_exit_2(ckpt, args, message):
 
 def test_cli_json_is_one_document_on_stdout(ckpt, tmp_path):
     out = tmp_path / "profile.json"
-    result = runner.invoke(app, ["profile", str(ckpt), "--loops", "1,2", "--mode", "plt",
-                                 "--batch", "1,2", "--prompt-len", "8", "--gen-len", "4",
-                                 "--min-repeats", "2", "--min-time", "0", "--device", "cpu",
-                                 "--json", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "profile",
+            str(ckpt),
+            "--loops",
+            "1,2",
+            "--mode",
+            "plt",
+            "--batch",
+            "1,2",
+            "--prompt-len",
+            "8",
+            "--gen-len",
+            "4",
+            "--min-repeats",
+            "2",
+            "--min-time",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert json.loads(out.read_text()) == doc
@@ -302,17 +398,37 @@ def test_cli_shows_a_kv_mismatch_loudly(ckpt, monkeypatch):
 
     real = bench.kv_bytes
     monkeypatch.setattr(bench, "kv_bytes", lambda *a, **k: real(*a, **k) + 1)
-    result = runner.invoke(app, ["profile", str(ckpt), "--loops", "2", "--mode", "plt",
-                                 "--prompt-len", "8", "--gen-len", "4", "--min-repeats", "1",
-                                 "--min-time", "0", "--device", "cpu", "--fresh"])
+    result = runner.invoke(
+        app,
+        [
+            "profile",
+            str(ckpt),
+            "--loops",
+            "2",
+            "--mode",
+            "plt",
+            "--prompt-len",
+            "8",
+            "--gen-len",
+            "4",
+            "--min-repeats",
+            "1",
+            "--min-time",
+            "0",
+            "--device",
+            "cpu",
+            "--fresh",
+        ],
+    )
     assert result.exit_code == 1
     assert "KV MISMATCH" in result.stderr
 
 
 @pytest.mark.slow
 def test_compiled_decode_on_the_cpu(ckpt):
-    (m,) = profile_candidates([ckpt], loops=[2], modes=["plt"], compile=True, fresh=True,
-                              **FAST)  # no warm-up: the setup is timed on its own all the same
+    (m,) = profile_candidates(
+        [ckpt], loops=[2], modes=["plt"], compile=True, fresh=True, **FAST
+    )  # no warm-up: the setup is timed on its own all the same
     assert m.status == "ok" and m.kv_match and m.compile_ms > 0 and m.tpot_ms_p50 > 0
     assert m.setup_ms == m.compile_ms and m.step == "compile"
     assert m.compile_ms > m.tpot_ms_p50  # compilation is reported apart, not in the statistics
@@ -322,9 +438,16 @@ def test_compiled_decode_on_the_cpu(ckpt):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("step", ["eager", "compile", "graphs"])
 def test_cuda_path(ckpt, step):
-    ms = profile_candidates([ckpt], loops=[1, 2], modes=["plt", "sequential"], batches=[1],
-                            compile=step == "compile", graphs=step == "graphs", fresh=True,
-                            **{**FAST, "device": "cuda", "gen_len": 8})
+    ms = profile_candidates(
+        [ckpt],
+        loops=[1, 2],
+        modes=["plt", "sequential"],
+        batches=[1],
+        compile=step == "compile",
+        graphs=step == "graphs",
+        fresh=True,
+        **{**FAST, "device": "cuda", "gen_len": 8},
+    )
     for m in ms:
         assert m.status == "ok" and m.kv_match and m.peak_mem_bytes >= m.weights_bytes
         assert m.environment["device_type"] == "cuda" and m.step == step
@@ -345,10 +468,17 @@ def test_cli_without_a_checkpoint_or_bundled_model_is_a_clear_error(monkeypatch,
 
 # ----- the result cache, interference, threads -----
 
-@pytest.mark.parametrize("edit", [  # (the envelope's checks are in test_store.py)
-    {"tpot_ms_p50": 0.001}, {"ttft_ms": float("nan")}, {"tpot_ms_p50_ci95": [1.0]},
-    {"status": "partial"}, {"interference": ["load"]},
-])
+
+@pytest.mark.parametrize(
+    "edit",
+    [  # (the envelope's checks are in test_store.py)
+        {"tpot_ms_p50": 0.001},
+        {"ttft_ms": float("nan")},
+        {"tpot_ms_p50_ci95": [1.0]},
+        {"status": "partial"},
+        {"interference": ["load"]},
+    ],
+)
 def test_an_impossible_cache_entry_is_measured_again(ckpt, capsys, edit):
     args = dict(loops=[1], modes=["plt"], **FAST)
     profile_candidates([ckpt], fresh=True, **args)
@@ -369,16 +499,25 @@ def test_check_measurement_rejects_what_no_run_produces(ckpt):
     (m,) = profile_candidates([ckpt], loops=[1], modes=["plt"], fresh=True, **FAST)
     good = json.loads(json.dumps(m.to_dict()))
     check_measurement(good)
-    for edit in [{"tpot_ms_p50": -1.0}, {"tpot_ms_p99": None}, {"tokens_per_s": 1e9},
-                 {"tpot_ms_p90": good["tpot_ms_p50"] / 2}, {"kv_bytes": 0}, {"repeats": 0},
-                 {"decode_steps": 1}, {"ttft_ms": float("inf")}, {"status": "infeasible"}]:
+    for edit in [
+        {"tpot_ms_p50": -1.0},
+        {"tpot_ms_p99": None},
+        {"tokens_per_s": 1e9},
+        {"tpot_ms_p90": good["tpot_ms_p50"] / 2},
+        {"kv_bytes": 0},
+        {"repeats": 0},
+        {"decode_steps": 1},
+        {"ttft_ms": float("inf")},
+        {"status": "infeasible"},
+    ]:
         with pytest.raises(ValueError):
             ResultCache("profile", validate=check_measurement).check({**good, **edit})
 
 
 def test_interference_is_flagged_and_never_cached(ckpt):
-    strict = Limits(load_per_core=0.0, other_cores=float("inf"), dispersion=float("inf"),
-                    run_cv=float("inf"))
+    strict = Limits(
+        load_per_core=0.0, other_cores=float("inf"), dispersion=float("inf"), run_cv=float("inf")
+    )
     args = dict(loops=[1], modes=["plt"], **FAST)
     (m,) = profile_candidates([ckpt], fresh=True, limits=strict, **args)
     assert m.status == "ok" and m.interference == ["load"] and m.tpot_ms_p50 > 0
@@ -390,17 +529,34 @@ def test_interference_is_flagged_and_never_cached(ckpt):
 
 
 def test_interference_reasons():
-    quiet = {"load_before": 0.5, "load_after": 1.2, "cores": 16, "cpus": 16,
-             "other_busy_cores": 0.3, "tpot_p90_over_p50": 1.04, "run_cv": 0.01}
+    quiet = {
+        "load_before": 0.5,
+        "load_after": 1.2,
+        "cores": 16,
+        "cpus": 16,
+        "other_busy_cores": 0.3,
+        "tpot_p90_over_p50": 1.04,
+        "run_cv": 0.01,
+    }
     assert interference(quiet, threads=8, limits=Limits()) == []
     busy = {**quiet, "load_after": 17.0, "other_busy_cores": 8.6}
     assert interference(busy, threads=8, limits=Limits()) == ["load", "other processes"]
     # two cores, one ours, the other taken by another process: contention on a memory-bound
     # decode is measured as "other processes" only when it exceeds the free core
-    two = {"load_before": 1.0, "load_after": 1.9, "cores": 2, "cpus": 2,
-           "other_busy_cores": 1.5, "tpot_p90_over_p50": 2.4, "run_cv": 0.3}
+    two = {
+        "load_before": 1.0,
+        "load_after": 1.9,
+        "cores": 2,
+        "cpus": 2,
+        "other_busy_cores": 1.5,
+        "tpot_p90_over_p50": 2.4,
+        "run_cv": 0.3,
+    }
     assert interference(two, threads=1, limits=Limits()) == [
-        "other processes", "dispersion", "drift"]
+        "other processes",
+        "dispersion",
+        "drift",
+    ]
     assert interference(two, threads=1, limits=Limits.never()) == []
     assert interference({}, threads=1, limits=Limits()) == []  # nothing known, nothing claimed
 
@@ -409,8 +565,9 @@ def test_threads_are_probed_once_per_shape_and_recorded(ckpt):
     args = dict(loops=[1], modes=["plt"], **{**FAST, "threads": None})
     (m,) = profile_candidates([ckpt], fresh=True, **args)
     assert m.threads in (1, usable_cores()) and m.environment["threads"] == m.threads
-    assert m.environment["threads_chosen"] == ("probed" if usable_cores() > 1
-                                               else "one usable core")
+    assert m.environment["threads_chosen"] == (
+        "probed" if usable_cores() > 1 else "one usable core"
+    )
     (again,) = profile_candidates([ckpt], **args)
     assert again.threads == m.threads and again.cached
     (given,) = profile_candidates([ckpt], fresh=True, **{**args, "threads": 1})
@@ -420,8 +577,11 @@ def test_threads_are_probed_once_per_shape_and_recorded(ckpt):
 
 def test_cli_out_is_checked_before_any_work(ckpt, tmp_path):
     (tmp_path / "file").write_text("x")
-    for out, message in [(tmp_path / "file" / "p.json", "is a file, not a directory"),
-                         (tmp_path, "must end in .json"), (tmp_path / "p.yaml", ".json")]:
+    for out, message in [
+        (tmp_path / "file" / "p.json", "is a file, not a directory"),
+        (tmp_path, "must end in .json"),
+        (tmp_path / "p.yaml", ".json"),
+    ]:
         result = runner.invoke(app, ["profile", str(ckpt), "--out", str(out), "--device", "cpu"])
         assert result.exit_code == 2
         lines = result.stderr.strip().splitlines()

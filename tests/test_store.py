@@ -26,6 +26,7 @@ def _mode(path) -> int:
 def umask():
     def set_mask(mask):
         os.umask(mask)
+
     before = os.umask(0o022)
     yield set_mask
     os.umask(before)
@@ -44,8 +45,12 @@ def test_files_get_the_users_umask(tmp_path, umask):
 
 
 def _dead_pid() -> int:
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(child.stdout)
 
 
@@ -67,6 +72,7 @@ def test_temporaries_of_killed_writers_are_removed_by_the_next_write(tmp_path):
 def test_a_failed_write_leaves_no_temporary(tmp_path, monkeypatch):
     def no_space(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(os, "replace", no_space)
     with pytest.raises(OSError):
         atomic_write_text(tmp_path / "p.yaml", "p")
@@ -96,20 +102,26 @@ def test_round_trip_and_a_quiet_miss(cache, capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("{not json", "Expecting"),
-    ("[1, 2]", "not a cache entry"),
-    (json.dumps({"key": KEY, "result": {"ms": 1.0}}), "schema"),  # an older looptune's
-    (json.dumps({"schema": store.SCHEMA, "key": {**KEY, "loops": 9}, "result": {"ms": 1.0}}),
-     "key does not match"),
-    (json.dumps({"schema": store.SCHEMA, "key": KEY, "result": {"ms": float("nan")}}), "nan"),
-    (json.dumps({"schema": store.SCHEMA, "key": KEY, "result": {"ms": float("inf")}}), "inf"),
-    (json.dumps({"schema": store.SCHEMA, "key": KEY, "result": {"ms": -2.0}}), "<= 0"),
-    (json.dumps({"schema": store.SCHEMA, "key": KEY, "result": {"sm": 2.0}}), "shape"),
-    (json.dumps({"schema": store.SCHEMA, "key": KEY, "result": [2.0]}), "shape"),
-])
-def test_an_entry_that_cannot_be_trusted_is_a_one_line_warning_and_a_miss(cache, capsys, text,
-                                                                            reason):
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("{not json", "Expecting"),
+        ("[1, 2]", "not a cache entry"),
+        (json.dumps({"key": KEY, "result": {"ms": 1.0}}), "schema"),  # an older looptune's
+        (
+            json.dumps({"schema": store.SCHEMA, "key": {**KEY, "loops": 9}, "result": {"ms": 1.0}}),
+            "key does not match",
+        ),
+        (json.dumps({"schema": store.SCHEMA, "key": KEY, "result": {"ms": float("nan")}}), "nan"),
+        (json.dumps({"schema": store.SCHEMA, "key": KEY, "result": {"ms": float("inf")}}), "inf"),
+        (json.dumps({"schema": store.SCHEMA, "key": KEY, "result": {"ms": -2.0}}), "<= 0"),
+        (json.dumps({"schema": store.SCHEMA, "key": KEY, "result": {"sm": 2.0}}), "shape"),
+        (json.dumps({"schema": store.SCHEMA, "key": KEY, "result": [2.0]}), "shape"),
+    ],
+)
+def test_an_entry_that_cannot_be_trusted_is_a_one_line_warning_and_a_miss(
+    cache, capsys, text, reason
+):
     cache.path(KEY).parent.mkdir(parents=True)
     cache.path(KEY).write_text(text)
     assert cache.get(KEY) is None  # (a directory that cannot be read is the same warning)
@@ -133,13 +145,13 @@ def test_an_impossible_result_is_not_stored(cache, capsys):
 
 
 @pytest.mark.parametrize("fault", ["no space", "a file in the way"])
-def test_a_failed_cache_write_is_a_warning_not_a_lost_result(tmp_path, monkeypatch, capsys,
-                                                             fault):
+def test_a_failed_cache_write_is_a_warning_not_a_lost_result(tmp_path, monkeypatch, capsys, fault):
     if fault == "no space":
         cache = ResultCache("thing", root=tmp_path)
 
         def full(fd):
             raise OSError(errno.ENOSPC, "No space left on device")
+
         monkeypatch.setattr(os, "fsync", full)
     else:
         (tmp_path / "root").write_text("a file where the cache directory should be")
@@ -156,6 +168,7 @@ def test_a_failed_cache_write_is_a_warning_not_a_lost_result(tmp_path, monkeypat
 
 # ----- the device lock -----
 
+
 def test_the_device_lock_serialises_and_names_its_holder(tmp_path, monkeypatch):
     monkeypatch.setenv("LOOPTUNE_CACHE_DIR", str(tmp_path))
     held, release, order, waits = threading.Event(), threading.Event(), [], []
@@ -166,6 +179,7 @@ def test_the_device_lock_serialises_and_names_its_holder(tmp_path, monkeypatch):
             held.set()
             release.wait(10)
             order.append("holder out")
+
     thread = threading.Thread(target=holder)
     thread.start()
     held.wait(10)
@@ -188,14 +202,19 @@ def test_an_unusable_lock_directory_is_a_warning(tmp_path, monkeypatch, capsys):
 
 # ----- output paths -----
 
+
 def test_output_paths_are_checked_before_any_work(tmp_path):
     (tmp_path / "README.md").write_text("x")
-    assert check_output_path(tmp_path / "new" / "deeper" / "p.yaml", (".yaml",)) \
+    assert (
+        check_output_path(tmp_path / "new" / "deeper" / "p.yaml", (".yaml",))
         == tmp_path / "new" / "deeper" / "p.yaml"
-    for path, message in [(tmp_path / "README.md" / "p.png", "is a file, not a directory"),
-                          (tmp_path / "p.jpg", "must end in .png"),
-                          (tmp_path, "must end in"),
-                          (tmp_path / "dir.png", "is a directory")]:
+    )
+    for path, message in [
+        (tmp_path / "README.md" / "p.png", "is a file, not a directory"),
+        (tmp_path / "p.jpg", "must end in .png"),
+        (tmp_path, "must end in"),
+        (tmp_path / "dir.png", "is a directory"),
+    ]:
         if path.name == "dir.png":
             path.mkdir()
         with pytest.raises(LooptuneError, match=message):
@@ -203,6 +222,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
 
 
 # ----- the callers' checks -----
+
 
 def test_an_edited_score_entry_is_scored_again(tmp_path, capsys):
     from looptune.model.checkpoint import init_checkpoint
@@ -212,8 +232,11 @@ def test_an_edited_score_entry_is_scored_again(tmp_path, capsys):
     ckpt = tmp_path / "tiny"
     init_checkpoint(ckpt, "tiny", loops=2, device="cpu")
     texts = tmp_path / "t.jsonl"
-    texts.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n"
-                             for i in range(3)))
+    texts.write_text(
+        "".join(
+            json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n" for i in range(3)
+        )
+    )
     args = dict(loops=[2], sets=[str(texts)], device="cpu", n_boot=50)
     (first,) = score_checkpoints([ckpt], **args)
     assert first.value > 0 and not first.cached

@@ -77,8 +77,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     help="Choose the loop count and inference knobs of a Parallel Loop Transformer for a model "
-         "and a device: profile latency and memory, score quality, search the Pareto front, "
-         "and write a deployable profile.",
+    "and a device: profile latency and memory, score quality, search the Pareto front, "
+    "and write a deployable profile.",
 )
 
 

@@ -14,38 +14,64 @@ from looptune.cli.app import app, console, emit_json, parse_choice_list, parse_i
 
 @app.command()
 def profile(
-    checkpoints: Annotated[list[Path] | None, typer.Argument(
-        help="Checkpoint directories (default: the bundled model).")] = None,
+    checkpoints: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Checkpoint directories (default: the bundled model)."),
+    ] = None,
     loops: Annotated[str, typer.Option(help="Loop counts R, comma-separated.")] = "1,2,3,4",
-    mode: Annotated[str, typer.Option(
-        help="Execution modes: plt, plt-noshift, sequential.")] = "plt,sequential",
+    mode: Annotated[
+        str, typer.Option(help="Execution modes: plt, plt-noshift, sequential.")
+    ] = "plt,sequential",
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1",
     prompt_len: Annotated[int, typer.Option(min=1, help="Prompt tokens (prefill).")] = 512,
     gen_len: Annotated[int, typer.Option(min=1, help="Decode steps timed per run.")] = 64,
-    window: Annotated[int | None, typer.Option(
-        min=1, help="G-SWA window W (default: each checkpoint's trained W).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto (as stored on a GPU, float32 on the CPU), "
-                                            "float32, bfloat16 or float16.")] = "auto",
+    window: Annotated[
+        int | None,
+        typer.Option(min=1, help="G-SWA window W (default: each checkpoint's trained W)."),
+    ] = None,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="auto (as stored on a GPU, float32 on the CPU), float32, bfloat16 or float16."
+        ),
+    ] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    compile: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the decode step (inductor; its compile time is "
-                         "reported apart).")] = False,
-    graphs: Annotated[bool, typer.Option(
-        "--graphs", help="Capture the eager decode step in a CUDA graph, no compiler (GPU "
-                         "only).")] = False,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the decode step (inductor; its compile time is reported apart).",
+        ),
+    ] = False,
+    graphs: Annotated[
+        bool,
+        typer.Option(
+            "--graphs",
+            help="Capture the eager decode step in a CUDA graph, no compiler (GPU only).",
+        ),
+    ] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore cached results.")] = False,
-    min_repeats: Annotated[int, typer.Option(min=1, help="Measured runs per candidate, at "
-                                                         "least.")] = 5,
-    min_time: Annotated[float, typer.Option(min=0.0, help="Measured seconds per candidate, at "
-                                                          "least.")] = 2.0,
+    min_repeats: Annotated[
+        int, typer.Option(min=1, help="Measured runs per candidate, at least.")
+    ] = 5,
+    min_time: Annotated[
+        float, typer.Option(min=0.0, help="Measured seconds per candidate, at least.")
+    ] = 2.0,
     warmup: Annotated[int, typer.Option(min=0, help="Warm-up runs per candidate.")] = 1,
-    threads: Annotated[int | None, typer.Option(
-        min=1, help="torch CPU threads (default: the faster of 1 and all cores for the model, "
-                    "probed once per shape and machine).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on "
-                                                          "stdout.")] = False,
-    out: Annotated[Path | None, typer.Option(help="Also write the JSON document here "
-                                                     "(.json).")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="torch CPU threads (default: the faster of 1 and all cores for the model, "
+            "probed once per shape and machine).",
+        ),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the JSON document here (.json).")
+    ] = None,
 ):
     """Measure latency and memory per loop count, mode and batch on the target device.
 
@@ -80,24 +106,52 @@ def profile(
         raise LooptuneError(f"--graphs needs a CUDA device; this run's device is {dev}")
     paths = resolve_checkpoints(checkpoints)
     with console.status("profiling...") as status:
+
         def progress(message: str):
             if console.is_terminal:
                 status.update(message)
             else:
                 console.print(message, style="dim", highlight=False)
 
-        results = profile_candidates(paths, loops=loop_list, modes=mode_list, batches=batch_list,
-                                     prompt_len=prompt_len, gen_len=gen_len, window=window,
-                                     dtype=dtype, device=device, compile=compile, graphs=graphs,
-                                     fresh=fresh, progress=progress, min_repeats=min_repeats,
-                                     min_time_s=min_time, warmup=warmup, threads=threads)
+        results = profile_candidates(
+            paths,
+            loops=loop_list,
+            modes=mode_list,
+            batches=batch_list,
+            prompt_len=prompt_len,
+            gen_len=gen_len,
+            window=window,
+            dtype=dtype,
+            device=device,
+            compile=compile,
+            graphs=graphs,
+            fresh=fresh,
+            progress=progress,
+            min_repeats=min_repeats,
+            min_time_s=min_time,
+            warmup=warmup,
+            threads=threads,
+        )
     env = results[0].environment if results else environment(dev, dtype)
-    settings = {"checkpoints": [str(p) for p in paths], "loops": loop_list, "modes": mode_list,
-                "batches": batch_list, "prompt_len": prompt_len, "gen_len": gen_len,
-                "window": window, "dtype": dtype, "device": device, "compile": compile,
-                "graphs": graphs, "fresh": fresh, "min_repeats": min_repeats,
-                "min_time_s": min_time, "warmup": warmup, "threads": threads,
-                "threads_used": sorted({m.threads for m in results if m.threads})}
+    settings = {
+        "checkpoints": [str(p) for p in paths],
+        "loops": loop_list,
+        "modes": mode_list,
+        "batches": batch_list,
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "window": window,
+        "dtype": dtype,
+        "device": device,
+        "compile": compile,
+        "graphs": graphs,
+        "fresh": fresh,
+        "min_repeats": min_repeats,
+        "min_time_s": min_time,
+        "warmup": warmup,
+        "threads": threads,
+        "threads_used": sorted({m.threads for m in results if m.threads}),
+    }
     doc = document(results, settings, env)
     if out is not None:
         atomic_write_text(out, dumps(doc))
@@ -123,14 +177,28 @@ def _ms(v, digits=3) -> str:
 
 def _print(results, env):
     console.print(_describe(env), highlight=False)
-    base = {(m.checkpoint, m.mode, m.batch, m.window, m.dtype, m.step): m
-            for m in results if m.loops == 1 and m.tpot_ms_p50}
+    base = {
+        (m.checkpoint, m.mode, m.batch, m.window, m.dtype, m.step): m
+        for m in results
+        if m.loops == 1 and m.tpot_ms_p50
+    }
     table = Table(title="profile (times in ms)")
-    for name, justify in [("model", "left"), ("mode", "left"), ("R", "right"), ("B", "right"),
-                          ("TTFT", "right"), ("TPOT p50 [95% CI]", "right"), ("p90", "right"),
-                          ("p99", "right"), ("x R=1", "right"), ("tok/s", "right"),
-                          ("KV", "right"), ("peak", "right"), ("runs", "right"),
-                          ("status", "left")]:
+    for name, justify in [
+        ("model", "left"),
+        ("mode", "left"),
+        ("R", "right"),
+        ("B", "right"),
+        ("TTFT", "right"),
+        ("TPOT p50 [95% CI]", "right"),
+        ("p90", "right"),
+        ("p99", "right"),
+        ("x R=1", "right"),
+        ("tok/s", "right"),
+        ("KV", "right"),
+        ("peak", "right"),
+        ("runs", "right"),
+        ("status", "left"),
+    ]:
         table.add_column(name, justify=justify)
     for m in results:
         ref = base.get((m.checkpoint, m.mode, m.batch, m.window, m.dtype, m.step))
@@ -140,30 +208,53 @@ def _print(results, env):
         kv = _bytes(m.kv_bytes_analytic)
         if m.kv_match is False:
             kv = f"[bold red]{_bytes(m.kv_bytes)} != {kv}[/]"
-        status = {"ok": "ok", "infeasible": "[red]out of memory[/]",
-                  "not-measured": "[yellow]not measured[/]"}[m.status]
+        status = {
+            "ok": "ok",
+            "infeasible": "[red]out of memory[/]",
+            "not-measured": "[yellow]not measured[/]",
+        }[m.status]
         if m.interference:
             status = f"[yellow]interference: {', '.join(m.interference)}[/]"
         if m.cached:
             status += " (cached)"
-        table.add_row(Path(m.checkpoint).name, m.mode, str(m.loops), str(m.batch),
-                      _ms(m.ttft_ms, 2), tpot, _ms(m.tpot_ms_p90), _ms(m.tpot_ms_p99), ratio,
-                      _ms(m.tokens_per_s, 1), kv, _bytes(m.peak_mem_bytes), str(m.repeats), status)
+        table.add_row(
+            Path(m.checkpoint).name,
+            m.mode,
+            str(m.loops),
+            str(m.batch),
+            _ms(m.ttft_ms, 2),
+            tpot,
+            _ms(m.tpot_ms_p90),
+            _ms(m.tpot_ms_p99),
+            ratio,
+            _ms(m.tokens_per_s, 1),
+            kv,
+            _bytes(m.peak_mem_bytes),
+            str(m.repeats),
+            status,
+        )
     # Not a terminal (a log, CI): print the table whole rather than squeezed to 80 columns.
     (console if console.is_terminal else Console(stderr=True, width=200)).print(table)
     for m in results:
         if m.kv_match is False:
-            console.print(f"[bold red]KV MISMATCH (a bug): {m.label} holds {m.kv_bytes:,} bytes, "
-                          f"the formula says {m.kv_bytes_analytic:,}[/]")
+            console.print(
+                f"[bold red]KV MISMATCH (a bug): {m.label} holds {m.kv_bytes:,} bytes, "
+                f"the formula says {m.kv_bytes_analytic:,}[/]"
+            )
     built = [m for m in results if m.setup_ms and not m.cached]
     if built:
-        console.print(f"{built[0].step} setup (apart from the statistics): " + ", ".join(
-            f"{m.label} {m.setup_ms / 1e3:.1f} s" for m in built), highlight=False)
+        console.print(
+            f"{built[0].step} setup (apart from the statistics): "
+            + ", ".join(f"{m.label} {m.setup_ms / 1e3:.1f} s" for m in built),
+            highlight=False,
+        )
     flagged = [m for m in results if m.interference]
     if flagged:
-        console.print(f"[yellow]{len(flagged)} measurement(s) taken under interference (the "
-                      "machine was busy or the runs dispersed): not cached; measure again on "
-                      "a quiet machine[/]")
+        console.print(
+            f"[yellow]{len(flagged)} measurement(s) taken under interference (the "
+            "machine was busy or the runs dispersed): not cached; measure again on "
+            "a quiet machine[/]"
+        )
 
 
 def _describe(env: dict) -> str:
@@ -176,10 +267,12 @@ def _describe(env: dict) -> str:
     gpu = env.get("gpu_state")
     if gpu and "error" not in gpu:
         reasons = gpu.get("throttle_reasons")
-        parts.append(f"SM {gpu.get('sm_clock_mhz')}/{gpu.get('max_sm_clock_mhz')} MHz, "
-                     f"{gpu.get('power_w')}/{gpu.get('power_limit_w')} W, "
-                     f"{gpu.get('temperature_c')} C, "
-                     f"throttle: {', '.join(reasons or []) or 'none'}")
+        parts.append(
+            f"SM {gpu.get('sm_clock_mhz')}/{gpu.get('max_sm_clock_mhz')} MHz, "
+            f"{gpu.get('power_w')}/{gpu.get('power_limit_w')} W, "
+            f"{gpu.get('temperature_c')} C, "
+            f"throttle: {', '.join(reasons or []) or 'none'}"
+        )
     elif gpu:
         parts.append(f"GPU state unavailable ({gpu['error']})")
     return ", ".join(parts)

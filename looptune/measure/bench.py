@@ -67,8 +67,11 @@ class Candidate:
 def is_oom(e: BaseException) -> bool:
     """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
     text = str(e).lower()
-    return (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
-            or "can't allocate memory" in text)
+    return (
+        isinstance(e, (torch.OutOfMemoryError, MemoryError))
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )
 
 
 def _free(device):
@@ -86,8 +89,13 @@ def _held_bytes(cache: KVCache) -> int:
     return sum(storages.values())
 
 
-def run_candidates(todo: list[Candidate], dev, plan: Plan, say: Callable[[str], None],
-                   on_done: Callable[[Candidate], None]) -> None:
+def run_candidates(
+    todo: list[Candidate],
+    dev,
+    plan: Plan,
+    say: Callable[[str], None],
+    on_done: Callable[[Candidate], None],
+) -> None:
     """Measure `todo` in place; `on_done(c)` as each finishes. OOM makes one infeasible."""
     built = plan.step != "eager"
     loaded = {}
@@ -111,10 +119,12 @@ def run_candidates(todo: list[Candidate], dev, plan: Plan, say: Callable[[str], 
                 active = [c for c in todo if c.m.feasible and not c.finished]
                 if not active:
                     break
-                for c in (active if rounds % 2 == 0 else active[::-1]):  # A B C, C B A, ...
+                for c in active if rounds % 2 == 0 else active[::-1]:  # A B C, C B A, ...
                     if _attempt(c, dev, warm=False, say=say):
-                        say(f"{c.m.label}: run {c.m.repeats}, ttft {c.ttft[-1]:.2f} ms, "
-                            f"tpot median {statistics.median(c.tpot[-1]):.3f} ms")
+                        say(
+                            f"{c.m.label}: run {c.m.repeats}, ttft {c.ttft[-1]:.2f} ms, "
+                            f"tpot median {statistics.median(c.tpot[-1]):.3f} ms"
+                        )
                         if c.done(plan):
                             _finish(c, dev, watch, plan.limits)
                             on_done(c)
@@ -149,8 +159,9 @@ def _prepare(c: Candidate, dev, loaded: dict, say):
     c.model, c.m.load_ms = loaded[k]
     c.m.weights_bytes = sum(p.numel() * p.element_size() for p in c.model.parameters())
     gen = torch.Generator(dev).manual_seed(c.key["seed"])
-    c.prompt = torch.randint(0, min(c.cfg.vocab_size, 256), (c.m.batch, c.m.prompt_len),
-                             device=dev, generator=gen)
+    c.prompt = torch.randint(
+        0, min(c.cfg.vocab_size, 256), (c.m.batch, c.m.prompt_len), device=dev, generator=gen
+    )
 
 
 def _build(c: Candidate, dev, how: str, say):
@@ -221,8 +232,7 @@ def _run(c: Candidate, dev):
     with PeakMemory(dev) as mem:
         cache = c.cache
         if cache is None:
-            cache = c.model.new_cache(m.batch, m.prompt_len + m.gen_len, m.loops, m.mode,
-                                      m.window)
+            cache = c.model.new_cache(m.batch, m.prompt_len + m.gen_len, m.loops, m.mode, m.window)
         step = c.step or make_decode_step(c.model, cache, "eager")[0]
         with Timer(dev) as first_token:
             token = prefill(c.model, c.prompt, cache).argmax(-1)
@@ -240,8 +250,9 @@ def _finish(c: Candidate, dev, watch: CpuWatch, limits: Limits):
     """Statistics, peak memory, the analytic KV figure, the machine's state and interference."""
     c.finished = True
     m = c.m
-    m.kv_bytes_analytic = kv_bytes(c.cfg, m.mode, m.loops, m.window, m.prompt_len + m.gen_len,
-                                   m.batch, getattr(torch, m.dtype))
+    m.kv_bytes_analytic = kv_bytes(
+        c.cfg, m.mode, m.loops, m.window, m.prompt_len + m.gen_len, m.batch, getattr(torch, m.dtype)
+    )
     end = {"loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     if dev.type == "cuda":
         end["gpu_state"] = gpu_state(dev)

@@ -14,13 +14,24 @@ import subprocess
 import torch
 
 THROTTLE_BITS = {  # nvmlClocksEventReasons / clocks_event_reasons.active
-    0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap",
-    0x8: "hw_slowdown", 0x10: "sync_boost", 0x20: "sw_thermal_slowdown",
-    0x40: "hw_thermal_slowdown", 0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting",
+    0x1: "gpu_idle",
+    0x2: "applications_clocks_setting",
+    0x4: "sw_power_cap",
+    0x8: "hw_slowdown",
+    0x10: "sync_boost",
+    0x20: "sw_thermal_slowdown",
+    0x40: "hw_thermal_slowdown",
+    0x80: "hw_power_brake_slowdown",
+    0x100: "display_clock_setting",
 }
 # Reasons that mean the GPU ran slower than it could (idle and boost-sync are not slowdowns).
-SLOWDOWNS = {"sw_power_cap", "hw_slowdown", "sw_thermal_slowdown", "hw_thermal_slowdown",
-             "hw_power_brake_slowdown"}
+SLOWDOWNS = {
+    "sw_power_cap",
+    "hw_slowdown",
+    "sw_thermal_slowdown",
+    "hw_thermal_slowdown",
+    "hw_power_brake_slowdown",
+}
 
 
 def cpu_model() -> str:
@@ -46,8 +57,9 @@ def _nvml_id(device: torch.device) -> str:
     if uuid is not None:
         text = str(uuid)
         return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-               if v.strip()]
+    visible = [
+        v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()
+    ]
     return visible[index] if index < len(visible) else str(index)
 
 
@@ -59,10 +71,15 @@ def _state_pynvml(ident: str) -> dict | None:
     try:
         pynvml.nvmlInit()
         try:
-            handle = (pynvml.nvmlDeviceGetHandleByUUID(ident) if ident.startswith(("GPU-", "MIG-"))
-                      else pynvml.nvmlDeviceGetHandleByIndex(int(ident)))
-            reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
-                pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+            handle = (
+                pynvml.nvmlDeviceGetHandleByUUID(ident)
+                if ident.startswith(("GPU-", "MIG-"))
+                else pynvml.nvmlDeviceGetHandleByIndex(int(ident))
+            )
+            reasons = (
+                getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+                or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+            )
             driver = pynvml.nvmlSystemGetDriverVersion()
             return {
                 "source": "pynvml",
@@ -73,7 +90,8 @@ def _state_pynvml(ident: str) -> dict | None:
                 "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000,
                 "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000,
                 "temperature_c": pynvml.nvmlDeviceGetTemperature(
-                    handle, pynvml.NVML_TEMPERATURE_GPU),
+                    handle, pynvml.NVML_TEMPERATURE_GPU
+                ),
                 "pstate": f"P{pynvml.nvmlDeviceGetPerformanceState(handle)}",
                 "throttle_reasons": throttle_reasons(int(reasons(handle))),
             }
@@ -83,17 +101,33 @@ def _state_pynvml(ident: str) -> dict | None:
         return {"source": "pynvml", "error": f"{type(e).__name__}: {e}"}
 
 
-_SMI_FIELDS = ["driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "power.draw",
-               "power.limit", "temperature.gpu", "pstate"]
+_SMI_FIELDS = [
+    "driver_version",
+    "clocks.sm",
+    "clocks.mem",
+    "clocks.max.sm",
+    "power.draw",
+    "power.limit",
+    "temperature.gpu",
+    "pstate",
+]
 
 
 def _state_smi(ident: str) -> dict | None:
     for reasons_field in ("clocks_event_reasons.active", "clocks_throttle_reasons.active"):
         try:
             out = subprocess.run(
-                ["nvidia-smi", f"--query-gpu={','.join(_SMI_FIELDS + [reasons_field])}",
-                 "--format=csv,noheader,nounits", "-i", ident],
-                capture_output=True, text=True, timeout=10)
+                [
+                    "nvidia-smi",
+                    f"--query-gpu={','.join(_SMI_FIELDS + [reasons_field])}",
+                    "--format=csv,noheader,nounits",
+                    "-i",
+                    ident,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         if out.returncode == 0:
@@ -109,10 +143,18 @@ def _state_smi(ident: str) -> dict | None:
             return None  # "[N/A]"
 
     driver, sm, mem, max_sm, power, limit, temp, pstate, mask = values
-    return {"source": "nvidia-smi", "driver": driver, "sm_clock_mhz": num(sm),
-            "mem_clock_mhz": num(mem), "max_sm_clock_mhz": num(max_sm), "power_w": num(power),
-            "power_limit_w": num(limit), "temperature_c": num(temp), "pstate": pstate,
-            "throttle_reasons": throttle_reasons(int(mask, 16)) if mask.startswith("0x") else None}
+    return {
+        "source": "nvidia-smi",
+        "driver": driver,
+        "sm_clock_mhz": num(sm),
+        "mem_clock_mhz": num(mem),
+        "max_sm_clock_mhz": num(max_sm),
+        "power_w": num(power),
+        "power_limit_w": num(limit),
+        "temperature_c": num(temp),
+        "pstate": pstate,
+        "throttle_reasons": throttle_reasons(int(mask, 16)) if mask.startswith("0x") else None,
+    }
 
 
 def gpu_state(device) -> dict | None:
@@ -131,23 +173,33 @@ def environment(device, dtype) -> dict:
     device = torch.device(device)
     dtype = str(dtype).removeprefix("torch.")
     env = {
-        "device": str(device), "device_type": device.type, "dtype": dtype,
+        "device": str(device),
+        "device_type": device.type,
+        "dtype": dtype,
         "device_name": cpu_model(),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "hip": torch.version.hip,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "hip": torch.version.hip,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "python": platform.python_version(), "platform": platform.platform(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
         "looptune": __version__,
-        "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(device_name=props.name, gpu_memory_bytes=props.total_memory,
-                   compute_capability=f"{props.major}.{props.minor}",
-                   multiprocessors=props.multi_processor_count,
-                   gpu_state=gpu_state(device))
+        env.update(
+            device_name=props.name,
+            gpu_memory_bytes=props.total_memory,
+            compute_capability=f"{props.major}.{props.minor}",
+            multiprocessors=props.multi_processor_count,
+            gpu_state=gpu_state(device),
+        )
     return env
 
 

@@ -89,9 +89,13 @@ class CpuWatch:
         others = None
         if busy is not None and busy0 is not None and wall > 0:
             others = max(0.0, (busy[0] - busy0[0] - own) / wall)
-        return {"load_before": self.load_before, "load_after": loadavg(),
-                "cores": usable_cores(), "cpus": busy[1] if busy else None,
-                "other_busy_cores": None if others is None else round(others, 3)}
+        return {
+            "load_before": self.load_before,
+            "load_after": loadavg(),
+            "cores": usable_cores(),
+            "cpus": busy[1] if busy else None,
+            "other_busy_cores": None if others is None else round(others, 3),
+        }
 
 
 def dispersion(runs: list[list[float]]) -> dict:
@@ -103,8 +107,10 @@ def dispersion(runs: list[list[float]]) -> dict:
     p90 = pooled[min(len(pooled) - 1, int(0.9 * len(pooled)))]
     medians = [statistics.median(run) for run in runs if run]
     cv = (statistics.stdev(medians) / statistics.mean(medians)) if len(medians) >= 3 else None
-    return {"tpot_p90_over_p50": round(p90 / p50, 3) if p50 > 0 else None,
-            "run_cv": None if cv is None else round(cv, 4)}
+    return {
+        "tpot_p90_over_p50": round(p90 / p50, 3) if p50 > 0 else None,
+        "run_cv": None if cv is None else round(cv, 4),
+    }
 
 
 def interference(conditions: dict, threads: int, limits: Limits) -> list[str]:
@@ -112,8 +118,9 @@ def interference(conditions: dict, threads: int, limits: Limits) -> list[str]:
     with `threads` busy threads of its own is not to be trusted; [] when none."""
     reasons = []
     cores = conditions.get("cores") or usable_cores()
-    loads = [x for x in (conditions.get("load_before"), conditions.get("load_after"))
-             if x is not None]
+    loads = [
+        x for x in (conditions.get("load_before"), conditions.get("load_after")) if x is not None
+    ]
     if loads and max(loads) > limits.load_per_core * cores:
         reasons.append("load")
     others, cpus = conditions.get("other_busy_cores"), conditions.get("cpus") or cores

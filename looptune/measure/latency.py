@@ -146,16 +146,27 @@ class Measurement:
         return cls(**values)
 
 
-
-def profile_candidates(checkpoints: Sequence[Path | str], loops: Sequence[int] = (1, 2, 3, 4),
-                       modes: Sequence[str] | None = ("plt", "sequential"),
-                       batches: Sequence[int] = (1,), prompt_len: int = 512, gen_len: int = 64,
-                       window: int | None = None, dtype: str = "auto", device: str = "auto",
-                       compile: bool = False, fresh: bool = False,
-                       progress: Callable[[str], None] | None = None, min_repeats: int = 5,
-                       min_time_s: float = 2.0, warmup: int = 1, seed: int = 0,
-                       graphs: bool = False, threads: int | None = None,
-                       limits: Limits | None = None) -> list[Measurement]:
+def profile_candidates(
+    checkpoints: Sequence[Path | str],
+    loops: Sequence[int] = (1, 2, 3, 4),
+    modes: Sequence[str] | None = ("plt", "sequential"),
+    batches: Sequence[int] = (1,),
+    prompt_len: int = 512,
+    gen_len: int = 64,
+    window: int | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    compile: bool = False,
+    fresh: bool = False,
+    progress: Callable[[str], None] | None = None,
+    min_repeats: int = 5,
+    min_time_s: float = 2.0,
+    warmup: int = 1,
+    seed: int = 0,
+    graphs: bool = False,
+    threads: int | None = None,
+    limits: Limits | None = None,
+) -> list[Measurement]:
     """Measure every (checkpoint, batch, mode, loops); one Measurement each, in that order.
 
     `modes=None` runs each checkpoint in the mode it was trained in; `window=None` uses each
@@ -175,8 +186,9 @@ def profile_candidates(checkpoints: Sequence[Path | str], loops: Sequence[int] =
     resolve_dtype(dtype)  # rejects unknown names
     _check_args(loops, modes, batches, prompt_len, gen_len, min_repeats, min_time_s, warmup)
     how = _step_kind(compile, graphs, dev)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
         raise LooptuneError(f"threads must be a positive integer, got {threads!r}")
     limits = limits or Limits.from_env()
     store = ResultCache("profile", validate=check_measurement)
@@ -185,27 +197,53 @@ def profile_candidates(checkpoints: Sequence[Path | str], loops: Sequence[int] =
     for path in map(Path, checkpoints):
         cfg, dtype_name = _read_checkpoint(path, dtype, dev)
         W = window if window is not None else cfg.window
-        for mode in (modes if modes is not None else [cfg.mode]):
+        for mode in modes if modes is not None else [cfg.mode]:
             for R in loops:
                 _check_knobs(cfg, R, mode, W, prompt_len + gen_len, path)
         model_hash = content_hash(path)
         for batch in batches:
-            n, how_chosen = _threads(path, cfg, dtype_name, batch, dev, threads, fresh, limits,
-                                     say)
+            n, how_chosen = _threads(path, cfg, dtype_name, batch, dev, threads, fresh, limits, say)
             if (dtype_name, n) not in envs:
-                envs[dtype_name, n] = {**environment(dev, dtype_name), "threads": n,
-                                       "threads_chosen": how_chosen}
+                envs[dtype_name, n] = {
+                    **environment(dev, dtype_name),
+                    "threads": n,
+                    "threads_chosen": how_chosen,
+                }
             env = envs[dtype_name, n]
-            for mode in (modes if modes is not None else [cfg.mode]):
+            for mode in modes if modes is not None else [cfg.mode]:
                 for R in loops:
-                    m = Measurement(str(path), model_hash, mode, R, batch, W, prompt_len, gen_len,
-                                    dtype_name, str(dev), how == "compile", step=how, threads=n,
-                                    environment=env)
-                    key = {"method": METHOD, "model": model_hash, "mode": mode, "loops": R,
-                           "batch": batch, "window": W, "prompt_len": prompt_len,
-                           "gen_len": gen_len, "step": how, "device": fingerprint(env),
-                           "min_repeats": min_repeats, "min_time_s": min_time_s,
-                           "warmup": warmup, "seed": seed}
+                    m = Measurement(
+                        str(path),
+                        model_hash,
+                        mode,
+                        R,
+                        batch,
+                        W,
+                        prompt_len,
+                        gen_len,
+                        dtype_name,
+                        str(dev),
+                        how == "compile",
+                        step=how,
+                        threads=n,
+                        environment=env,
+                    )
+                    key = {
+                        "method": METHOD,
+                        "model": model_hash,
+                        "mode": mode,
+                        "loops": R,
+                        "batch": batch,
+                        "window": W,
+                        "prompt_len": prompt_len,
+                        "gen_len": gen_len,
+                        "step": how,
+                        "device": fingerprint(env),
+                        "min_repeats": min_repeats,
+                        "min_time_s": min_time_s,
+                        "warmup": warmup,
+                        "seed": seed,
+                    }
                     cands.append(Candidate(m, path, cfg, key))
 
     todo = []
@@ -227,8 +265,10 @@ def _measure(todo: list[Candidate], dev, plan: Plan, store: ResultCache, say):
 
     def done(c: Candidate):
         if c.m.interference:
-            say(f"{c.m.label}: measured under interference ({', '.join(c.m.interference)}); "
-                "not cached")
+            say(
+                f"{c.m.label}: measured under interference ({', '.join(c.m.interference)}); "
+                "not cached"
+            )
         elif c.m.status == "ok" and store.put(c.key, c.m.to_dict()):
             cached.append(c)
 
@@ -238,8 +278,10 @@ def _measure(todo: list[Candidate], dev, plan: Plan, store: ResultCache, say):
         try:
             run_candidates(todo, dev, plan, say, done)
         except KeyboardInterrupt:
-            raise Interrupted(f"{len(cached)} of {len(todo)} candidates were finished and "
-                              "cached; a rerun measures the rest") from None
+            raise Interrupted(
+                f"{len(cached)} of {len(todo)} candidates were finished and "
+                "cached; a rerun measures the rest"
+            ) from None
 
 
 def _lock_name(dev: torch.device) -> str:
@@ -262,11 +304,18 @@ def _threads(path, cfg, dtype_name, batch, dev, threads, fresh, limits, say) -> 
         return threads, "given"
     if usable_cores() == 1:
         return 1, "one usable core"
-    shape = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size",
-                                          "num_hidden_layers", "num_attention_heads",
-                                          "num_key_value_heads", "vocab_size")}
-    machine = {k: v for k, v in fingerprint(environment(dev, dtype_name)).items()
-               if k != "threads"}
+    shape = {
+        k: getattr(cfg, k)
+        for k in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        )
+    }
+    machine = {k: v for k, v in fingerprint(environment(dev, dtype_name)).items() if k != "threads"}
     key = {"v": 1, "shape": shape, "batch": batch, "machine": machine, "cores": usable_cores()}
     cache = ResultCache("threads", validate=_check_threads)
     hit = None if fresh else cache.get(key)
@@ -308,18 +357,25 @@ def check_measurement(d: dict) -> None:
         lo, hi = getattr(m, f"{name}_ci95")
         if not lo <= getattr(m, name) <= hi:
             raise ValueError(f"{name} lies outside its interval")
-    if not (isinstance(m.kv_bytes, int) and m.kv_bytes > 0 and m.repeats >= 1
-            and m.decode_steps == m.repeats * m.gen_len and m.measured_s > 0):
+    if not (
+        isinstance(m.kv_bytes, int)
+        and m.kv_bytes > 0
+        and m.repeats >= 1
+        and m.decode_steps == m.repeats * m.gen_len
+        and m.measured_s > 0
+    ):
         raise ValueError("kv_bytes, repeats or decode_steps impossible")
 
 
 # ----- arguments -----
 
+
 def _check_args(loops, modes, batches, prompt_len, gen_len, min_repeats, min_time_s, warmup):
     def ints(values, name):
         values = list(values)
-        if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < 1
-                             for v in values):
+        if not values or any(
+            not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values
+        ):
             raise LooptuneError(f"{name} must be positive integers, got {values!r}")
 
     ints(loops, "loops")
@@ -351,15 +407,21 @@ def _check_knobs(cfg, loops, mode, window, context, path):
     with torch.device("meta"):
         PLTForCausalLM(cfg).knobs(loops, mode, window)
     if context > cfg.max_position_embeddings:
-        raise LooptuneError(f"{path}: prompt + generated = {context} tokens exceeds the model's "
-                            f"max_position_embeddings ({cfg.max_position_embeddings})")
+        raise LooptuneError(
+            f"{path}: prompt + generated = {context} tokens exceeds the model's "
+            f"max_position_embeddings ({cfg.max_position_embeddings})"
+        )
 
 
 def document(measurements: list[Measurement], settings: dict, env: dict) -> dict:
     """The `--json` document: settings, the environment, one record per candidate."""
-    return {"command": "profile", "settings": settings, "environment": env,
-            "interference": sum(bool(m.interference) for m in measurements),
-            "measurements": [m.to_dict() for m in measurements]}
+    return {
+        "command": "profile",
+        "settings": settings,
+        "environment": env,
+        "interference": sum(bool(m.interference) for m in measurements),
+        "measurements": [m.to_dict() for m in measurements],
+    }
 
 
 def dumps(doc: dict) -> str:

@@ -16,8 +16,13 @@ def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
-def bootstrap_ci(runs: Sequence[Sequence[float]], q: float = 50.0, level: float = 0.95,
-                 n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    runs: Sequence[Sequence[float]],
+    q: float = 50.0,
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
     """Percentile-bootstrap interval for the `q`-th percentile of the pooled samples of `runs`."""
     runs = [np.asarray(r, dtype=float) for r in runs if len(r)]
     if not runs:
@@ -33,8 +38,12 @@ def bootstrap_ci(runs: Sequence[Sequence[float]], q: float = 50.0, level: float 
         picks = rng.integers(0, len(runs), size=(n_boot, len(runs)))
         stats = np.percentile(table[picks].reshape(n_boot, -1), q, axis=1)
     else:
-        stats = np.array([np.percentile(np.concatenate([runs[i] for i in pick]), q)
-                          for pick in rng.integers(0, len(runs), size=(n_boot, len(runs)))])
+        stats = np.array(
+            [
+                np.percentile(np.concatenate([runs[i] for i in pick]), q)
+                for pick in rng.integers(0, len(runs), size=(n_boot, len(runs)))
+            ]
+        )
     tail = (1 - level) / 2 * 100
     return float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail))
 
