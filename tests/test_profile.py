@@ -23,9 +23,15 @@ from looptune.model.plt import PLTForCausalLM
 from looptune.store import ResultCache, cache_root
 
 runner = CliRunner()
-FAST = dict(
-    prompt_len=8, gen_len=4, min_repeats=2, min_time_s=0.0, device="cpu", warmup=0, threads=1
-)
+FAST = {
+    "prompt_len": 8,
+    "gen_len": 4,
+    "min_repeats": 2,
+    "min_time_s": 0.0,
+    "device": "cpu",
+    "warmup": 0,
+    "threads": 1,
+}
 ISSUE_FIELDS = [
     "ttft_ms",
     "tpot_ms_p50",
@@ -311,16 +317,16 @@ def test_measurement_round_trips_through_a_dict(ckpt):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(loops=[0]), "loops"),
-        (dict(modes=["fast"]), "modes"),
-        (dict(batches=[]), "batches"),
-        (dict(window=0), "window"),
-        (dict(prompt_len=600), "max_position_embeddings"),
-        (dict(dtype="float8"), "dtype"),
-        (dict(device="tpu"), "device"),
-        (dict(threads=0), "threads"),
-        (dict(graphs=True), "CUDA device"),
-        (dict(graphs=True, compile=True), "choose one"),
+        ({"loops": [0]}, "loops"),
+        ({"modes": ["fast"]}, "modes"),
+        ({"batches": []}, "batches"),
+        ({"window": 0}, "window"),
+        ({"prompt_len": 600}, "max_position_embeddings"),
+        ({"dtype": "float8"}, "dtype"),
+        ({"device": "tpu"}, "device"),
+        ({"threads": 0}, "threads"),
+        ({"graphs": True}, "CUDA device"),
+        ({"graphs": True, "compile": True}, "choose one"),
     ],
 )
 def test_bad_arguments_are_looptune_errors(ckpt, kwargs, message):
@@ -394,7 +400,7 @@ def test_cli_json_is_one_document_on_stdout(ckpt, tmp_path):
 
 
 def test_cli_shows_a_kv_mismatch_loudly(ckpt, monkeypatch):
-    import looptune.measure.bench as bench
+    from looptune.measure import bench
 
     real = bench.kv_bytes
     monkeypatch.setattr(bench, "kv_bytes", lambda *a, **k: real(*a, **k) + 1)
@@ -458,7 +464,7 @@ def test_cuda_path(ckpt, step):
 
 
 def test_cli_without_a_checkpoint_or_bundled_model_is_a_clear_error(monkeypatch, tmp_path):
-    import looptune.bundled as bundled
+    from looptune import bundled
 
     monkeypatch.setattr(bundled, "MODELS_DIR", tmp_path / "none")
     result = runner.invoke(app, ["profile"])

@@ -237,7 +237,7 @@ def test_an_edited_score_entry_is_scored_again(tmp_path, capsys):
             json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n" for i in range(3)
         )
     )
-    args = dict(loops=[2], sets=[str(texts)], device="cpu", n_boot=50)
+    args = {"loops": [2], "sets": [str(texts)], "device": "cpu", "n_boot": 50}
     (first,) = score_checkpoints([ckpt], **args)
     assert first.value > 0 and not first.cached
     for entry in (cache_root() / "score").glob("*.json"):  # 0 bits per byte: impossible

@@ -22,7 +22,7 @@ _EXPORTS = {
     "summarize": "looptune.measure.stats",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)  # the lazily imported names above
 
 
 def __getattr__(name):

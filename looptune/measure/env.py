@@ -97,7 +97,7 @@ def _state_pynvml(ident: str) -> dict | None:
             }
         finally:
             pynvml.nvmlShutdown()
-    except Exception as e:  # NVML missing, no permission, MIG slice...: record why, go on
+    except Exception as e:  # noqa: BLE001  (NVML missing, no permission, MIG slice: record why)
         return {"source": "pynvml", "error": f"{type(e).__name__}: {e}"}
 
 
@@ -124,6 +124,7 @@ def _state_smi(ident: str) -> dict | None:
                     "-i",
                     ident,
                 ],
+                check=False,  # a failure is read from returncode below
                 capture_output=True,
                 text=True,
                 timeout=10,
