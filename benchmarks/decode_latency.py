@@ -83,6 +83,7 @@ def measure(model, how, batch, context, mode, R, window, gen, min_repeats, min_t
     cache = step = None
     try:
         cache = model.new_cache(batch, context + gen, R, mode, window)
+        cache.filled(context)  # before set-up: graphs are captured for the spans still ahead
         step, row["setup_ms"] = make_decode_step(model, cache, how)
         token = torch.zeros(batch, dtype=torch.long, device=device)
         runs, spent, t0 = [], 0.0, time.perf_counter()
