@@ -196,6 +196,14 @@ def test_the_parents_environment_is_out_of_reach(kind):
     assert secret not in json.dumps(results)  # detail and output: all a score keeps of a check
 
 
+def test_the_parents_files_are_out_of_reach(kind, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("looptune-secret-" + secrets.token_hex(8))
+    program = fn(f"s = open({str(secret)!r}).read()\nprint(s)\nraise ValueError(s)")
+    for r in [check(program, kind)] + ([boundary_alone(program)] if kind == "boundary" else []):
+        assert not r.passed and secret.read_text() not in r.detail + r.output, r
+
+
 def test_the_score_names_its_sandbox_and_its_cache_holds_nothing_of_the_parents(
         kind, tmp_path, monkeypatch):
     from looptune.model.checkpoint import init_checkpoint

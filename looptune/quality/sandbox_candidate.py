@@ -9,8 +9,8 @@ or a subclass of int or str, never reaches the tests; the runner's decoder would
 anyway.
 
 The tripwire (`install_tripwire`) catches what an honest but careless program does: writing
-outside its directory, reading other processes' /proc entries, spawning processes, sockets,
-ctypes. Its state lives only in a closure built before the program runs, out of the program's
+outside its directory, reading anything but its directory and the system's and Python's files,
+spawning processes, sockets, ctypes. Its state lives only in a closure built before the program runs, out of the program's
 reach (no module global, no mutable container), and it resolves paths with C functions bound
 at install time, so patching `os` or `posixpath` does not blind it. Inside the OS boundary it
 is a second layer; without one it is all there is, and a program written to escape it can
@@ -172,6 +172,17 @@ def install_tripwire(root):
         return real.startswith("/proc/") and real[6:7].isdigit() and \
             not real.startswith(proc_self)
 
+    # what it may read: what the boundary shows it (the system's and Python's files), its own
+    # directory and /proc entries, and the harmless devices
+    readable = tuple(sorted({resolve(d) + "/" for d in (
+        "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", sys.prefix,
+        sys.exec_prefix)})) + (root, proc_self)
+    devices = frozenset(f"/dev/{d}/" for d in ("null", "zero", "full", "random", "urandom"))
+
+    def may_read(path):
+        real = resolve(path) + "/"
+        return real.startswith(readable) or real in devices
+
     def hook(event, args):
         if event == "open":
             path, mode, flags = args
@@ -183,8 +194,9 @@ def install_tripwire(root):
                     raise denied(f"sandbox: os.open outside the working directory: {path!r}")
             elif any_(c in mode for c in "wax+") and not inside(path):
                 raise denied(f"sandbox: writing outside the working directory: {path!r}")
-            if other_process(path):
-                raise denied(f"sandbox: reading another process's /proc entry: {path!r}")
+            if not may_read(path):
+                raise denied(f"sandbox: reading outside the working directory and Python's own "
+                             f"files: {path!r}")
         elif event in paths:
             where, fds, descriptor_ok = paths[event]
             if any_(i < len_(args) and args[i] not in (None, -1) for i in fds):  # -1: no dir_fd
