@@ -50,7 +50,6 @@ def study_identity(checkpoints, work, space, device) -> dict:
             ),
             "limit": work.limit,
             "seed": work.seed,
-            "device": str(device),
             "machine": machine,
             "versions": {
                 "looptune": __version__,
