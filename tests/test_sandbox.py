@@ -333,8 +333,15 @@ def test_memory_and_output_are_capped(kind):
     "import multiprocessing\nmultiprocessing.Process(target=print).start()",
     "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
     "import ctypes",
+    # native code it wrote itself (here a copy of one of Python's own extensions)
+    ("import glob, os, shutil, sys, importlib.util as u\n"
+     "so = [p for p in glob.glob(sys.prefix + '/lib/python3*/lib-dynload/*.so')\n"
+     "      if os.path.basename(p).split('.')[0] in ('_bisect', '_json', 'array', 'math')][0]\n"
+     "shutil.copy(so, 'mine.so')\n"
+     "u.module_from_spec(u.spec_from_file_location(os.path.basename(so).split('.')[0],"
+     " 'mine.so'))"),
 ])
-def test_the_tripwire_refuses_spawning_raising_limits_and_ctypes(kind, tmp_path, program):
+def test_the_tripwire_refuses_spawning_raising_limits_and_native_code(kind, tmp_path, program):
     marker = tmp_path / "spawned"
     r = check(fn(program.format(marker=marker)), kind)
     assert not r.passed and "PermissionError" in r.detail, r

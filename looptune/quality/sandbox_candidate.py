@@ -178,6 +178,7 @@ def install_tripwire(root):
         "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", sys.prefix,
         sys.exec_prefix)})) + (root, proc_self)
     devices = frozenset(f"/dev/{d}/" for d in ("null", "zero", "full", "random", "urandom"))
+    system = readable[:-2]  # where native code may be loaded from
 
     def may_read(path):
         real = resolve(path) + "/"
@@ -218,6 +219,9 @@ def install_tripwire(root):
         elif event == "import":
             if args[0] in no_import:
                 raise denied(f"sandbox: importing {args[0]} is not allowed")
+            if len_(args) > 1 and args[1] is not None and \
+                    not (resolve(args[1]) + "/").startswith(system):  # an extension's file
+                raise denied("sandbox: loading native code from outside Python's own files")
         elif event == "object.__setattr__":
             if type_(args[0]) is func:
                 raise denied("sandbox: changing a function's code or defaults is not allowed")
