@@ -17,7 +17,8 @@ measured once (as `plt`; `sequential` runs the same code) and is the base of bot
 With --out, every candidate is appended to `decode_latency.jsonl` as soon as it is measured,
 and `decode_latency.md` (a markdown table of every result in that file, so several runs into
 one folder make one table) is rewritten, so a run cut short keeps what it had.
-A candidate that runs out of memory is recorded as "oom" and the run goes on.
+A candidate that runs out of memory is recorded as "oom" (another failure as "error", with its
+message) and the run goes on.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from looptune.errors import LooptuneError
 from looptune.measure.env import environment
 from looptune.measure.timers import LapTimer, synchronize
 from looptune.model.checkpoint import build_model, resolve_device, resolve_dtype, run_dtype
@@ -97,8 +99,9 @@ def measure(model, how, batch, context, mode, R, window, gen, min_repeats, min_t
             spent = time.perf_counter() - t0
             if len(runs) > 50 * (min_repeats + 1):  # a cap for very fast steps
                 break
-    except torch.OutOfMemoryError as e:
-        row.update(status="oom", error=str(e).splitlines()[0][:200])
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # recorded; the next candidate runs
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
+        row.update(status="oom" if oom else "error", error=str(e).strip()[:300])
         return row
     finally:
         del cache, step
@@ -190,11 +193,20 @@ def main(argv=None):
         p.error(f"--how: unknown {', '.join(bad)} (choose from {', '.join(HOWS)})")
     loops = ints(args.loops)
     pairs = candidates(loops, ints(args.seq_loops) if args.seq_loops else loops)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(run_dtype(args.dtype, device)) or (
-        torch.bfloat16 if args.preset == "loopcoder-v2-7b" else torch.float32
-    )
-    cfg = preset_config(args.preset)
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(run_dtype(args.dtype, device)) or (
+            torch.bfloat16 if args.preset == "loopcoder-v2-7b" else torch.float32
+        )
+        cfg = preset_config(args.preset)
+    except (LooptuneError, ValueError, KeyError) as e:
+        p.error(str(e.args[0] if e.args else e))
+    longest = max(ints(args.context)) + args.gen
+    if longest > cfg.max_position_embeddings:
+        p.error(
+            f"--context + --gen = {longest} exceeds the preset's "
+            f"{cfg.max_position_embeddings} positions"
+        )
     window = args.window or cfg.window
     t0 = time.perf_counter()
     model = build_model(cfg, device, dtype).eval()
