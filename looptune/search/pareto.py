@@ -1,9 +1,12 @@
 """`looptune pareto`: from a model family and budgets to one deployable setting.
 
-`run_pareto(...)` is the Python API. Every measurement goes through `profile`'s and `score`'s
-result caches, so a resumed or repeated study, or a second worker on the same machine, measures
-nothing twice; quality is scored once per (member, window, dtype) for every loop count of the
-space in one pass, and knobs that change only speed (compile) never re-score it.
+`run_pareto(...)` is the Python API: it returns a `ParetoResult` (plain dataclasses, the
+deployable `Profile` in it) and writes nothing unless given a path. Every measurement goes
+through `profile`'s and `score`'s result caches, so a resumed or repeated study, or a second
+worker on the same machine, measures nothing twice; quality is scored once per (member, window,
+dtype) for every loop count of the space in one pass, and knobs that change only speed (compile)
+never re-score it. What identifies a study is in `search/identity.py`; Optuna stays in
+`search/study.py`.
 """
 
 from __future__ import annotations

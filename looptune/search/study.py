@@ -238,14 +238,16 @@ def _knobs(params: dict) -> Knobs | None:
 def _read(study) -> _State:
     s = _State({}, set(), {}, {}, {})
     for t in study.get_trials(deepcopy=False):
+        # A queued setting's knobs are its fixed params until the trial suggests them (a trial
+        # interrupted before it did has only those).
+        params = {**t.system_attrs.get("fixed_params", {}), **t.params}
         if t.state in (TrialState.WAITING, TrialState.RUNNING):
-            params = t.params or t.system_attrs.get("fixed_params", {})
             key = _knobs(params) or tuple(sorted(params.items()))
             if t.state == TrialState.WAITING:
                 s.queued.add(key)
             else:
                 s.running[key] = t
-        elif (k := _knobs(t.params)) is None:
+        elif (k := _knobs(params)) is None:
             continue
         elif t.state == TrialState.FAIL:
             reason = t.user_attrs.get("failure", "its worker stopped (no heartbeat)")
