@@ -24,6 +24,7 @@ message) and the run goes on.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -38,6 +39,7 @@ from looptune.measure.timers import LapTimer, synchronize
 from looptune.model.checkpoint import build_model, resolve_device, resolve_dtype, run_dtype
 from looptune.model.config import preset_config
 from looptune.model.step import HOWS, make_decode_step
+from looptune.store import atomic_write_text
 
 
 def say(line: str) -> None:
@@ -70,8 +72,9 @@ def copy_bandwidth(device, nbytes=1 << 30) -> float | None:
     return 2 * nbytes / (statistics.median(laps.ms) / 1e3) / 1e9
 
 
-def measure(model, how, batch, context, mode, R, window, gen, min_repeats, min_time_s):
-    """One candidate -> a result dict (status "ok" or "oom")."""
+def measure(model, how, batch, context, mode, R, window, args):
+    """One candidate -> a result dict (status "ok", "oom" or "error")."""
+    gen, min_repeats, min_time_s = args.gen, args.min_repeats, args.min_time
     device = model.model.embed_tokens.weight.device
     row = {
         "how": how,
@@ -164,6 +167,14 @@ def table(rows, weight_bytes=None, copy_gbs=None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def keep(out: Path, row: dict, weight_bytes, copy_gbs):
+    """Append one result to the JSONL and rewrite the table of every result in the folder."""
+    with open(out / "decode_latency.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in (out / "decode_latency.jsonl").read_text().splitlines()]
+    atomic_write_text(out / "decode_latency.md", table(rows, weight_bytes, copy_gbs))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small", help="model shape (looptune.model.PRESETS)")
@@ -230,43 +241,26 @@ def main(argv=None):
     }
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "decode_latency_env.json").write_text(json.dumps(head, indent=2, default=str))
+        atomic_write_text(
+            args.out / "decode_latency_env.json", json.dumps(head, indent=2, default=str)
+        )
     rows = []
-    for how in hows:
-        for context in ints(args.context):
-            for batch in ints(args.batch):
-                for mode, R in pairs:
-                    row = measure(
-                        model,
-                        how,
-                        batch,
-                        context,
-                        mode,
-                        R,
-                        window,
-                        args.gen,
-                        args.min_repeats,
-                        args.min_time,
-                    )
-                    rows.append(row)
-                    say(
-                        f"{how} batch {batch} context {context} {mode} R={R}: "
-                        + (
-                            f"{row['tpot_ms_p50']:.3f} ms/step, setup {row['setup_ms']:.0f} ms"
-                            if row["status"] == "ok"
-                            else row["status"]
-                        )
-                    )
-                    if args.out:  # the table covers every run into this folder
-                        with open(args.out / "decode_latency.jsonl", "a") as f:
-                            f.write(json.dumps(row) + "\n")
-                        kept = [
-                            json.loads(line)
-                            for line in (args.out / "decode_latency.jsonl").read_text().splitlines()
-                        ]
-                        (args.out / "decode_latency.md").write_text(
-                            table(kept, weight_bytes, copy_gbs)
-                        )
+    try:
+        for how, context, batch, (mode, R) in itertools.product(
+            hows, ints(args.context), ints(args.batch), pairs
+        ):
+            row = measure(model, how, batch, context, mode, R, window, args)
+            rows.append(row)
+            what = row["status"]
+            if what == "ok":
+                what = f"{row['tpot_ms_p50']:.3f} ms/step, setup {row['setup_ms']:.0f} ms"
+            say(f"{how} batch {batch} context {context} {mode} R={R}: {what}")
+            if args.out:
+                keep(args.out, row, weight_bytes, copy_gbs)
+    except KeyboardInterrupt:
+        kept = f", kept in {args.out}" if args.out else ""
+        say(f"interrupted: {len(rows)} candidate(s) measured{kept}")
+        sys.exit(130)
     if args.json:
         print(json.dumps({**head, "results": rows}, indent=2, default=str))
         return

@@ -26,7 +26,7 @@ stage() {  # stage NAME SECONDS command...: run under a timeout, log how it ende
     local name=$1 limit=$2
     shift 2
     log "$name: start (limit ${limit}s)"
-    timeout --kill-after=10 "$limit" "$@"
+    timeout -s INT --kill-after=15 "$limit" "$@"  # INT: the benchmark keeps what it has
     local rc=$?
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
         log "$name: stopped at its ${limit}s limit (results so far kept)"
