@@ -241,3 +241,24 @@ def test_fused_projections_keep_weights_and_decode_equal_to_forward():
     assert attn.q_proj.weight.data_ptr() == attn.wqkv.data_ptr()
     with torch.no_grad():
         torch.testing.assert_close(model(ids, loops=3).float(), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("gate", ["hidden", "query"])
+def test_state_dict_names_are_the_checkpoint_names(gate):
+    """The checkpoint loader maps tensor spellings onto exactly these names; fusing adds none."""
+    model = tiny_model(gate).fuse()
+    keys = set(model.state_dict())
+    p = "model.layers.1."
+    expected = {p + f"self_attn.{x}_proj.weight" for x in "qkvo"}
+    expected |= {p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")}
+    expected |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+    expected |= {"model.embed_tokens.weight", "model.norm.weight"}
+    if gate == "hidden":
+        expected |= {p + f"self_attn.plt_gate.{x}" for x in ("weight", "bias")}
+        expected.add(p + "self_attn.plt_gate.gate_norm.weight")
+    else:
+        expected |= {p + f"self_attn.gate_projection.{x}" for x in ("weight", "bias")}
+    assert expected <= keys
+    assert not [k for k in keys if "wqkv" in k or "w_gate_up" in k]
+    per_layer = len([k for k in keys if k.startswith("model.layers.0.")])
+    assert len(keys) == 2 + 2 * per_layer  # embeddings, final norm (the head is tied)
