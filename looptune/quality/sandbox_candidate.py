@@ -76,20 +76,26 @@ def set_limits(lim):
 def install_tripwire(root):
     """An audit hook (it cannot be removed) refusing, with PermissionError, what a program that
     only computes never needs. `root`: the one directory it may change."""
+    import _imp
     import _signal
     import posix
-    import signal
     import stat
     import types
 
-    # Killing or leaving the parent's process group raises no audit event: take the functions
-    # away (a determined program can build a fresh module; only the OS boundary stops that).
+    no_import = frozenset(("ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters",
+                           "_testcapi", "_testinternalcapi", "_ssl", "_socket", "mmap"))
+    # Killing the parent or leaving the process group raises no audit event: take the functions
+    # away (`signal` copies `_signal` when imported), and with them the means of building fresh
+    # built-in modules that would have them again, once every other built-in is loaded.
     for module, names in ((os, ("pidfd_open", "setsid", "setpgid", "setpgrp", "killpg")),
                           (posix, ("pidfd_open", "setsid", "setpgid", "setpgrp", "killpg")),
-                          (signal, ("pidfd_send_signal", "pthread_kill")),
                           (_signal, ("pidfd_send_signal", "pthread_kill"))):
         for name in names:
             module.__dict__.pop(name, None)
+    for name in sys.builtin_module_names:
+        if name not in sys.modules and name not in no_import:
+            __import__(name)
+    _imp.__dict__.pop("create_builtin", None)
 
     root = posix.getcwd() if root is None else root
     root = root.rstrip("/") + "/"
@@ -99,8 +105,6 @@ def install_tripwire(root):
             "ctypes.", "resource.setrlimit", "resource.prlimit", "gc.get_", "sys.setprofile",
             "sys.settrace", "signal.pthread_kill", "webbrowser.", "urllib.", "http.",
             "ftplib.", "smtplib.", "poplib.", "imaplib.", "nntplib.", "telnetlib.")
-    no_import = frozenset(("ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters",
-                           "_testcapi", "_testinternalcapi", "_ssl", "_socket", "mmap"))
     # event -> (positions of path arguments, positions of dir_fd arguments, descriptor allowed)
     paths = {"os.remove": ((0,), (1,), False), "os.rmdir": ((0,), (1,), False),
              "os.mkdir": ((0,), (2,), False), "os.rename": ((0, 1), (2, 3), False),
@@ -217,7 +221,7 @@ def install_tripwire(root):
                     other_process(args[0]):
                 raise denied("sandbox: listing another process's /proc entry")
         elif event == "import":
-            if args[0] in no_import:
+            if type_(args[0]) is str_ and args[0].rpartition(".")[2] in no_import:
                 raise denied(f"sandbox: importing {args[0]} is not allowed")
             if len_(args) > 1 and args[1] is not None and \
                     not (resolve(args[1]) + "/").startswith(system):  # an extension's file
