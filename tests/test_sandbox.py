@@ -362,8 +362,12 @@ def test_the_tripwire_refuses_spawning_raising_limits_and_native_code(kind, tmp_
 def test_the_kind_is_chosen_by_argument_or_environment(monkeypatch, capsys):
     monkeypatch.setenv("LOOPTUNE_SANDBOX", "tripwire")
     assert sandbox_kind() == "tripwire"
-    with pytest.raises(LooptuneError, match="sandbox must be one of"):
+    with pytest.raises(LooptuneError, match="^sandbox must be one of"):
         sandbox_kind("chroot")
+    monkeypatch.setenv("LOOPTUNE_SANDBOX", "chroot")
+    with pytest.raises(LooptuneError, match="^LOOPTUNE_SANDBOX must be one of"):
+        sandbox_kind()
+    monkeypatch.delenv("LOOPTUNE_SANDBOX")
     monkeypatch.setenv("PATH", "/nonexistent")  # no bwrap: auto falls back, once, loudly
     sandbox._boundary_unavailable.cache_clear()
     sandbox._warn_tripwire.cache_clear()

@@ -90,9 +90,10 @@ class SandboxResult:
 def sandbox_kind(requested: str | None = None) -> str:
     """"boundary" or "tripwire": `requested`, else $LOOPTUNE_SANDBOX, else "auto" (the boundary
     where it works here, else the tripwire, with a warning once)."""
+    name = "sandbox" if requested else ENV_VAR
     requested = requested or os.environ.get(ENV_VAR) or "auto"
     if requested not in KINDS:
-        raise LooptuneError(f"sandbox must be one of {', '.join(KINDS)}, got {requested!r}")
+        raise LooptuneError(f"{name} must be one of {', '.join(KINDS)}, got {requested!r}")
     if requested == "tripwire":
         return "tripwire"
     why = _boundary_unavailable()

@@ -159,6 +159,10 @@ def score_checkpoints(
             "the humaneval set runs model-generated code; pass --execute to "
             "allow it (each program runs in a limited, isolated subprocess)"
         )
+    if "humaneval" in sets:
+        from looptune.quality.sandbox import sandbox_kind
+
+        sandbox_kind()  # a bad $LOOPTUNE_SANDBOX fails, and a fallback is announced, before work
     if not loops or any(not isinstance(r, int) or r < 1 for r in loops):
         raise LooptuneError(f"loops must be positive integers, got {list(loops)!r}")
     vsets = [load_set(s, limit, seed) for s in sets]  # every set is checked before any scoring
