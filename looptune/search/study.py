@@ -24,6 +24,7 @@ dataclasses, and `on_trial` receives a `TrialReport` per finished trial.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -285,39 +286,104 @@ def run_study(
     storage = open_storage(storage_url)
     with _quiet_optuna():
         study = open_study(storage, name, space, trials, seed, identity, fresh)
-        _run(
-            study,
-            space,
-            evaluate,
-            min(trials, space.size),
-            on_trial,
-            heartbeat=isinstance(storage, RDBStorage),
-        )
+        heartbeat = isinstance(storage, RDBStorage)
+        _Worker(study, space, evaluate, min(trials, space.size), on_trial, heartbeat).run()
         return collect(study)
 
 
-def _run(study, space, evaluate, target, on_trial, heartbeat: bool):
-    grid = space.grid()
-    last: list[TrialReport] = []
-    run = uuid.uuid4().hex  # this call's trials; flagged measurements are redone once per run
-    unplanned = target == space.size and study.user_attrs.get("planned") != "grid"
+class _Worker:
+    """One process's share of a study: plan what is missing, measure one trial at a time."""
 
-    def objective(trial: optuna.Trial):
-        knobs = Knobs(**{k: trial.suggest_categorical(k, v) for k, v in grid.items()})
+    def __init__(self, study, space, evaluate, target, on_trial, heartbeat: bool):
+        self.study, self.space, self.evaluate = study, space, evaluate
+        self.target, self.on_trial, self.heartbeat = target, on_trial, heartbeat
+        self.run_id = uuid.uuid4().hex  # this call's trials: flagged ones are redone once a run
+        # A study made to be sampled that is now to cover its grid (a larger `trials`).
+        self.unplanned = target == space.size and study.user_attrs.get("planned") != "grid"
+        self.report: TrialReport | None = None
+
+    def run(self):
+        attempts = 10 * self.target + 50  # bounds a sampler that keeps repeating itself
+        while attempts > 0 and (state := self._plan()) is not None:
+            planned = len(state.done) + len(state.running) + len(state.queued)
+            if not state.queued and (planned >= self.target or self.target == self.space.size):
+                if not state.running:
+                    return  # nothing left to try: the rest gave up (reported by collect)
+                time.sleep(POLL_S)  # other workers are measuring the last settings
+                continue
+            attempts -= 1
+            self._one_trial()
+
+    def _plan(self) -> _State | None:
+        """Queue the retries of failed settings and the re-measurements of flagged ones; None
+        when the study is complete."""
+        study = self.study
+        if self.heartbeat:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        state = _read(study)
+        if not self.heartbeat and state.running:  # memory: a running trial is an abandoned one
+            for t in state.running.values():
+                study._storage.set_trial_user_attr(t._trial_id, "failure", "interrupted")
+                study.tell(t.number, state=TrialState.FAIL)
+            state = _read(study)
+        busy = state.queued | set(state.running)
+        for knobs in self.space.settings() if self.unplanned else list(state.failures):
+            tried = len(state.failures.get(knobs, []))
+            if knobs not in state.done and knobs not in busy and tried < MAX_ATTEMPTS:
+                study.enqueue_trial(vars(knobs).copy(), user_attrs={"attempt": tried + 1})
+                state.queued.add(knobs)
+        redo = {
+            k
+            for k, ts in state.flagged.items()
+            if _flagged(state.done[k])
+            and len(ts) < MAX_ATTEMPTS
+            and all(t.user_attrs.get("run") != self.run_id for t in ts)
+        }
+        for knobs in redo - busy - state.queued:
+            study.enqueue_trial(
+                vars(knobs).copy(), user_attrs={"remeasure": True, "run": self.run_id}
+            )
+            state.queued.add(knobs)
+        if len(state.done) >= self.target and not redo & (state.queued | set(state.running)):
+            return None
+        return state
+
+    def _one_trial(self):
+        self.report = None
+        try:
+            self.study.optimize(self._objective, n_trials=1, catch=())
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as e:
+            # Two workers popped one queued trial (SQLite cannot lock the row) and the other
+            # finished it first: its result stands, and this worker goes on.
+            if isinstance(e, ValueError) and not str(e).startswith("Cannot tell a"):
+                raise
+            return
+        if self.on_trial and self.report:
+            measured = len(_read(self.study).done)
+            self.on_trial(dataclasses.replace(self.report, measured=measured))
+
+    def _objective(self, trial: optuna.Trial):
+        knobs = Knobs(**{k: trial.suggest_categorical(k, v) for k, v in self.space.grid().items()})
         trial.set_user_attr("worker", WORKER)
-        trial.set_user_attr("run", run)
-        if knobs in _read(study).done and not trial.user_attrs.get("remeasure"):
+        trial.set_user_attr("run", self.run_id)
+
+        def report(state, detail=""):
+            self.report = TrialReport(trial.number, knobs, state, detail, 0, self.target)
+
+        if knobs in _read(self.study).done and not trial.user_attrs.get("remeasure"):
             # A sampler may propose a setting twice; a repeat costs nothing and is not counted.
             trial.set_user_attr("repeat", True)
-            last.append(TrialReport(trial.number, knobs, "repeat", "", 0, target))
+            report("repeat")
             raise optuna.TrialPruned("repeat of a measured setting")
         try:
-            outcome = evaluate(knobs)
+            outcome = self.evaluate(knobs)
         except Infeasible as e:
             trial.set_user_attr("infeasible", str(e))
-            last.append(TrialReport(trial.number, knobs, "infeasible", str(e), 0, target))
+            report("infeasible", str(e))
             raise optuna.TrialPruned(str(e)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM (the CLI turns it into one line, 130)
             trial.set_user_attr("failure", "interrupted")
             raise
         except BaseException as e:
@@ -325,84 +391,8 @@ def _run(study, space, evaluate, target, on_trial, heartbeat: bool):
             raise
         outcome.trial = trial.number
         trial.set_user_attr("outcome", outcome.to_dict())
-        last.append(
-            TrialReport(
-                trial.number,
-                knobs,
-                "measured",
-                f"quality {outcome.quality:.4f}, {outcome.latency_ms:.3f} ms",
-                0,
-                target,
-            )
-        )
+        report("measured", f"quality {outcome.quality:.4f}, {outcome.latency_ms:.3f} ms")
         return outcome.values
-
-    idle = 0
-    while True:
-        if heartbeat:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
-        state = _read(study)
-        if not heartbeat:  # memory: no other worker, so a running trial is one we abandoned
-            for t in state.running.values():
-                study._storage.set_trial_user_attr(t._trial_id, "failure", "interrupted")
-                study.tell(t.number, state=TrialState.FAIL)
-            state = _read(study) if state.running else state
-        # Retry what failed, within the cap; plan what was never tried when a study made to be
-        # sampled is now to cover the whole grid (a larger `trials`).
-        settings = space.settings() if unplanned else state.failures
-        for knobs in settings:
-            reasons = state.failures.get(knobs, [])
-            if (
-                knobs not in state.done
-                and knobs not in state.queued
-                and knobs not in state.running
-                and len(reasons) < MAX_ATTEMPTS
-            ):
-                study.enqueue_trial(vars(knobs).copy(), user_attrs={"attempt": len(reasons) + 1})
-                state.queued.add(knobs)
-        # Measure again what was measured under interference by an earlier run, within the cap.
-        redo = {
-            k
-            for k, ts in state.flagged.items()
-            if _flagged(state.done[k])
-            and len(ts) < MAX_ATTEMPTS
-            and all(t.user_attrs.get("run") != run for t in ts)
-        }
-        for knobs in redo - state.queued - set(state.running):
-            study.enqueue_trial(vars(knobs).copy(), user_attrs={"remeasure": True, "run": run})
-            state.queued.add(knobs)
-        if len(state.done) >= target and not redo & (state.queued | set(state.running)):
-            return
-        planned = len(state.done) + len(state.running) + len(state.queued)
-        if not state.queued and (planned >= target or target == space.size):
-            if not state.running:
-                return  # nothing left to try: the rest gave up (reported by collect)
-            time.sleep(POLL_S)  # other workers are measuring the last settings
-            continue
-        idle += 1
-        if idle > 10 * target + 50:  # a sampler that keeps proposing measured settings
-            return
-        try:
-            study.optimize(objective, n_trials=1, catch=())
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as e:
-            # Two workers popped one queued trial (SQLite cannot lock the row) and the other
-            # finished it first: its result stands, and this worker goes on.
-            if not isinstance(e, optuna.exceptions.UpdateFinishedTrialError) and not str(
-                e
-            ).startswith("Cannot tell a"):
-                raise
-            last.clear()
-            continue
-        if on_trial and last:
-            report = last.pop()
-            measured = len(_read(study).done)
-            on_trial(
-                TrialReport(
-                    report.number, report.knobs, report.state, report.detail, measured, target
-                )
-            )
 
 
 def collect(study) -> StudyRecord:
