@@ -380,6 +380,14 @@ def test_the_kind_is_chosen_by_argument_or_environment(monkeypatch, capsys):
         sandbox._boundary_unavailable.cache_clear()
 
 
+def test_a_test_runner_that_cannot_start_is_an_error_not_a_failed_check(monkeypatch):
+    source = sandbox._source
+    monkeypatch.setattr(sandbox, "_source",
+                        lambda part: "raise SystemExit(3)" if part == "runner" else source(part))
+    with pytest.raises(LooptuneError, match="test runner exited at its start"):
+        check(fn(""), "tripwire")
+
+
 # --- HumanEval ---------------------------------------------------------------------------------
 
 def test_stop_sequences():

@@ -171,6 +171,10 @@ class Sandbox:
                     argv, stdin=to_read, stdout=from_write, stderr=out, cwd=work or "/",
                     env={**_SCRUBBED_ENV, "HOME": work or "/sandbox", "TMPDIR": work or "/sandbox"},
                     start_new_session=True)  # no terminal to inject keystrokes into
+            except BaseException:
+                os.close(to_write)
+                os.close(from_read)
+                raise
             finally:
                 os.close(to_read)
                 os.close(from_write)
@@ -181,6 +185,9 @@ class Sandbox:
             except (ProcessLookupError, PermissionError):
                 pass
             candidate_rc = candidate.wait()
+            if runner.broken is not None:
+                raise LooptuneError(f"the sandbox's test runner exited at its start (status "
+                                    f"{runner.broken}); run it with python -I -S to see why")
             seconds = time.perf_counter() - start
             out_bytes = out.seek(0, os.SEEK_END)
             output = _tail(out) + _tail(log)
@@ -218,6 +225,7 @@ class _Runner:
                 stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), cwd="/",
                 env=_SCRUBBED_ENV, start_new_session=True)
         self.alive, self.verdicts = True, 0
+        self.broken: int | None = None  # its exit status, when it failed before any verdict
 
     def run(self, nonce: str, job: dict, log, to_candidate: int, from_candidate: int,
             timeout_s: float):
@@ -248,9 +256,6 @@ class _Runner:
             said = ""
         if not said.startswith(nonce + " "):
             self.kill()
-            if self.proc.returncode > 0 and not self.verdicts:  # not killed: it never ran
-                raise LooptuneError(f"the sandbox's test runner exited at its start (status "
-                                    f"{self.proc.returncode}); run it with python -I -S to see why")
             return None
         self.verdicts += 1
         return said[len(nonce) + 1:]
@@ -261,6 +266,8 @@ class _Runner:
         except (ProcessLookupError, PermissionError):
             pass
         self.close()
+        if self.proc.returncode > 0 and not self.verdicts:  # not killed: it never ran
+            self.broken = self.proc.returncode
 
     def close(self) -> None:
         self.alive = False
