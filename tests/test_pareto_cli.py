@@ -212,6 +212,7 @@ def test_nothing_fits_exits_3(family, tmp_path):
         (["--budget-ms", "10", "--loops", "0"], "--loops values must be integers >= 1"),
         (["--budget-ms", "10", "--metric", "p42"], "--metric must be from tpot-p50, tpot-p90"),
         (["--budget-ms", "10", "--storage", "nosuchdb://x"], "cannot open study storage"),
+        (["--budget-ms", "10", "--set", "humaneval"], "use --set humaneval-nll"),
     ],
 )
 def test_bad_arguments_are_one_line_before_any_work(family, tmp_path, monkeypatch, args, message):

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from looptune.cli.app import app, console, emit_json, parse_choice_list, parse_int_list
+from looptune.errors import LooptuneError
 
 BUDGET_FLAGS = {
     "latency_ms": "--budget-ms",
@@ -128,6 +129,11 @@ def pareto(
     )
     window_list = parse_int_list(windows, "--windows") if windows else None
     loop_list = parse_int_list(loops, "--loops")
+    if quality_set == "humaneval":
+        raise LooptuneError(
+            "--set humaneval (pass@1, higher is better) cannot be a study "
+            "objective; use --set humaneval-nll"
+        )
     budgets = Budgets(budget_ms, budget_kv_mib, budget_ttft_ms)
     work = Workload(
         batch=batch,
@@ -193,7 +199,7 @@ def _progress():
         TextColumn("{task.description}"),
     )
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("starting", total=None)
+        task = bar.add_task("measuring the first setting", total=None)
 
         def update(r):
             bar.update(
