@@ -114,9 +114,8 @@ class Evaluator:
             seed=self.work.seed,
             fresh=self.fresh,
         )
-        if m.status in ("partial", "not-measured"):
-            # The profiler keeps what it had on Ctrl-C; a study must not record it as a result.
-            raise KeyboardInterrupt
+        if m.status not in ("ok", "infeasible"):  # Ctrl-C raises; never record a partial run
+            raise LooptuneError(f"{m.label}: {m.status} ({m.error or 'no reason given'})")
         self.measured["latency"] += not m.cached
         return m
 
