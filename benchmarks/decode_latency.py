@@ -102,6 +102,9 @@ def measure(model, how, batch, context, mode, R, window, args):
             spent = time.perf_counter() - t0
             if len(runs) > 50 * (min_repeats + 1):  # a cap for very fast steps
                 break
+        if args.kernels and args.out:
+            cache.filled(context)
+            row["kernels"] = kernel_table(step, token, gen, device)
     except (torch.OutOfMemoryError, RuntimeError) as e:  # recorded; the next candidate runs
         oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
         row.update(status="oom" if oom else "error", error=str(e).strip()[:300])
@@ -121,6 +124,19 @@ def measure(model, how, batch, context, mode, R, window, args):
         warmup_ms=sum(runs[0]),
     )
     return row
+
+
+def kernel_table(step, token, n, device) -> str:
+    """torch.profiler's table of the ops and kernels of `n` more steps, by time on the device."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(n):
+            token = step(token).argmax(-1)
+        synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=15)
 
 
 def table(rows, weight_bytes=None, copy_gbs=None) -> str:
@@ -169,6 +185,13 @@ def table(rows, weight_bytes=None, copy_gbs=None) -> str:
 
 def keep(out: Path, row: dict, weight_bytes, copy_gbs):
     """Append one result to the JSONL and rewrite the table of every result in the folder."""
+    kernels = row.pop("kernels", None)
+    if kernels:
+        with open(out / "decode_latency_kernels.txt", "a") as f:
+            f.write(
+                f"== {row['how']} batch {row['batch']} context {row['context']} "
+                f"{row['mode']} R={row['loops']}\n{kernels}\n"
+            )
     with open(out / "decode_latency.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     rows = [json.loads(line) for line in (out / "decode_latency.jsonl").read_text().splitlines()]
@@ -194,6 +217,12 @@ def main(argv=None):
     p.add_argument("--min-repeats", type=int, default=5)
     p.add_argument("--min-time", type=float, default=2.0, help="measured seconds per candidate")
     p.add_argument("--out", type=Path, default=None, help="folder for the JSONL and markdown")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="with --out: also profile --gen "
+        "steps per candidate into decode_latency_kernels.txt (torch.profiler)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as one JSON document")
     args = p.parse_args(argv)
     if args.threads:
@@ -212,6 +241,8 @@ def main(argv=None):
         cfg = preset_config(args.preset)
     except (LooptuneError, ValueError, KeyError) as e:
         p.error(str(e.args[0] if e.args else e))
+    if "graphs" in hows and device.type != "cuda":
+        p.error(f"--how graphs needs a CUDA device, not {device.type}")
     longest = max(ints(args.context)) + args.gen
     if longest > cfg.max_position_embeddings:
         p.error(

@@ -12,9 +12,9 @@
 #     OUT=/some/folder bash benchmarks/gpu_check.sh        # default OUT: ./gpu_check_out
 #
 # On a machine without a GPU it runs the same stages on the tiny preset (PRESET=tiny, the
-# default there), to check the script end to end. Files under $OUT (six, flat):
-#   gpu_check.log, nvidia_smi.txt, pytest_gpu.log,
-#   decode_latency.jsonl, decode_latency.md, decode_latency_env.json
+# default there), to check the script end to end. Files under $OUT (seven, flat):
+#   gpu_check.log, nvidia_smi.txt, pytest_gpu.log, decode_latency.jsonl, decode_latency.md,
+#   decode_latency_env.json, decode_latency_kernels.txt (torch.profiler tables)
 set -u
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
@@ -68,7 +68,7 @@ else
 fi
 
 # 3. The GPU tests (skipped where there is no GPU).
-stage "pytest -m gpu" 100 $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
+stage "pytest -m gpu" 90 $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
     2>&1 | tee "$OUT/pytest_gpu.log" | tail -5
 
 # 4. Decode latency, into one JSONL and one markdown table. Contexts run in the order given, so
@@ -82,15 +82,21 @@ else  # the tiny preset holds 512 positions; one CPU thread
     BATCHES=1,8 CONTEXTS=64,256
 fi
 QUICK="--gen 16 --min-repeats 2 --min-time 0.2"
-stage "eager" 100 $BENCH --how eager --batch $BATCHES --context $CONTEXTS \
+# Where PLT's extra time goes: torch.profiler tables at batch 1, the shortest context (first, so
+# the full runs below overwrite these candidates' table cells with their own measurements).
+FAST=eager
+[ "$GPU" = 1 ] && FAST=eager,graphs
+stage "kernels" 45 $BENCH --how $FAST --batch 1 --context ${CONTEXTS%%,*} \
+    --loops 1,2 --seq-loops 2 --gen 8 --min-repeats 1 --min-time 0 --kernels
+stage "eager" 90 $BENCH --how eager --batch $BATCHES --context $CONTEXTS \
     --loops 1,2,3,4 --seq-loops 2,4 $QUICK
 if [ "$GPU" = 1 ]; then
-    stage "graphs" 110 $BENCH --how graphs --batch $BATCHES --context $CONTEXTS \
+    stage "graphs" 100 $BENCH --how graphs --batch $BATCHES --context $CONTEXTS \
         --loops 1,2,3,4 --seq-loops 2,4 $QUICK
 else
     log "graphs: needs CUDA, skipped"
 fi
-stage "compile" 150 $BENCH --how compile --batch 1 --context $CONTEXTS \
+stage "compile" 130 $BENCH --how compile --batch 1 --context $CONTEXTS \
     --loops 1,2 --seq-loops 2 $QUICK
 
 # 5. The GPU's state after the runs, and the table.
