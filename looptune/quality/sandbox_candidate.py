@@ -81,6 +81,7 @@ def install_tripwire(root):
     import posix
     import stat
     import types
+    import warnings
 
     no_import = frozenset(("ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters",
                            "_testcapi", "_testinternalcapi", "_ssl", "_socket", "mmap"))
@@ -92,9 +93,11 @@ def install_tripwire(root):
                           (_signal, ("pidfd_send_signal", "pthread_kill"))):
         for name in names:
             module.__dict__.pop(name, None)
-    for name in sys.builtin_module_names:
-        if name not in sys.modules and name not in no_import:
-            __import__(name)
+    with warnings.catch_warnings():  # some built-ins are deprecated (spwd on Debian's Python)
+        warnings.simplefilter("ignore")
+        for name in sys.builtin_module_names:
+            if name not in sys.modules and name not in no_import:
+                __import__(name)
     _imp.__dict__.pop("create_builtin", None)
 
     root = posix.getcwd() if root is None else root
