@@ -9,6 +9,9 @@ state dict maps 1:1 onto `config.json` checkpoints.
 - `plt` and `plt-noshift`: loops r >= 2 attend with G-SWA, `g * Attn(q, K_1, V_1, causal) +
   (1 - g) * Attn(q, K_r, V_r, last W keys)`, so only loop 1 needs a full-length cache.
 - `sequential`: every loop is a plain causal pass with its own full cache (the baseline).
+- Decode: `decode_step` (eager) and `decode_static` (fixed shapes, no host reads: what CUDA
+  graphs and `torch.compile` take; `looptune.model.step` runs either); `fuse()` merges the
+  q/k/v and gate/up projections into one matmul each.
 """
 
 from __future__ import annotations
