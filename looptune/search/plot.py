@@ -66,13 +66,14 @@ def front_figure(
     fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
     fits = [o for o in outcomes if budgets.fits(o)]
     over = [o for o in outcomes if not budgets.fits(o)]
-    ax.scatter(
-        [o.latency_ms for o in fits],
-        [o.quality for o in fits],
-        s=16,
-        color="0.6",
-        label="within budgets",
-    )
+    if fits:
+        ax.scatter(
+            [o.latency_ms for o in fits],
+            [o.quality for o in fits],
+            s=16,
+            color="0.6",
+            label="within budgets",
+        )
     if over:
         ax.scatter(
             [o.latency_ms for o in over],
