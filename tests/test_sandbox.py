@@ -119,6 +119,11 @@ def test_plain_data_crosses_exactly(kind):
     ("import builtins\nbuiltins.any = lambda *a: False\nbuiltins.type = lambda *a: str\n"
      "builtins.PermissionError = OSError\nbuiltins.len = lambda *a: 0"),
     "import gc\n[o for o in gc.get_objects() if callable(o)]",
+    # a path whose own methods lie about where it leads
+    ("import builtins, os\nclass P(str):\n    def split(self, *a):\n"
+     "        return (os.getcwd() + '/x').split('/')\n"
+     "    def startswith(self, *a):\n        return True\n"
+     "builtins.open = (lambda o: lambda p, m: o(P(p), m))(builtins.open)"),
     "import sys\nsys.settrace(lambda *a: None)",
 ])
 def test_the_guards_state_cannot_be_changed(kind, tmp_path, tamper):

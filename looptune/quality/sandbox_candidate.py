@@ -8,13 +8,14 @@ not plain data (`encode`) is answered as an error, so an object whose `__eq__` i
 or a subclass of int or str, never reaches the tests; the runner's decoder would refuse one
 anyway.
 
-The tripwire (`install_tripwire`) catches what an honest but careless program does: writing
-outside its directory, reading anything but its directory and the system's and Python's files,
-spawning processes, sockets, ctypes. Its state lives only in a closure built before the program runs, out of the program's
-reach (no module global, no mutable container), and it resolves paths with C functions bound
-at install time, so patching `os` or `posixpath` does not blind it. Inside the OS boundary it
-is a second layer; without one it is all there is, and a program written to escape it can
-(native code loaded from a file it wrote, for one).
+The tripwire (`install_tripwire`) refuses what a program that only computes never needs:
+writing outside its directory, reading anything but its directory and the system's and
+Python's files, spawning processes, signals, sockets, ctypes, native code of its own. Its state
+lives only in a closure built before the program runs, out of the program's reach (no module
+global, no mutable container), and it resolves paths with C functions bound at install time,
+so patching `os`, `posixpath` or builtins does not blind it. Inside the OS boundary it is a
+second layer; without one it is all there is, and it is a tripwire, not a proof: a program
+written to escape it may find a way the tests do not try.
 """
 
 import json
@@ -128,15 +129,16 @@ def install_tripwire(root):
     lstat, stat_, readlink, getcwd, fspath = posix.lstat, posix.stat, posix.readlink, \
         posix.getcwd, posix.fspath
     s_islnk, s_isdir = stat.S_ISLNK, stat.S_ISDIR
-    type_, str_, bytes_, int_, any_, len_ = type, str, bytes, int, any, len
+    type_, isinstance_, str_, bytes_, int_, any_, len_ = type, isinstance, str, bytes, int, \
+        any, len
     oserror, denied, func = OSError, PermissionError, type(lambda: 0)
 
     def resolve(path):
         """The absolute path with every symlink followed (os.path.realpath, from C parts)."""
-        if type_(path) is not str_:
+        if type_(path) is not str_:  # a path-like, bytes, or a str subclass that may lie
             path = fspath(path)
-            if type_(path) is bytes_:
-                path = bytes_.decode(path, "utf-8", "surrogateescape")
+            path = bytes_.decode(path, "utf-8", "surrogateescape") if isinstance_(path, bytes_) \
+                else str_.__str__(path)  # an exact str, with str's own methods
         if not path.startswith("/"):
             path = getcwd() + "/" + path
         done, todo, hops = [], path.split("/"), 0
