@@ -256,6 +256,9 @@ OUTSIDE_CHANGES = [
     "import os\nfd = os.open({victim!r}, os.O_RDONLY)\nos.fchmod(fd, 0o777)",
     "import os\nos.utime({victim!r}, (0, 0))",
     "import shutil\nshutil.rmtree({dir!r})",
+    # a path-like that names the victim once, then a file of its own
+    ("import os\nclass P:\n    n = 0\n    def __fspath__(self):\n        P.n += 1\n"
+     "        return {victim!r} if P.n == 1 else 'mine.txt'\nos.remove(P())"),
 ]
 
 
