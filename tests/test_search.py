@@ -294,6 +294,8 @@ def test_changed_workload_starts_a_new_study_or_names_the_change(members, db):
     assert second.study_name != first.study_name and len(evaluate.calls) == 8
     with pytest.raises(LooptuneError, match="limit 2 -> 3.*quality_set 'code' -> 'humaneval-nll'"):
         run_pareto(members, Budgets(2.0), changed, study_name=first.study_name, **kwargs)
+    with pytest.raises(LooptuneError, match=r"\(members plt-r1, plt-r2 -> plt-r1, "):
+        run_pareto(members[:1], Budgets(2.0), TINY, study_name=first.study_name, **kwargs)
 
 
 def test_budgets_only_filter_and_re_choose_without_measuring(members, tmp_path, db):

@@ -75,8 +75,18 @@ def describe_change(old: dict, new: dict, prefix: str = "") -> str:
         name = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
             changes.append(describe_change(a, b, f"{name}."))
+        elif key == "members" and isinstance(a, list) and isinstance(b, list):
+            changes.append(_members_change(a, b))
         elif isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
             changes.append(f"{name} changed")
         else:
             changes.append(f"{name} {a!r} -> {b!r}")
     return ", ".join(changes)
+
+
+def _members_change(old: list, new: list) -> str:
+    names_old, names_new = [m["name"] for m in old], [m["name"] for m in new]
+    if names_old != names_new:
+        return f"members {', '.join(names_old)} -> {', '.join(names_new)}"
+    edited = [m["name"] for m, n in zip(old, new) if m != n]
+    return f"the weights of {', '.join(edited)} changed"
