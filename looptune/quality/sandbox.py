@@ -328,7 +328,7 @@ def _boundary_unavailable() -> str | None:
         return f"bwrap failed to start: {e}"
     if done.returncode != 0:
         last = (done.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
-        return f"bwrap cannot create its namespaces here ({last})"
+        return f"bwrap could not run Python in its namespaces here ({last})"
     return None
 
 
