@@ -55,14 +55,21 @@ def fn(body):
 
 # --- the check itself --------------------------------------------------------------------------
 
+
 def test_a_plain_program_passes_and_may_use_its_own_directory(kind):
-    r = check(fn("import os, tempfile\nopen('a.txt', 'w').write('x')\nos.mkdir('d')\n"
-                 "os.rename('a.txt', 'd/b.txt')\nos.remove('d/b.txt')\n"
-                 "tempfile.NamedTemporaryFile().write(b'x')\nprint(sorted(os.environ))"), kind)
+    r = check(
+        fn(
+            "import os, tempfile\nopen('a.txt', 'w').write('x')\nos.mkdir('d')\n"
+            "os.rename('a.txt', 'd/b.txt')\nos.remove('d/b.txt')\n"
+            "tempfile.NamedTemporaryFile().write(b'x')\nprint(sorted(os.environ))"
+        ),
+        kind,
+    )
     assert r.passed and r.sandbox == kind, r
     shown = set(ast.literal_eval(r.output.strip()))  # nothing of the parent's environment
-    assert {"HOME", "PATH", "TMPDIR"} <= shown <= {"HOME", "LANG", "LC_ALL", "PATH", "PWD",
-                                                   "TMPDIR"}
+    assert (
+        {"HOME", "PATH", "TMPDIR"} <= shown <= {"HOME", "LANG", "LC_ALL", "PATH", "PWD", "TMPDIR"}
+    )
 
 
 def test_wrong_answers_errors_and_exits_fail(kind):
@@ -73,29 +80,37 @@ def test_wrong_answers_errors_and_exits_fail(kind):
     assert not r.passed and r.detail == "NameError: the program does not define f", r
 
 
-@pytest.mark.parametrize("program", [
-    "import os\nos._exit(0)\n",  # before the tests ran
-    "import sys\nsys.exit(0)\n",
-    fn("import os\nos._exit(0)"),  # while they run
-    fn("raise SystemExit(0)"),
-    # every line an honest harness might print, on every descriptor it might hold
-    ("import os\nfor fd in range(64):\n    for m in (b'passed\\n', b'PASS\\n', b'0 passed\\n',"
-     " b'{\"ready\": true}\\n'):\n        try:\n            os.write(fd, m)\n"
-     "        except OSError:\n            pass\nprint('passed')\nos._exit(0)\n"),
-])
+@pytest.mark.parametrize(
+    "program",
+    [
+        "import os\nos._exit(0)\n",  # before the tests ran
+        "import sys\nsys.exit(0)\n",
+        fn("import os\nos._exit(0)"),  # while they run
+        fn("raise SystemExit(0)"),
+        # every line an honest harness might print, on every descriptor it might hold
+        (
+            "import os\nfor fd in range(64):\n    for m in (b'passed\\n', b'PASS\\n', b'0 passed\\n',"
+            " b'{\"ready\": true}\\n'):\n        try:\n            os.write(fd, m)\n"
+            "        except OSError:\n            pass\nprint('passed')\nos._exit(0)\n"
+        ),
+    ],
+)
 def test_a_pass_cannot_be_forged_by_exiting_or_printing(kind, program):
     r = check(program, kind, tests="def check(f):\n    assert f() == 2\n")
     assert not r.passed, r
 
 
-@pytest.mark.parametrize("result", [
-    "type('Eq', (), {'__eq__': lambda s, o: True, '__hash__': lambda s: 0})()",
-    "type('I', (int,), {'__eq__': lambda s, o: True, '__hash__': lambda s: 0})(7)",
-    "type('S', (str,), {'__eq__': lambda s, o: True, '__hash__': lambda s: 0})('x')",
-    "[type('F', (float,), {'__eq__': lambda s, o: True})(1.0)]",  # nested
-    "{1: type('T', (tuple,), {})()}",
-    "iter([1])",
-])
+@pytest.mark.parametrize(
+    "result",
+    [
+        "type('Eq', (), {'__eq__': lambda s, o: True, '__hash__': lambda s: 0})()",
+        "type('I', (int,), {'__eq__': lambda s, o: True, '__hash__': lambda s: 0})(7)",
+        "type('S', (str,), {'__eq__': lambda s, o: True, '__hash__': lambda s: 0})('x')",
+        "[type('F', (float,), {'__eq__': lambda s, o: True})(1.0)]",  # nested
+        "{1: type('T', (tuple,), {})()}",
+        "iter([1])",
+    ],
+)
 def test_results_that_are_not_plain_data_fail(kind, result):
     r = check(f"def f():\n    return {result}\n", kind)
     assert not r.passed and "not plain data" in r.detail, r
@@ -103,29 +118,42 @@ def test_results_that_are_not_plain_data_fail(kind, result):
 
 def test_plain_data_crosses_exactly(kind):
     value = "[None, True, 3, 2.5, 1j, 'é', b'\\x00', (1, [2]), {3: {'k': frozenset({4})}}, {5}]"
-    r = check(f"def f(*a, **k):\n    return a, k, {value}\n", kind,
-              tests=f"def check(f):\n    got = f((1, 2), [b'x'], k={{1.5}})\n"
-                    f"    assert got == (((1, 2), [b'x']), {{'k': {{1.5}}}}, {value}), got\n"
-                    f"    assert type(got[2][7]) is tuple and type(got[2][7][1]) is list\n")
+    r = check(
+        f"def f(*a, **k):\n    return a, k, {value}\n",
+        kind,
+        tests=f"def check(f):\n    got = f((1, 2), [b'x'], k={{1.5}})\n"
+        f"    assert got == (((1, 2), [b'x']), {{'k': {{1.5}}}}, {value}), got\n"
+        f"    assert type(got[2][7]) is tuple and type(got[2][7][1]) is list\n",
+    )
     assert r.passed, r
 
 
 # --- the guard's own state ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("tamper", [
-    "import sys\nsys.modules['__main__'].__dict__.clear()",
-    ("import os, posixpath\nos.path.realpath = posixpath.realpath = lambda p, **k: '/sandbox/x'"
-     "\nos.lstat = os.stat = lambda *a, **k: None"),
-    ("import builtins\nbuiltins.any = lambda *a: False\nbuiltins.type = lambda *a: str\n"
-     "builtins.PermissionError = OSError\nbuiltins.len = lambda *a: 0"),
-    "import gc\n[o for o in gc.get_objects() if callable(o)]",
-    # a path whose own methods lie about where it leads
-    ("import builtins, os\nclass P(str):\n    def split(self, *a):\n"
-     "        return (os.getcwd() + '/x').split('/')\n"
-     "    def startswith(self, *a):\n        return True\n"
-     "builtins.open = (lambda o: lambda p, m: o(P(p), m))(builtins.open)"),
-    "import sys\nsys.settrace(lambda *a: None)",
-])
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        "import sys\nsys.modules['__main__'].__dict__.clear()",
+        (
+            "import os, posixpath\nos.path.realpath = posixpath.realpath = lambda p, **k: '/sandbox/x'"
+            "\nos.lstat = os.stat = lambda *a, **k: None"
+        ),
+        (
+            "import builtins\nbuiltins.any = lambda *a: False\nbuiltins.type = lambda *a: str\n"
+            "builtins.PermissionError = OSError\nbuiltins.len = lambda *a: 0"
+        ),
+        "import gc\n[o for o in gc.get_objects() if callable(o)]",
+        # a path whose own methods lie about where it leads
+        (
+            "import builtins, os\nclass P(str):\n    def split(self, *a):\n"
+            "        return (os.getcwd() + '/x').split('/')\n"
+            "    def startswith(self, *a):\n        return True\n"
+            "builtins.open = (lambda o: lambda p, m: o(P(p), m))(builtins.open)"
+        ),
+        "import sys\nsys.settrace(lambda *a: None)",
+    ],
+)
 def test_the_guards_state_cannot_be_changed(kind, tmp_path, tamper):
     target = tmp_path / "escaped.txt"
     r = check(fn(f"{tamper}\nopen({str(target)!r}, 'w').write('x')"), kind)
@@ -147,9 +175,14 @@ print(json.dumps(results))
 def in_a_parent(kind, programs, env=None):
     """Run the checks from a separate parent process: if an attack kills its parent, that
     process dies, not pytest."""
-    done = subprocess.run([sys.executable, "-c", PARENT, kind, json.dumps(programs)],
-                          check=False, capture_output=True, text=True, timeout=120,
-                          env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", PARENT, kind, json.dumps(programs)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])  # the parent survived
     return json.loads(done.stdout)
 
@@ -161,16 +194,22 @@ KILL_THE_PARENT = [
 ]
 # Get back the functions the tripwire takes away: a fresh module from the same spec, or one
 # made by the import system's own primitive
-KILL_THE_PARENT_REBUILT = [fn(
-    f"import importlib.util as u, importlib.machinery as m, _imp, os\n"
-    f"new = {make}\n"
-    "p, s = new('posix'), new('_signal')\n"
-    "for pid in {os.getppid(), 1}:\n"
-    "    try:\n"
-    "        s.pidfd_send_signal(p.pidfd_open(pid), 9)\n"
-    "    except OSError:\n"
-    "        pass") for make in ("lambda n: u.module_from_spec(u.find_spec(n))",
-                             "lambda n: _imp.create_builtin(m.ModuleSpec(n, m.BuiltinImporter))")]
+KILL_THE_PARENT_REBUILT = [
+    fn(
+        f"import importlib.util as u, importlib.machinery as m, _imp, os\n"
+        f"new = {make}\n"
+        "p, s = new('posix'), new('_signal')\n"
+        "for pid in {os.getppid(), 1}:\n"
+        "    try:\n"
+        "        s.pidfd_send_signal(p.pidfd_open(pid), 9)\n"
+        "    except OSError:\n"
+        "        pass"
+    )
+    for make in (
+        "lambda n: u.module_from_spec(u.find_spec(n))",
+        "lambda n: _imp.create_builtin(m.ModuleSpec(n, m.BuiltinImporter))",
+    )
+]
 
 
 def test_the_parent_survives_attempts_to_kill_it(kind):
@@ -188,11 +227,13 @@ SECRET_READERS = [
     fn("import os\nprint(open(f'/proc/{os.getppid()}/cmdline').read())"),
     fn("import os\nprint(os.environ)"),
     # every process it can see, by every path
-    fn("import os\nfor p in os.listdir('/proc'):\n    try:\n"
-       "        print(open(f'/proc/{p}/environ', 'rb').read())\n    except Exception:\n"
-       "        pass\n    try:\n        for t in os.listdir(f'/proc/{p}/task'):\n"
-       "            print(open(f'/proc/{p}/task/{t}/environ', 'rb').read())\n"
-       "    except Exception:\n        pass\nraise ValueError(str(os.listdir('/proc')))"),
+    fn(
+        "import os\nfor p in os.listdir('/proc'):\n    try:\n"
+        "        print(open(f'/proc/{p}/environ', 'rb').read())\n    except Exception:\n"
+        "        pass\n    try:\n        for t in os.listdir(f'/proc/{p}/task'):\n"
+        "            print(open(f'/proc/{p}/task/{t}/environ', 'rb').read())\n"
+        "    except Exception:\n        pass\nraise ValueError(str(os.listdir('/proc')))"
+    ),
 ]
 
 
@@ -212,22 +253,28 @@ def test_the_parents_files_are_out_of_reach(kind, tmp_path):
 
 
 def test_the_score_names_its_sandbox_and_its_cache_holds_nothing_of_the_parents(
-        kind, tmp_path, monkeypatch):
+    kind, tmp_path, monkeypatch
+):
     from looptune.model.checkpoint import init_checkpoint
     from looptune.quality import humaneval
     from looptune.quality.score import score_checkpoints
 
     # a variable of this process's own environment, as /proc shows it to others
-    pick = ("lambda v: max((e for e in v.split('\\0') if len(e) < 200 and "
-            "e.split('=')[0] not in ('PATH', 'PWD', 'HOME')), key=len)")
+    pick = (
+        "lambda v: max((e for e in v.split('\\0') if len(e) < 200 and "
+        "e.split('=')[0] not in ('PATH', 'PWD', 'HOME')), key=len)"
+    )
     secret = eval(pick)(Path("/proc/self/environ").read_text(errors="replace"))
-    steal = (f"    import os\n    s = ({pick})(open(f'/proc/{{os.getppid()}}/environ').read())\n"
-             "    print(s)\n    raise ValueError(s)\n")
+    steal = (
+        f"    import os\n    s = ({pick})(open(f'/proc/{{os.getppid()}}/environ').read())\n"
+        "    print(s)\n    raise ValueError(s)\n"
+    )
     monkeypatch.setattr(humaneval, "complete", lambda *a, **k: (steal, 1))  # every completion
     monkeypatch.setenv("LOOPTUNE_SANDBOX", kind)
     init_checkpoint(tmp_path / "ck", "tiny", loops=2)
-    s, = score_checkpoints([tmp_path / "ck"], loops=[2], sets=["humaneval"], limit=2,
-                           execute=True)
+    (s,) = score_checkpoints(
+        [tmp_path / "ck"], loops=[2], sets=["humaneval"], limit=2, execute=True
+    )
     assert s.to_dict()["sandbox"] == kind and s.value == 0.0
     cache = Path(os.environ["LOOPTUNE_CACHE_DIR"])
     cached = [f.read_text() for f in cache.rglob("*") if f.is_file()]
@@ -243,8 +290,10 @@ OUTSIDE_WRITES = [
     "open('../' * 12 + {target!r}.lstrip('/'), 'w').write('x')",
     "import pathlib\npathlib.Path({target!r}).write_text('x')",
     "import os\nos.symlink({target!r}, 'link')\nopen('link', 'w').write('x')",
-    ("import os\nfd = os.open({dir!r}, os.O_RDONLY)\n"
-     "os.open({name!r}, os.O_WRONLY | os.O_CREAT, dir_fd=fd)"),
+    (
+        "import os\nfd = os.open({dir!r}, os.O_RDONLY)\n"
+        "os.open({name!r}, os.O_WRONLY | os.O_CREAT, dir_fd=fd)"
+    ),
     "import shutil\nshutil.copy('/etc/hostname', {target!r})",
     "import sqlite3\nsqlite3.connect({target!r}).execute('create table t (x)')",
     "import os\nos.open({target!r}, os.O_WRONLY | os.O_CREAT)",
@@ -257,8 +306,10 @@ OUTSIDE_CHANGES = [
     "import os\nos.utime({victim!r}, (0, 0))",
     "import shutil\nshutil.rmtree({dir!r})",
     # a path-like that names the victim once, then a file of its own
-    ("import os\nclass P:\n    n = 0\n    def __fspath__(self):\n        P.n += 1\n"
-     "        return {victim!r} if P.n == 1 else 'mine.txt'\nos.remove(P())"),
+    (
+        "import os\nclass P:\n    n = 0\n    def __fspath__(self):\n        P.n += 1\n"
+        "        return {victim!r} if P.n == 1 else 'mine.txt'\nos.remove(P())"
+    ),
 ]
 
 
@@ -268,34 +319,43 @@ def test_files_outside_its_directory_stay_as_they_were(kind, tmp_path, program):
     victim.write_text("keep")
     victim.chmod(0o600)
     before = victim.stat()
-    src = program.format(target=str(target), dir=str(tmp_path), name=target.name,
-                         victim=str(victim))
+    src = program.format(
+        target=str(target), dir=str(tmp_path), name=target.name, victim=str(victim)
+    )
     for r in [check(fn(src), kind)] + ([boundary_alone(fn(src))] if kind == "boundary" else []):
         assert not r.passed, r
         assert not target.exists() and victim.read_text() == "keep"
         after = victim.stat()
-        assert (stat.S_IMODE(after.st_mode), after.st_mtime_ns) == \
-            (stat.S_IMODE(before.st_mode), before.st_mtime_ns)
+        assert (stat.S_IMODE(after.st_mode), after.st_mtime_ns) == (
+            stat.S_IMODE(before.st_mode),
+            before.st_mtime_ns,
+        )
 
 
 @needs_boundary
 def test_boundary_only_the_system_is_read_only_and_the_parents_files_invisible():
     here = os.path.abspath(__file__)
-    r = boundary_alone(fn(f"import os\nassert not os.path.exists({here!r})\n"
-                          f"assert not os.path.exists({os.path.expanduser('~')!r} + '/.bashrc')\n"
-                          "for d in ('/usr', '/', '/dev', '/proc/1'):\n    try:\n"
-                          "        open(d + '/x', 'w')\n    except OSError:\n        pass\n"
-                          "    else:\n        raise AssertionError(d)"))
+    r = boundary_alone(
+        fn(
+            f"import os\nassert not os.path.exists({here!r})\n"
+            f"assert not os.path.exists({os.path.expanduser('~')!r} + '/.bashrc')\n"
+            "for d in ('/usr', '/', '/dev', '/proc/1'):\n    try:\n"
+            "        open(d + '/x', 'w')\n    except OSError:\n        pass\n"
+            "    else:\n        raise AssertionError(d)"
+        )
+    )
     assert r.passed, r
 
 
 @needs_boundary
 def test_boundary_only_the_total_written_is_capped():
     limits = Limits(timeout_s=10.0, file_bytes=1 << 20, disk_bytes=4 << 20)
-    program = ("def f():\n    n = 0\n    for i in range(64):\n        try:\n"
-               "            with open(f'/tmp/{i}', 'wb') as out:\n"
-               "                n += out.write(bytes(1 << 20))\n"
-               "        except OSError:\n            break\n    return n\n")
+    program = (
+        "def f():\n    n = 0\n    for i in range(64):\n        try:\n"
+        "            with open(f'/tmp/{i}', 'wb') as out:\n"
+        "                n += out.write(bytes(1 << 20))\n"
+        "        except OSError:\n            break\n    return n\n"
+    )
     r = boundary_alone(program, "def check(f):\n    assert 0 < f() <= 4 << 20\n", limits)
     assert r.passed, r
 
@@ -307,14 +367,14 @@ def test_the_network_is_refused(kind):
         listener.setblocking(False)
         port = listener.getsockname()[1]
         program = fn(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)")
-        results = [check(program, kind)] + ([boundary_alone(program)] if kind == "boundary"
-                                            else [])
+        results = [check(program, kind)] + ([boundary_alone(program)] if kind == "boundary" else [])
         assert not any(r.passed for r in results), results
         with pytest.raises(BlockingIOError):
             listener.accept()  # nobody came
 
 
 # --- limits ------------------------------------------------------------------------------------
+
 
 def test_the_cpu_limit_stops_a_loop(kind):
     r = check(fn("while True:\n    pass"), kind, limits=Limits(timeout_s=10.0, cpu_s=1))
@@ -327,37 +387,50 @@ def test_the_wall_clock_limit_stops_a_sleep(kind):
 
 
 def test_memory_and_output_are_capped(kind):
-    r = check(fn("hog = []\nwhile True:\n    hog.append(bytes(64 << 20))"), kind,
-              limits=Limits(timeout_s=10.0, cpu_s=5, memory_bytes=512 << 20))
+    r = check(
+        fn("hog = []\nwhile True:\n    hog.append(bytes(64 << 20))"),
+        kind,
+        limits=Limits(timeout_s=10.0, cpu_s=5, memory_bytes=512 << 20),
+    )
     assert r.status == "failed" and "MemoryError" in r.detail, r
-    r = check(fn("while True:\n    print('x' * 1000)"), kind,
-              limits=Limits(timeout_s=10.0, file_bytes=1 << 16))
+    r = check(
+        fn("while True:\n    print('x' * 1000)"),
+        kind,
+        limits=Limits(timeout_s=10.0, file_bytes=1 << 16),
+    )
     assert not r.passed and "file size limit" in r.detail, r
 
 
-@pytest.mark.parametrize("program", [
-    "import os\nos.system('touch {marker}')",
-    "import subprocess\nsubprocess.run(['touch', '{marker}'])",
-    "import os\nif os.fork() == 0:\n    open('{marker}', 'w')",
-    "import os\nos.execv('/usr/bin/touch', ['touch', '{marker}'])",
-    "import multiprocessing\nmultiprocessing.Process(target=print).start()",
-    "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
-    "import ctypes",
-    # the spawning primitive under another name, or made afresh
-    ("import importlib.util as u, importlib.machinery as m, _imp\n"
-     "spec = u.find_spec('_posixsubprocess')\n"
-     "if spec.origin.endswith('.so'):\n"
-     "    u.module_from_spec(u.spec_from_file_location('x._posixsubprocess', spec.origin))\n"
-     "else:\n"
-     "    _imp.create_builtin(m.ModuleSpec('_posixsubprocess', m.BuiltinImporter))"),
-    # native code it wrote itself (here a copy of one of Python's own extensions)
-    ("import glob, os, shutil, sys, importlib.util as u\n"
-     "so = [p for p in glob.glob(sys.prefix + '/lib/python3*/lib-dynload/*.so')\n"
-     "      if os.path.basename(p).split('.')[0] in ('_bisect', '_json', 'array', 'math')][0]\n"
-     "shutil.copy(so, 'mine.so')\n"
-     "u.module_from_spec(u.spec_from_file_location(os.path.basename(so).split('.')[0],"
-     " 'mine.so'))"),
-])
+@pytest.mark.parametrize(
+    "program",
+    [
+        "import os\nos.system('touch {marker}')",
+        "import subprocess\nsubprocess.run(['touch', '{marker}'])",
+        "import os\nif os.fork() == 0:\n    open('{marker}', 'w')",
+        "import os\nos.execv('/usr/bin/touch', ['touch', '{marker}'])",
+        "import multiprocessing\nmultiprocessing.Process(target=print).start()",
+        "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
+        "import ctypes",
+        # the spawning primitive under another name, or made afresh
+        (
+            "import importlib.util as u, importlib.machinery as m, _imp\n"
+            "spec = u.find_spec('_posixsubprocess')\n"
+            "if spec.origin.endswith('.so'):\n"
+            "    u.module_from_spec(u.spec_from_file_location('x._posixsubprocess', spec.origin))\n"
+            "else:\n"
+            "    _imp.create_builtin(m.ModuleSpec('_posixsubprocess', m.BuiltinImporter))"
+        ),
+        # native code it wrote itself (here a copy of one of Python's own extensions)
+        (
+            "import glob, os, shutil, sys, importlib.util as u\n"
+            "so = [p for p in glob.glob(sys.prefix + '/lib/python3*/lib-dynload/*.so')\n"
+            "      if os.path.basename(p).split('.')[0] in ('_bisect', '_json', 'array', 'math')][0]\n"
+            "shutil.copy(so, 'mine.so')\n"
+            "u.module_from_spec(u.spec_from_file_location(os.path.basename(so).split('.')[0],"
+            " 'mine.so'))"
+        ),
+    ],
+)
 def test_the_tripwire_refuses_spawning_raising_limits_and_native_code(kind, tmp_path, program):
     marker = tmp_path / "spawned"
     r = check(fn(program.format(marker=marker)), kind)
@@ -366,6 +439,7 @@ def test_the_tripwire_refuses_spawning_raising_limits_and_native_code(kind, tmp_
 
 
 # --- choosing the sandbox ----------------------------------------------------------------------
+
 
 def test_the_kind_is_chosen_by_argument_or_environment(monkeypatch, capsys):
     monkeypatch.setenv("LOOPTUNE_SANDBOX", "tripwire")
@@ -390,13 +464,15 @@ def test_the_kind_is_chosen_by_argument_or_environment(monkeypatch, capsys):
 
 def test_a_test_runner_that_cannot_start_is_an_error_not_a_failed_check(monkeypatch):
     source = sandbox._source
-    monkeypatch.setattr(sandbox, "_source",
-                        lambda part: "raise SystemExit(3)" if part == "runner" else source(part))
+    monkeypatch.setattr(
+        sandbox, "_source", lambda part: "raise SystemExit(3)" if part == "runner" else source(part)
+    )
     with pytest.raises(LooptuneError, match="test runner exited at its start"):
         check(fn(""), "tripwire")
 
 
 # --- HumanEval ---------------------------------------------------------------------------------
+
 
 def test_stop_sequences():
     assert truncate_at_stop("    return x\n\ndef other():\n") == "    return x\n"

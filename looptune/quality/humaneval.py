@@ -31,8 +31,15 @@ def truncate_at_stop(text: str) -> str:
 
 
 @torch.inference_mode()
-def complete(model, tokenizer, prompt: str, loops=None, mode=None, window=None,
-             max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[str, int]:
+def complete(
+    model,
+    tokenizer,
+    prompt: str,
+    loops=None,
+    mode=None,
+    window=None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> tuple[str, int]:
     """Greedy completion of `prompt`, stopped at a stop sequence, EOS or `max_new_tokens`.
 
     Returns the completion (cut at the stop sequence) and the number of tokens generated. A
@@ -63,19 +70,26 @@ def complete(model, tokenizer, prompt: str, loops=None, mode=None, window=None,
     return truncate_at_stop(text), len(out)
 
 
-def run_test(item: Item, completion: str, limits: Limits = TEST_LIMITS,
-             sandbox: str | Sandbox | None = None) -> SandboxResult:
+def run_test(
+    item: Item, completion: str, limits: Limits = TEST_LIMITS, sandbox: str | Sandbox | None = None
+) -> SandboxResult:
     """One completion against its problem's tests (`sandbox`: a `Sandbox` to run in, or the
     kind of a new one, see `sandbox.sandbox_kind`)."""
     if not isinstance(sandbox, Sandbox):
         with Sandbox(sandbox) as box:
             return run_test(item, completion, limits, box)
-    return sandbox.check(item.prompt + completion, f"{item.prompt}\n\n{item.test}",
-                         item.entry_point, limits)
+    return sandbox.check(
+        item.prompt + completion, f"{item.prompt}\n\n{item.test}", item.entry_point, limits
+    )
 
 
-def run_tests(items: list[Item], completions: list[str], limits: Limits = TEST_LIMITS,
-              workers: int = 2, sandbox: str | None = None) -> list[SandboxResult]:
+def run_tests(
+    items: list[Item],
+    completions: list[str],
+    limits: Limits = TEST_LIMITS,
+    workers: int = 2,
+    sandbox: str | None = None,
+) -> list[SandboxResult]:
     """Each completion against its problem's tests, `workers` checks at a time."""
     with Sandbox(sandbox) as box:
         pool = ThreadPoolExecutor(max_workers=workers)

@@ -88,7 +88,7 @@ class SandboxResult:
 
 
 def sandbox_kind(requested: str | None = None) -> str:
-    """"boundary" or "tripwire": `requested`, else $LOOPTUNE_SANDBOX, else "auto" (the boundary
+    """ "boundary" or "tripwire": `requested`, else $LOOPTUNE_SANDBOX, else "auto" (the boundary
     where it works here, else the tripwire, with a warning once)."""
     name = "sandbox" if requested else ENV_VAR
     requested = requested or os.environ.get(ENV_VAR) or "auto"
@@ -105,9 +105,16 @@ def sandbox_kind(requested: str | None = None) -> str:
     return "tripwire"
 
 
-def run_check(program: str, tests: str, entry_point: str, limits: Limits = Limits(),
-              sandbox: str | None = None, call: str = "check", *,
-              tripwire: bool = True) -> SandboxResult:
+def run_check(
+    program: str,
+    tests: str,
+    entry_point: str,
+    limits: Limits = Limits(),
+    sandbox: str | None = None,
+    call: str = "check",
+    *,
+    tripwire: bool = True,
+) -> SandboxResult:
     """One check in a `Sandbox` of its own; see `Sandbox.check`."""
     with Sandbox(sandbox, tripwire=tripwire) as box:
         return box.check(program, tests, entry_point, limits, call)
@@ -135,8 +142,14 @@ class Sandbox:
         for runner in idle:
             runner.close()
 
-    def check(self, program: str, tests: str, entry_point: str, limits: Limits = Limits(),
-              call: str = "check") -> SandboxResult:
+    def check(
+        self,
+        program: str,
+        tests: str,
+        entry_point: str,
+        limits: Limits = Limits(),
+        call: str = "check",
+    ) -> SandboxResult:
         """Run untrusted `program` (which defines `entry_point`) against trusted `tests`
         (which define `call`, called with the entry point); see the module docstring. Never
         raises for anything the program does."""
@@ -155,22 +168,43 @@ class Sandbox:
         start = time.perf_counter()
         with ExitStack() as stack:
             out, log = (stack.enter_context(tempfile.TemporaryFile()) for _ in range(2))
-            work = None if kind == "boundary" else stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="looptune-sandbox-",
-                                            ignore_cleanup_errors=True))
-            lim = {"cpu_s": limits.cpu_s, "memory_bytes": limits.memory_bytes,
-                   "file_bytes": limits.file_bytes, "open_files": limits.open_files}
-            argv = [_python(), "-I", "-S", "-c", _source("candidate"),
-                    json.dumps({**lim, "tripwire": self.tripwire})]
+            work = (
+                None
+                if kind == "boundary"
+                else stack.enter_context(
+                    tempfile.TemporaryDirectory(
+                        prefix="looptune-sandbox-", ignore_cleanup_errors=True
+                    )
+                )
+            )
+            lim = {
+                "cpu_s": limits.cpu_s,
+                "memory_bytes": limits.memory_bytes,
+                "file_bytes": limits.file_bytes,
+                "open_files": limits.open_files,
+            }
+            argv = [
+                _python(),
+                "-I",
+                "-S",
+                "-c",
+                _source("candidate"),
+                json.dumps({**lim, "tripwire": self.tripwire}),
+            ]
             if kind == "boundary":
                 argv = _bwrap_argv(limits.disk_bytes) + argv
             to_read, to_write = os.pipe()  # runner -> candidate
             from_read, from_write = os.pipe()  # candidate -> runner
             try:
                 candidate = subprocess.Popen(
-                    argv, stdin=to_read, stdout=from_write, stderr=out, cwd=work or "/",
+                    argv,
+                    stdin=to_read,
+                    stdout=from_write,
+                    stderr=out,
+                    cwd=work or "/",
                     env={**_SCRUBBED_ENV, "HOME": work or "/sandbox", "TMPDIR": work or "/sandbox"},
-                    start_new_session=True)  # no terminal to inject keystrokes into
+                    start_new_session=True,
+                )  # no terminal to inject keystrokes into
             except BaseException:
                 os.close(to_write)
                 os.close(from_read)
@@ -186,19 +220,23 @@ class Sandbox:
                 pass
             candidate_rc = candidate.wait()
             if runner.broken is not None:
-                raise LooptuneError(f"the sandbox's test runner exited at its start (status "
-                                    f"{runner.broken}); run it with python -I -S to see why")
+                raise LooptuneError(
+                    f"the sandbox's test runner exited at its start (status "
+                    f"{runner.broken}); run it with python -I -S to see why"
+                )
             seconds = time.perf_counter() - start
             out_bytes = out.seek(0, os.SEEK_END)
             output = _tail(out) + _tail(log)
         if said is _TIMED_OUT:
-            return SandboxResult("timeout", f"time limit ({limits.timeout_s:g} s wall)", seconds,
-                                 kind, output)
+            return SandboxResult(
+                "timeout", f"time limit ({limits.timeout_s:g} s wall)", seconds, kind, output
+            )
         if said == "passed":
             return SandboxResult("passed", "", seconds, kind, output)
         if candidate_rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):  # bwrap: 128 + the signal
-            return SandboxResult("timeout", f"time limit ({limits.cpu_s} s CPU)", seconds, kind,
-                                 output)
+            return SandboxResult(
+                "timeout", f"time limit ({limits.cpu_s} s CPU)", seconds, kind, output
+            )
         if out_bytes >= limits.file_bytes:
             detail = f"file size limit ({limits.file_bytes} bytes)"
         elif said is not None:
@@ -220,21 +258,38 @@ class _Runner:
         self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             self.proc = subprocess.Popen(
-                [_python(), "-I", "-S", "-c", _source("runner"), str(theirs.fileno()),
-                 str(int(non_dumpable))], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), cwd="/",
-                env=_SCRUBBED_ENV, start_new_session=True)
+                [
+                    _python(),
+                    "-I",
+                    "-S",
+                    "-c",
+                    _source("runner"),
+                    str(theirs.fileno()),
+                    str(int(non_dumpable)),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                cwd="/",
+                env=_SCRUBBED_ENV,
+                start_new_session=True,
+            )
         self.alive, self.verdicts = True, 0
         self.broken: int | None = None  # its exit status, when it failed before any verdict
 
-    def run(self, nonce: str, job: dict, log, to_candidate: int, from_candidate: int,
-            timeout_s: float):
+    def run(
+        self, nonce: str, job: dict, log, to_candidate: int, from_candidate: int, timeout_s: float
+    ):
         """The runner's verdict on `job` ("passed" or "failed <why>"), None when it died
         without one, `_TIMED_OUT` after `timeout_s` (it is killed then)."""
         job_read, job_write = os.pipe()
         try:
-            socket.send_fds(self.socket, [nonce.encode()],
-                            [job_read, log.fileno(), to_candidate, from_candidate])
+            socket.send_fds(
+                self.socket,
+                [nonce.encode()],
+                [job_read, log.fileno(), to_candidate, from_candidate],
+            )
         except OSError:
             self.kill()
             return None
@@ -258,7 +313,7 @@ class _Runner:
             self.kill()
             return None
         self.verdicts += 1
-        return said[len(nonce) + 1:]
+        return said[len(nonce) + 1 :]
 
     def kill(self) -> None:
         try:  # not reaped before this: its group id cannot have been reused
@@ -299,8 +354,17 @@ def _python() -> str:
 def _bwrap_argv(disk_bytes: int) -> list[str]:
     """bubblewrap: every namespace, an unprivileged user, read-only system and Python dirs, a
     size-capped tmpfs at /sandbox (also /tmp), and nothing else of the parent's."""
-    argv = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--die-with-parent",
-            "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL"]
+    argv = [
+        shutil.which("bwrap") or "bwrap",
+        "--unshare-all",
+        "--die-with-parent",
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--cap-drop",
+        "ALL",
+    ]
     for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(d):
             argv += ["--symlink", os.readlink(d), d]
@@ -309,11 +373,34 @@ def _bwrap_argv(disk_bytes: int) -> list[str]:
     for d in sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)}):
         if not d.startswith("/usr/") and d != "/usr":
             argv += ["--ro-bind", d, d]
-    return argv + ["--proc", "/proc", "--dev", "/dev", "--size", str(disk_bytes),
-                   "--tmpfs", "/sandbox", "--symlink", "/sandbox", "/tmp",
-                   "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/sandbox",
-                   "--clearenv", *(a for k, v in _SCRUBBED_ENV.items() for a in ("--setenv", k, v)),
-                   "--setenv", "HOME", "/sandbox", "--setenv", "TMPDIR", "/sandbox", "--"]
+    return argv + [
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--size",
+        str(disk_bytes),
+        "--tmpfs",
+        "/sandbox",
+        "--symlink",
+        "/sandbox",
+        "/tmp",
+        "--remount-ro",
+        "/dev",
+        "--remount-ro",
+        "/",
+        "--chdir",
+        "/sandbox",
+        "--clearenv",
+        *(a for k, v in _SCRUBBED_ENV.items() for a in ("--setenv", k, v)),
+        "--setenv",
+        "HOME",
+        "/sandbox",
+        "--setenv",
+        "TMPDIR",
+        "/sandbox",
+        "--",
+    ]
 
 
 @functools.cache
@@ -322,8 +409,13 @@ def _boundary_unavailable() -> str | None:
     if shutil.which("bwrap") is None:
         return "bubblewrap (bwrap) is not installed"
     try:
-        done = subprocess.run(_bwrap_argv(1 << 20) + [_python(), "-I", "-S", "-c", "pass"],
-                              check=False, capture_output=True, timeout=30, env=_SCRUBBED_ENV)
+        done = subprocess.run(
+            _bwrap_argv(1 << 20) + [_python(), "-I", "-S", "-c", "pass"],
+            check=False,
+            capture_output=True,
+            timeout=30,
+            env=_SCRUBBED_ENV,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"bwrap failed to start: {e}"
     if done.returncode != 0:
@@ -334,5 +426,8 @@ def _boundary_unavailable() -> str | None:
 
 @functools.cache
 def _warn_tripwire(why: str) -> None:
-    print(f"warning: {why}; generated code runs behind the sandbox's tripwire only, which stops "
-          "accidents, not code written to escape it", file=sys.stderr)
+    print(
+        f"warning: {why}; generated code runs behind the sandbox's tripwire only, which stops "
+        "accidents, not code written to escape it",
+        file=sys.stderr,
+    )

@@ -41,8 +41,10 @@ def encode(x):
         return {"bytes": x.hex()}
     if t is complex:
         return {"complex": [x.real, x.imag]}
-    raise TypeError(f"returned a {t.__module__}.{t.__qualname__}, not plain data (None, bool, "
-                    "int, float, complex, str, bytes, or lists, tuples, sets and dicts of them)")
+    raise TypeError(
+        f"returned a {t.__module__}.{t.__qualname__}, not plain data (None, bool, "
+        "int, float, complex, str, bytes, or lists, tuples, sets and dicts of them)"
+    )
 
 
 def decode(x):
@@ -51,7 +53,7 @@ def decode(x):
     if t in _SCALARS:
         return x
     if t is dict and len(x) == 1:
-        (tag, v), = x.items()
+        ((tag, v),) = x.items()
         if tag in ("list", "tuple", "set", "frozenset") and type(v) is list:
             kind = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag]
             return kind(decode(e) for e in v)
@@ -67,10 +69,13 @@ def decode(x):
 def set_limits(lim):
     """rlimits, lowered for good (an unprivileged process cannot raise a hard limit)."""
     resource.setrlimit(resource.RLIMIT_CPU, (lim["cpu_s"], lim["cpu_s"] + 1))  # XCPU, then KILL
-    for kind, value in ((resource.RLIMIT_AS, lim["memory_bytes"]),
-                        (resource.RLIMIT_FSIZE, lim["file_bytes"]),
-                        (resource.RLIMIT_NOFILE, lim["open_files"]),
-                        (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0)):
+    for kind, value in (
+        (resource.RLIMIT_AS, lim["memory_bytes"]),
+        (resource.RLIMIT_FSIZE, lim["file_bytes"]),
+        (resource.RLIMIT_NOFILE, lim["open_files"]),
+        (resource.RLIMIT_NPROC, 0),
+        (resource.RLIMIT_CORE, 0),
+    ):
         resource.setrlimit(kind, (value, value))
 
 
@@ -84,14 +89,27 @@ def install_tripwire(root):
     import types
     import warnings
 
-    no_import = frozenset(("ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters",
-                           "_testcapi", "_testinternalcapi", "_ssl", "_socket", "mmap"))
+    no_import = frozenset(
+        (
+            "ctypes",
+            "_ctypes",
+            "_posixsubprocess",
+            "_xxsubinterpreters",
+            "_testcapi",
+            "_testinternalcapi",
+            "_ssl",
+            "_socket",
+            "mmap",
+        )
+    )
     # Killing the parent or leaving the process group raises no audit event: take the functions
     # away (`signal` copies `_signal` when imported), and with them the means of building fresh
     # built-in modules that would have them again, once every other built-in is loaded.
-    for module, names in ((os, ("pidfd_open", "setsid", "setpgid", "setpgrp", "killpg")),
-                          (posix, ("pidfd_open", "setsid", "setpgid", "setpgrp", "killpg")),
-                          (_signal, ("pidfd_send_signal", "pthread_kill"))):
+    for module, names in (
+        (os, ("pidfd_open", "setsid", "setpgid", "setpgrp", "killpg")),
+        (posix, ("pidfd_open", "setsid", "setpgid", "setpgrp", "killpg")),
+        (_signal, ("pidfd_send_signal", "pthread_kill")),
+    ):
         for name in names:
             module.__dict__.pop(name, None)
     with warnings.catch_warnings():  # some built-ins are deprecated (spwd on Debian's Python)
@@ -104,41 +122,86 @@ def install_tripwire(root):
     root = posix.getcwd() if root is None else root
     root = root.rstrip("/") + "/"
     proc_self = f"/proc/{posix.getpid()}/"
-    deny = ("os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
-            "os.kill", "os.killpg", "os.chdir", "os.fchdir", "subprocess.", "pty.", "socket.",
-            "ctypes.", "resource.setrlimit", "resource.prlimit", "gc.get_", "sys.setprofile",
-            "sys.settrace", "signal.pthread_kill", "webbrowser.", "urllib.", "http.",
-            "ftplib.", "smtplib.", "poplib.", "imaplib.", "nntplib.", "telnetlib.")
+    deny = (
+        "os.system",
+        "os.exec",
+        "os.fork",
+        "os.forkpty",
+        "os.posix_spawn",
+        "os.spawn",
+        "os.kill",
+        "os.killpg",
+        "os.chdir",
+        "os.fchdir",
+        "subprocess.",
+        "pty.",
+        "socket.",
+        "ctypes.",
+        "resource.setrlimit",
+        "resource.prlimit",
+        "gc.get_",
+        "sys.setprofile",
+        "sys.settrace",
+        "signal.pthread_kill",
+        "webbrowser.",
+        "urllib.",
+        "http.",
+        "ftplib.",
+        "smtplib.",
+        "poplib.",
+        "imaplib.",
+        "nntplib.",
+        "telnetlib.",
+    )
     # event -> (positions of path arguments, positions of dir_fd arguments, descriptor allowed)
-    paths = {"os.remove": ((0,), (1,), False), "os.rmdir": ((0,), (1,), False),
-             "os.mkdir": ((0,), (2,), False), "os.rename": ((0, 1), (2, 3), False),
-             "os.link": ((0, 1), (2, 3), False), "os.symlink": ((0, 1), (2,), False),
-             "os.chmod": ((0,), (2,), False), "os.chown": ((0,), (3,), False),
-             "os.truncate": ((0,), (), True), "os.utime": ((0,), (3,), False),
-             "os.chflags": ((0,), (), False), "os.lchflags": ((0,), (), False),
-             "os.setxattr": ((0,), (), False), "os.removexattr": ((0,), (), False),
-             "os.mkfifo": ((0,), (2,), False), "os.mknod": ((0,), (3,), False),
-             "shutil.rmtree": ((0,), (1,), False), "shutil.chown": ((0,), (), False),
-             "tempfile.mkstemp": ((0,), (), False), "tempfile.mkdtemp": ((0,), (), False),
-             "sqlite3.connect": ((0,), (), False)}
+    paths = {
+        "os.remove": ((0,), (1,), False),
+        "os.rmdir": ((0,), (1,), False),
+        "os.mkdir": ((0,), (2,), False),
+        "os.rename": ((0, 1), (2, 3), False),
+        "os.link": ((0, 1), (2, 3), False),
+        "os.symlink": ((0, 1), (2,), False),
+        "os.chmod": ((0,), (2,), False),
+        "os.chown": ((0,), (3,), False),
+        "os.truncate": ((0,), (), True),
+        "os.utime": ((0,), (3,), False),
+        "os.chflags": ((0,), (), False),
+        "os.lchflags": ((0,), (), False),
+        "os.setxattr": ((0,), (), False),
+        "os.removexattr": ((0,), (), False),
+        "os.mkfifo": ((0,), (2,), False),
+        "os.mknod": ((0,), (3,), False),
+        "shutil.rmtree": ((0,), (1,), False),
+        "shutil.chown": ((0,), (), False),
+        "tempfile.mkstemp": ((0,), (), False),
+        "tempfile.mkdtemp": ((0,), (), False),
+        "sqlite3.connect": ((0,), (), False),
+    }
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
     o_directory = os.O_DIRECTORY
     # Only C functions and immutable values from here on, each bound now: the hook must not look
     # up anything (a builtin, a module attribute) that the program could replace.
     paths = types.MappingProxyType(paths)
-    lstat, stat_, readlink, getcwd, fspath = posix.lstat, posix.stat, posix.readlink, \
-        posix.getcwd, posix.fspath
+    lstat, stat_, readlink, getcwd, fspath = (
+        posix.lstat,
+        posix.stat,
+        posix.readlink,
+        posix.getcwd,
+        posix.fspath,
+    )
     s_islnk, s_isdir = stat.S_ISLNK, stat.S_ISDIR
-    type_, isinstance_, str_, bytes_, int_, any_, len_ = type, isinstance, str, bytes, int, \
-        any, len
+    type_, isinstance_, str_, bytes_, int_, any_, len_ = type, isinstance, str, bytes, int, any, len
     oserror, denied, func = OSError, PermissionError, type(lambda: 0)
 
     def resolve(path):
         """The absolute path with every symlink followed (os.path.realpath, from C parts)."""
         if type_(path) is not str_:  # a path-like, bytes, or a str subclass that may lie
             path = fspath(path)
-            path = bytes_.decode(path, "utf-8", "surrogateescape") if isinstance_(path, bytes_) \
-                else str_.__str__(path)  # an exact str, with str's own methods
+            path = (
+                bytes_.decode(path, "utf-8", "surrogateescape")
+                if isinstance_(path, bytes_)
+                else str_.__str__(path)
+            )  # an exact str, with str's own methods
         if not path.startswith("/"):
             path = getcwd() + "/" + path
         done, todo, hops = [], path.split("/"), 0
@@ -178,14 +241,28 @@ def install_tripwire(root):
 
     def other_process(path):
         real = resolve(path) + "/"
-        return real.startswith("/proc/") and real[6:7].isdigit() and \
-            not real.startswith(proc_self)
+        return real.startswith("/proc/") and real[6:7].isdigit() and not real.startswith(proc_self)
 
     # what it may read: what the boundary shows it (the system's and Python's files), its own
     # directory and /proc entries, and the harmless devices
-    readable = tuple(sorted({resolve(d) + "/" for d in (
-        "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", sys.prefix,
-        sys.exec_prefix)})) + (root, proc_self)
+    readable = tuple(
+        sorted(
+            {
+                resolve(d) + "/"
+                for d in (
+                    "/usr",
+                    "/bin",
+                    "/sbin",
+                    "/lib",
+                    "/lib32",
+                    "/lib64",
+                    "/libx32",
+                    sys.prefix,
+                    sys.exec_prefix,
+                )
+            }
+        )
+    ) + (root, proc_self)
     devices = frozenset(f"/dev/{d}/" for d in ("null", "zero", "full", "random", "urandom"))
     system = readable[:-2]  # where native code may be loaded from
 
@@ -205,8 +282,10 @@ def install_tripwire(root):
             elif any_(c in mode for c in "wax+") and not inside(path):
                 raise denied(f"sandbox: writing outside the working directory: {path!r}")
             if not may_read(path):
-                raise denied(f"sandbox: reading outside the working directory and Python's own "
-                             f"files: {path!r}")
+                raise denied(
+                    f"sandbox: reading outside the working directory and Python's own "
+                    f"files: {path!r}"
+                )
         elif event in paths:
             where, fds, descriptor_ok = paths[event]
             if any_(i < len_(args) and args[i] not in (None, -1) for i in fds):  # -1: no dir_fd
@@ -222,14 +301,21 @@ def install_tripwire(root):
                 elif not inside(args[i]):
                     raise denied(f"sandbox: {event} outside the working directory")
         elif event in ("os.listdir", "os.scandir"):
-            if args and args[0] is not None and type_(args[0]) is not int_ and \
-                    other_process(args[0]):
+            if (
+                args
+                and args[0] is not None
+                and type_(args[0]) is not int_
+                and other_process(args[0])
+            ):
                 raise denied("sandbox: listing another process's /proc entry")
         elif event == "import":
             if type_(args[0]) is str_ and args[0].rpartition(".")[2] in no_import:
                 raise denied(f"sandbox: importing {args[0]} is not allowed")
-            if len_(args) > 1 and args[1] is not None and \
-                    not (resolve(args[1]) + "/").startswith(system):  # an extension's file
+            if (
+                len_(args) > 1
+                and args[1] is not None
+                and not (resolve(args[1]) + "/").startswith(system)
+            ):  # an extension's file
                 raise denied("sandbox: loading native code from outside Python's own files")
         elif event == "object.__setattr__":
             if type_(args[0]) is func:
@@ -242,6 +328,7 @@ def install_tripwire(root):
 
 def serve(inp, out, tripwire):
     """Load the program, then answer calls of its entry point until the runner hangs up."""
+
     def send(message):
         try:  # the check's output is read as soon as the tests are done
             sys.stdout.flush()

@@ -32,7 +32,7 @@ def decode(x):
     if x is None or t is bool or t is int or t is float or t is str:
         return x
     if t is dict and len(x) == 1:
-        (tag, v), = x.items()
+        ((tag, v),) = x.items()
         if tag in ("list", "tuple", "set", "frozenset") and type(v) is list:
             kind = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag]
             return kind(decode(e) for e in v)
@@ -40,8 +40,12 @@ def decode(x):
             return {decode(k): decode(e) for k, e in v}
         if tag == "bytes" and type(v) is str:
             return bytes.fromhex(v)
-        if tag == "complex" and type(v) is list and len(v) == 2 and \
-                all(type(p) in (int, float) for p in v):
+        if (
+            tag == "complex"
+            and type(v) is list
+            and len(v) == 2
+            and all(type(p) in (int, float) for p in v)
+        ):
             return complex(v[0], v[1])
     raise ValueError("a malformed answer")
 
@@ -75,13 +79,17 @@ def non_dumpable():
 
 def run(job, to_candidate, from_candidate):
     """Run the tests; raises on failure, returns when they pass."""
+
     def ask(message):
         to_candidate.write(json.dumps(message).encode() + b"\n")
         to_candidate.flush()
         line = from_candidate.readline(MAX_ANSWER_BYTES + 1)
         if not line.endswith(b"\n"):
-            raise CandidateFailed("the candidate's process ended before answering" if not line
-                                  else f"an answer longer than {MAX_ANSWER_BYTES} bytes")
+            raise CandidateFailed(
+                "the candidate's process ended before answering"
+                if not line
+                else f"an answer longer than {MAX_ANSWER_BYTES} bytes"
+            )
         answer = json.loads(line)
         if type(answer) is not dict or len(answer) != 1:
             raise CandidateFailed("a malformed answer")
