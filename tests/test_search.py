@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from search_synthetic import SMALL, SPACE, synthetic
 
 from looptune.errors import LooptuneError
 from looptune.search.choice import (
@@ -28,26 +29,6 @@ from looptune.search.choice import (
 )
 from looptune.search.pareto import Workload, run_pareto
 from looptune.search.study import MAX_ATTEMPTS, Space, TrialReport, run_study
-
-SPACE = Space(("a", "b"), (1, 2, 3, 4), (8, 16, 32), ("float32",))
-SMALL = Space(("a", "b"), (1, 2), (8, 16), ("float32",))  # for studies in SQLite (slower)
-
-
-def synthetic(knobs: Knobs) -> Outcome:
-    """Quality best at R=2 (as LoopCoder-v2), worse with a small window; latency grows with R."""
-    member = 0.05 if Path(knobs.checkpoint).name[-1] in "b2" else 0.0
-    quality = 2.0 + 0.3 * abs(knobs.loops - 2) + 4.0 / knobs.window + member
-    latency = 1.0 + 0.25 * knobs.loops + 0.002 * knobs.window + 2 * member
-    kv = 1000 * (100 + (knobs.loops - 1) * knobs.window)
-    return Outcome(
-        knobs,
-        quality,
-        (quality - 0.01, quality + 0.01),
-        latency,
-        (latency * 0.99, latency * 1.01),
-        10.0 * knobs.loops,
-        kv,
-    )
 
 
 @pytest.fixture
@@ -387,7 +368,7 @@ def test_plot_marks_the_two_dimensional_front_and_kv_only_points(members, tmp_pa
 WORKER = textwrap.dedent("""
     import json, os, sys, time
     sys.path.insert(0, {tests!r})
-    from test_search import synthetic, SPACE
+    from search_synthetic import synthetic, SPACE
     from looptune.search.choice import Budgets, choose, pareto_front
     from looptune.search.study import run_study
 
