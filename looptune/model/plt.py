@@ -232,7 +232,10 @@ class DecoderLayer(nn.Module):
 class PLTBackbone(nn.Module):
     def __init__(self, cfg: PLTConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # zeros, not nn.init (loaders set it; nn.init on meta imports torch._dynamo, 2 s)
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.zeros(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
