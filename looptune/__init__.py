@@ -1,7 +1,8 @@
 """looptune: choose the loop count (and the other inference knobs) of a Parallel Loop
 Transformer for a given model and GPU. Heavy imports (torch, Optuna) happen on first use.
 
-The library functions return results and write nothing unless given a path:
+The library functions return results and write nothing unless given a path (`diagnose` is
+`looptune.diagnose.diagnose`: the name `looptune.diagnose` is its package):
 
     import looptune
 
@@ -33,7 +34,6 @@ _EXPORTS = {
     "run_pareto": "looptune.search",
     "Budgets": "looptune.search",
     "Workload": "looptune.search",
-    "diagnose": "looptune.diagnose",
     # the deployable file
     "Profile": "looptune.export.deployable",
     "read_profile": "looptune.export.deployable",
@@ -51,7 +51,6 @@ __all__ = [
     "Workload",
     "__version__",
     "build_model",
-    "diagnose",
     "family_members",
     "generate",
     "kv_bytes",
