@@ -18,8 +18,10 @@ def family_members() -> list[Path]:
 def default_checkpoint() -> Path:
     path = MODELS_DIR / DEFAULT_MEMBER
     if not (path / "config.json").exists():
-        raise LooptuneError("no checkpoint given and no bundled model is installed; pass a "
-                            "checkpoint directory (make one with `looptune init`)")
+        raise LooptuneError(
+            "no checkpoint given and no bundled model is installed; pass a "
+            "checkpoint directory (make one with `looptune init`)"
+        )
     return path
 
 

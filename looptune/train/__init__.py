@@ -3,4 +3,4 @@
 from looptune.train.corpus import heldout_texts, load_corpus
 from looptune.train.trainer import TrainResult, train
 
-__all__ = ["heldout_texts", "load_corpus", "TrainResult", "train"]
+__all__ = ["TrainResult", "heldout_texts", "load_corpus", "train"]

@@ -15,7 +15,6 @@ usual D = n1 / (n1 + 2 n2) per order. Everything is counted with numpy on intege
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +25,10 @@ BASE = 257  # symbols: 256 bytes + PAD
 
 def _encode(texts: list[str], order: int) -> list[np.ndarray]:
     pad = np.full(order - 1, PAD, dtype=np.int64)
-    return [np.concatenate([pad, np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64)])
-            for t in texts]
+    return [
+        np.concatenate([pad, np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64)])
+        for t in texts
+    ]
 
 
 def _grams(seqs: list[np.ndarray], n: int, order: int) -> np.ndarray:
@@ -39,7 +40,7 @@ def _grams(seqs: list[np.ndarray], n: int, order: int) -> np.ndarray:
             continue
         k = np.zeros(m, dtype=np.int64)
         for j in range(n):  # oldest symbol first
-            k = k * BASE + s[order - n + j: order - n + j + m]
+            k = k * BASE + s[order - n + j : order - n + j + m]
         keys.append(k)
     return np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
 
@@ -84,7 +85,7 @@ class KneserNey:
                 table = _Table.count(_grams(seqs, n, order))
             else:  # continuation counts: distinct predecessors of each n-gram
                 longer = np.unique(_grams(seqs, n + 1, order))
-                table = _Table.count(longer % BASE ** n)
+                table = _Table.count(longer % BASE**n)
             ctx = table.keys // BASE  # context of each gram (0 for unigrams)
             uniq, inv = np.unique(ctx, return_inverse=True)
             sums = np.bincount(inv, weights=table.counts)
@@ -104,7 +105,7 @@ class KneserNey:
             table, totals, ntypes, D = self.levels[n - 1]
             key = np.zeros(m, dtype=np.int64)
             for j in range(n):
-                key = key * BASE + seq[self.order - n + j: self.order - n + j + m]
+                key = key * BASE + seq[self.order - n + j : self.order - n + j + m]
             ctx = key // BASE
             c, tot, typ = table.get(key), totals.get(ctx), ntypes.get(ctx)
             seen = tot > 0
@@ -120,10 +121,3 @@ class KneserNey:
     def bits_per_byte(self, texts: list[str]) -> float:
         bits = self.log2_probs(texts)
         return float(bits.sum() / max(len(bits), 1))
-
-
-def baseline_bpb(train: list[str], heldout: list[str], order: int = 3) -> float:
-    value = KneserNey.fit(train, order).bits_per_byte(heldout)
-    if not math.isfinite(value):
-        raise RuntimeError("n-gram baseline gave a non-finite score")
-    return value
