@@ -593,3 +593,13 @@ def test_cli_out_is_checked_before_any_work(ckpt, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], lines
         assert "loading" not in result.stderr  # nothing was measured
+
+
+def test_environment_is_plain_data_a_profile_can_hold():
+    """The environment lands in the profile's YAML; safe_dump refuses any non-plain type."""
+    import yaml
+
+    from looptune.measure.env import environment
+
+    env = environment("cpu", torch.float32)
+    assert yaml.safe_load(yaml.safe_dump(env)) == env

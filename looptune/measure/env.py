@@ -178,7 +178,7 @@ def environment(device, dtype) -> dict:
         "device_type": device.type,
         "dtype": dtype,
         "device_name": cpu_model(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion is a str subclass YAML cannot write
         "cuda": torch.version.cuda,
         "hip": torch.version.hip,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
