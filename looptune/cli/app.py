@@ -20,6 +20,8 @@ except ImportError:
 
 # Human output goes to stderr; stdout is kept for `--json` documents.
 console = Console(stderr=True)
+if not console.is_terminal:  # a log file or a pipe: rich's 80 columns would cut the tables
+    console.width = 120
 
 
 def raise_interrupt(signum, frame):
