@@ -250,7 +250,7 @@ def test_score_checkpoints_compares_with_trained_r_and_caches(tmp_path, checkpoi
 
 
 def test_humaneval_pass_at_1_needs_execute_then_runs(checkpoint):
-    with pytest.raises(LooptuneError, match="--execute"):
+    with pytest.raises(LooptuneError, match="set execute"):
         score_checkpoints([checkpoint], sets=["humaneval"])
     scores = score_checkpoints([checkpoint], loops=[2], sets=["humaneval"], limit=2, execute=True)
     (s,) = scores

@@ -201,7 +201,7 @@ def test_cli_error_is_one_line(tmp_path):
         ],
     )
     assert result.exit_code == 2
-    assert "error: --corpus" in result.output and "Traceback" not in result.output
+    assert "error: corpus" in result.output and "Traceback" not in result.output
 
 
 # ----- corpus -----

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from looptune.cli.app import app, console, emit_json, parse_int_list
+from looptune.errors import LooptuneError
 
 
 @app.command()
@@ -89,6 +90,10 @@ def score(
     from looptune.bundled import resolve_checkpoints
     from looptune.quality.score import score_checkpoints, scores_document
 
+    if "humaneval" in (set_ or []) and not execute:  # the library's check, in the flag's words
+        raise LooptuneError(
+            "the humaneval set runs model-generated code; pass --execute to allow it"
+        )
     paths = resolve_checkpoints(checkpoints, family=family)
     with _progress(json_out) as report:
         scores = score_checkpoints(

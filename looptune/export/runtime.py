@@ -43,7 +43,7 @@ class ProfiledModel:
         limit = self.model.config.max_position_embeddings
         if len(ids) + max_new_tokens > limit:
             raise LooptuneError(
-                f"prompt ({len(ids)} tokens) plus --max-new-tokens "
+                f"prompt ({len(ids)} tokens) plus max_new_tokens "
                 f"({max_new_tokens}) exceeds the model's context of {limit}"
             )
         pieces: list[str] = []

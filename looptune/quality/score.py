@@ -156,7 +156,7 @@ def score_checkpoints(
 
     if "humaneval" in sets and not execute:
         raise LooptuneError(
-            "the humaneval set runs model-generated code; pass --execute to "
+            "the humaneval set runs model-generated code; set execute to "
             "allow it (each program runs in a limited, isolated subprocess)"
         )
     if "humaneval" in sets:

@@ -242,9 +242,9 @@ def folder_corpus(path: Path, heldout_bytes: int | None = None) -> Corpus:
     """Any folder of source files, split by file the same way (held-out ~5%, at most 1 MB)."""
     path = Path(path)
     if not path.exists():
-        raise LooptuneError(f"--corpus {path}: no such file or directory")
+        raise LooptuneError(f"corpus {path}: no such file or directory")
     if not path.is_dir():
-        raise LooptuneError(f"--corpus {path}: not a directory (give a folder of source files)")
+        raise LooptuneError(f"corpus {path}: not a directory (give a folder of source files)")
     found = discover(path, SOURCE_SUFFIXES)
     if not found:
         raise LooptuneError(

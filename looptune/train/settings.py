@@ -86,17 +86,17 @@ def settings_for(
     if preset not in PRESETS:
         raise LooptuneError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     if (steps is None) == (tokens is None):
-        raise LooptuneError("give exactly one of --steps and --tokens")
+        raise LooptuneError("give exactly one of steps and tokens")
     if loops < 1:
-        raise LooptuneError(f"--loops must be >= 1, got {loops}")
+        raise LooptuneError(f"loops must be >= 1, got {loops}")
     if context < 2:
         raise LooptuneError(f"context must be at least 2 tokens, got {context}")
     if save_dtype not in ("float32", "bfloat16"):
-        raise LooptuneError(f"--save-dtype must be float32 or bfloat16, got {save_dtype!r}")
+        raise LooptuneError(f"save_dtype must be float32 or bfloat16, got {save_dtype!r}")
     if steps is None:
         steps = math.ceil(tokens / (batch_size * context))
     if steps < 1:
-        raise LooptuneError(f"--steps/--tokens must give at least one step, got {steps}")
+        raise LooptuneError(f"steps or tokens must give at least one step, got {steps}")
     return TrainSettings(
         preset=preset,
         loops=loops,
