@@ -128,6 +128,22 @@ def test_plain_data_crosses_exactly(kind):
     assert r.passed, r
 
 
+@pytest.mark.parametrize(
+    "program, tests",
+    [
+        ("def f():\n    raise ValueError('\\ud800 odd')\n", RETURNS_ONE),
+        (
+            "def f():\n    return '\\udfff odd'\n",
+            "def check(f):\n    x = f()\n    assert x == 1, x\n",
+        ),
+    ],
+)
+def test_text_that_is_not_valid_unicode_is_reported_not_fatal(kind, program, tests):
+    # a lone surrogate crosses JSON; it once killed the runner (no verdict, the error lost)
+    r = check(program, kind, tests=tests)
+    assert r.status == "failed" and "odd" in r.detail and "\\ud" in r.detail, r
+
+
 # --- the guard's own state ---------------------------------------------------------------------
 
 

@@ -153,7 +153,9 @@ def main():
         sys.stderr.flush()
         os.dup2(null, 1)
         os.dup2(null, 2)
-        control.sendall(f"{message.decode()} {' '.join(outcome.split())[:400]}".encode())
+        verdict = f"{message.decode()} {' '.join(outcome.split())[:400]}"
+        # an error's text may hold lone surrogates (JSON's "\ud800"): shown, not fatal
+        control.sendall(verdict.encode(errors="backslashreplace"))
 
 
 if __name__ == "__main__":
