@@ -312,6 +312,30 @@ OUTSIDE_WRITES = [
     ),
     "import shutil\nshutil.copy('/etc/hostname', {target!r})",
     "import sqlite3\nsqlite3.connect({target!r}).execute('create table t (x)')",
+    (
+        "import sqlite3\nsqlite3.connect(':memory:').execute('attach database ' + repr({target!r}) "
+        "+ ' as x').execute('create table x.t (a)')"
+    ),
+    (
+        "import sqlite3\nc = sqlite3.connect(':memory:')\nc.execute('create table t (a)')\n"
+        "c.execute('vacuum into ' + repr({target!r}))"
+    ),
+    (
+        "import sqlite3\nsqlite3.connect('file:' + {target!r} + '?mode=rwc', uri=True).execute("
+        "'create table t (a)')"
+    ),
+    # a thread swaps a/b between a symlink three levels deep and a directory, so that the
+    # path checked and the path opened differ
+    (
+        "import os, threading\nos.makedirs('a/c/d/e')\nos.mkdir('a/bdir')\n"
+        "os.symlink('c/d/e', 'a/blink')\nstop = []\ndef flip():\n    while not stop:\n"
+        "        try:\n            os.rename('a/bdir', 'a/b'); os.rename('a/b', 'a/bdir')\n"
+        "            os.rename('a/blink', 'a/b'); os.rename('a/b', 'a/blink')\n"
+        "        except OSError:\n            pass\nthreading.Thread(target=flip).start()\n"
+        "p = 'a/b/' + '../' * (2 + os.getcwd().count('/')) + {target!r}.lstrip('/')\n"
+        "for _ in range(20000):\n    try:\n        open(p, 'w').write('x')\n"
+        "    except OSError:\n        pass\nstop.append(1)\nopen(p, 'w')"
+    ),
     "import os\nos.open({target!r}, os.O_WRONLY | os.O_CREAT)",
 ]
 OUTSIDE_CHANGES = [

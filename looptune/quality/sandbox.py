@@ -26,10 +26,10 @@ Where the candidate runs (`sandbox_kind`):
   no network. The tripwire below runs inside it too, as a second layer.
 - "tripwire": where bubblewrap is missing or cannot create namespaces, with a warning (once, on
   stderr): a scrubbed environment, an empty working directory, and an audit hook refusing
-  writes outside it, reads outside it and the system's and Python's files, spawning, signals,
-  sockets, ctypes and native code of its own. It stops accidents and the attacks tested in
-  tests/test_sandbox.py, not every program written to escape it; the total written is not
-  capped.
+  writes outside it, reads outside it and the system's and Python's files, spawning processes
+  or threads, signals, sockets, SQLite, ctypes and native code of its own. It stops
+  accidents and the attacks tested in tests/test_sandbox.py, not every program written to
+  escape it; the total written is not capped.
 
 Both: `python -I -S`, rlimits on CPU, memory, file size and open files, and a wall-clock limit
 after which the candidate's process group, and the runner, are killed. `LOOPTUNE_SANDBOX`
