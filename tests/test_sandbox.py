@@ -236,6 +236,38 @@ def test_the_parent_survives_attempts_to_kill_it(kind):
         assert all(r["status"] == "failed" for r in results), results
 
 
+SCHEDULED_PARENT = """
+import json, os, sys
+from looptune.quality.sandbox import Limits, run_check
+def now():
+    return os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)), \\
+        os.sched_getscheduler(0)
+before = now()
+for p in json.loads(sys.argv[2]):
+    run_check(p, "def check(f):\\n    assert f() == 1\\n", "f", Limits(timeout_s=5.0), sys.argv[1])
+print(json.dumps([before, now()]))
+"""
+
+
+def test_the_parent_keeps_its_priority_and_cpus(kind):
+    # no audit event guards these: as root, PRIO_USER would renice every process of the machine
+    nice = 19 if os.getpriority(os.PRIO_PROCESS, 0) < 19 else 0
+    programs = [
+        fn(f"import os\nos.setpriority(os.PRIO_PROCESS, os.getppid(), {nice})"),
+        fn("import os\nos.sched_setaffinity(os.getppid(), {0})"),
+        fn("import os\nos.sched_setscheduler(os.getppid(), os.SCHED_IDLE, os.sched_param(0))"),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", SCHEDULED_PARENT, kind, json.dumps(programs)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    before, after = json.loads(done.stdout)
+    assert after == before
+
+
 SECRET_READERS = [
     fn("import os\nraise ValueError(open(f'/proc/{os.getppid()}/environ').read())"),
     fn("import os\nprint(open(f'/proc/{os.getppid()}/environ').read())"),

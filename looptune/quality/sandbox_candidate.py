@@ -104,12 +104,15 @@ def install_tripwire(root):
             "mmap",
         )
     )
-    # Killing the parent or leaving the process group raises no audit event: take the functions
-    # away (`signal` copies `_signal` when imported), and with them the means of building fresh
-    # built-in modules that would have them again, once every other built-in is loaded.
+    # Killing the parent, changing its priority or CPUs, or leaving the process group raises no
+    # audit event: take the functions away (`signal` copies `_signal` when imported), and with
+    # them the means of building fresh built-in modules that would have them again, once every
+    # other built-in is loaded.
+    process = ("pidfd_open", "setsid", "setpgid", "setpgrp", "killpg", "setpriority")
+    process += ("sched_setaffinity", "sched_setscheduler", "sched_setparam")
     for module, names in (
-        (os, ("pidfd_open", "setsid", "setpgid", "setpgrp", "killpg")),
-        (posix, ("pidfd_open", "setsid", "setpgid", "setpgrp", "killpg")),
+        (os, process),
+        (posix, process),
         (_signal, ("pidfd_send_signal", "pthread_kill")),
     ):
         for name in names:
