@@ -3,6 +3,7 @@ fields of a Measurement, KV measured == analytic, out of memory, Ctrl-C, the res
 the command line. Tiny checkpoints, 8-token prompts, a few decode steps: seconds in all."""
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -255,6 +256,16 @@ def test_cache_hit_measures_nothing_and_fresh_remeasures(ckpt, monkeypatch):
     assert not any(m.cached for m in other)
 
 
+def test_a_copy_of_a_checkpoint_hits_the_cache_under_its_own_path(ckpt, tmp_path):
+    args = dict(loops=[1], modes=["plt"], **FAST)
+    (first,) = profile_candidates([ckpt], **args)
+    copy = tmp_path / "copy"
+    shutil.copytree(ckpt, copy)
+    (again,) = profile_candidates([copy], **args)
+    assert again.cached and again.tpot_ms_p50 == first.tpot_ms_p50  # same content, same result
+    assert again.checkpoint == str(copy) and again.label.startswith("copy ")
+
+
 def test_candidates_are_interleaved(ckpt):
     runs = []
 
@@ -483,6 +494,9 @@ def test_cli_without_a_checkpoint_or_bundled_model_is_a_clear_error(monkeypatch,
         {"tpot_ms_p50_ci95": [1.0]},
         {"status": "partial"},
         {"interference": ["load"]},
+        {"loops": 7},  # the key is right but the result is another candidate's
+        {"mode": "sequential"},
+        {"model_hash": "0" * 64},
     ],
 )
 def test_an_impossible_cache_entry_is_measured_again(ckpt, capsys, edit):

@@ -56,7 +56,7 @@ from looptune.model.checkpoint import (
 )
 from looptune.model.config import MODES
 from looptune.model.plt import PLTForCausalLM
-from looptune.store import ResultCache, device_lock
+from looptune.store import ResultCache, device_lock, warn
 
 METHOD = 2  # bump when the way of measuring changes: older cache entries are then not reused
 STATUSES = ("ok", "not-measured", "infeasible")
@@ -248,16 +248,37 @@ def profile_candidates(
 
     todo = []
     for c in cands:
-        hit = None if fresh else store.get(c.key)
+        hit = None if fresh else _cached(store, c)
         if hit is not None:
-            c.m = Measurement.from_dict(hit)
-            c.m.cached = True
+            c.m = hit
             say(f"{c.m.label}: cached")
         else:
             todo.append(c)
     if todo:
         _measure(todo, dev, Plan(how, min_repeats, min_time_s, warmup, seed, limits), store, say)
     return [c.m for c in cands]
+
+
+IDENTITY = ("model_hash", "mode", "loops", "batch", "window", "prompt_len", "gen_len", "dtype")
+
+
+def _cached(store: ResultCache, c: Candidate) -> Measurement | None:
+    """The cached Measurement of `c`, under `c`'s own path (a copy of a checkpoint has the same
+    content, so the same result); None, with a warning for a result of another candidate."""
+    hit = store.get(c.key)
+    if hit is None:
+        return None
+    m = Measurement.from_dict(hit)
+    wrong = [f for f in IDENTITY if getattr(m, f) != getattr(c.m, f)]
+    if wrong:
+        warn(
+            f"ignoring profile cache entry {store.path(c.key)}: its {wrong[0]} "
+            f"{getattr(m, wrong[0])!r} is not the candidate's {getattr(c.m, wrong[0])!r}; "
+            "measuring again"
+        )
+        return None
+    m.checkpoint, m.cached = c.m.checkpoint, True
+    return m
 
 
 def _measure(todo: list[Candidate], dev, plan: Plan, store: ResultCache, say):
