@@ -2,6 +2,7 @@
 fields of a Measurement, KV measured == analytic, out of memory, Ctrl-C, the result cache and
 the command line. Tiny checkpoints, 8-token prompts, a few decode steps: seconds in all."""
 
+import errno
 import json
 import shutil
 import time
@@ -617,3 +618,20 @@ def test_environment_is_plain_data_a_profile_can_hold():
 
     env = environment("cpu", torch.float32)
     assert yaml.safe_load(yaml.safe_dump(env)) == env
+
+
+def test_cli_a_full_disk_for_out_is_one_line_and_the_results_are_shown(ckpt, tmp_path, monkeypatch):
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("looptune.store.atomic_write_text", full)
+    out = tmp_path / "p.json"
+    args = ["profile", str(ckpt), "--loops", "1", "--mode", "plt", "--out", str(out), "--json"]
+    fast = ["--prompt-len", "8", "--gen-len", "4", "--min-time", "0", "--min-repeats", "2"]
+    result = runner.invoke(app, [*args, *fast, "--device", "cpu", "--threads", "1"])
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write --out {out}: No space left on device; the results are above"
+    )
+    assert json.loads(result.stdout)["measurements"][0]["status"] == "ok"  # not lost
+    assert "profile (times in ms)" in result.stderr and not out.exists()

@@ -153,11 +153,16 @@ def profile(
         "threads_used": sorted({m.threads for m in results if m.threads}),
     }
     doc = document(results, settings, env)
-    if out is not None:
-        atomic_write_text(out, dumps(doc))
-    _print(results, env)
+    _print(results, env)  # first: a failed write below must not lose the results
     if json_out:
         emit_json(doc)
+    if out is not None:
+        try:
+            atomic_write_text(out, dumps(doc))
+        except OSError as e:
+            raise LooptuneError(
+                f"cannot write --out {out}: {e.strerror or e}; the results are above"
+            ) from None
     if any(m.kv_match is False for m in results):
         raise typer.Exit(1)
 
