@@ -361,3 +361,83 @@ def test_a_moved_model_is_refused_and_force_needs_a_context(tmp_path):
     assert args.max_model_len == 128 and args.model == str(ckpt.resolve())
     hf = export(prof, "--to", "hf", "--out", tmp_path / "hf", "--force")
     assert hf.exit_code == 2 and "no copy can be written" in hf.stderr
+
+
+def test_an_unwritable_full_or_interrupted_output_is_one_line_and_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    from looptune.export import serving, weights
+
+    ckpt = tmp_path / "loop"
+    init_checkpoint(ckpt, "tiny", arch="iquest-loop")
+    _respell(ckpt, "model.layers.{i}.gate_projection")  # so --write-weights rewrites a shard
+    _, prof = loop_profile(tmp_path)
+    (tmp_path / "afile").write_text("")
+    blocked = export(prof, "--to", "vllm", "--out", tmp_path / "afile" / "x")
+    assert blocked.exit_code == 2 and blocked.stderr.startswith("error: ")
+    assert len(blocked.stderr.strip().splitlines()) == 1
+
+    def full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 100)  # half a shard, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    out = tmp_path / "new" / "v"
+    monkeypatch.setattr(weights, "save_file", full)
+    result = export(prof, "--to", "vllm", "--out", out, "--write-weights")
+    assert result.exit_code == 2 and "No space left on device" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()  # the directories it made are gone too
+    monkeypatch.undo()
+
+    def yaml_full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(serving, "atomic_write_text", yaml_full)
+    result = export(prof, "--to", "vllm", "--out", out, "--write-weights")
+    assert result.exit_code == 2 and not (tmp_path / "new").exists()  # no copy without its file
+    monkeypatch.undo()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(weights, "save_file", interrupted)
+    result = export(prof, "--to", "vllm", "--out", out, "--write-weights")
+    assert result.exit_code == 130 and not (tmp_path / "new").exists()
+
+
+def test_a_copy_never_replaces_another_checkpoint_nor_keeps_a_stale_index(tmp_path):
+    other = tmp_path / "other"
+    init_checkpoint(other, "tiny", arch="plt", shard_bytes=4096)
+    before = sorted(p.name for p in other.iterdir())
+    _, prof = loop_profile(tmp_path)
+    refused = export(prof, "--to", "hf", "--out", other)
+    assert refused.exit_code == 2 and "not made by looptune export" in refused.stderr
+    assert sorted(p.name for p in other.iterdir()) == before
+    assert runner.invoke(app, ["info", str(other)]).exit_code == 0
+    # re-exporting into its own earlier export is fine, and a single-file model replacing a
+    # sharded one leaves no index naming the old shards
+    sharded = tmp_path / "sharded"
+    init_checkpoint(sharded, "tiny", arch="iquest-loop", shard_bytes=4096)
+    _, prof_sharded = loop_profile(tmp_path, ckpt=sharded)
+    out = tmp_path / "hf"
+    assert export(prof_sharded, "--to", "hf", "--out", out).exit_code == 0
+    assert (out / "model.safetensors.index.json").exists()
+    _, prof = loop_profile(tmp_path)
+    again = export(prof, "--to", "hf", "--out", out)
+    assert again.exit_code == 0, again.output
+    assert not (out / "model.safetensors.index.json").exists()
+    assert not list(out.glob("model-*.safetensors"))
+    assert runner.invoke(app, ["info", str(out)]).exit_code == 0
+
+
+def test_a_forced_export_without_the_model_says_the_engine_picks_the_context(tmp_path):
+    ckpt, prof = loop_profile(tmp_path)
+    ckpt.rename(tmp_path / "elsewhere")
+    forced = export(prof, "--to", "sglang", "--out", tmp_path / "s", "--force")
+    assert forced.exit_code == 0, forced.output
+    lines = header(tmp_path / "s" / "sglang.yaml")
+    assert "context 0 tokens ()" not in lines
+    assert any(line.startswith("context: the engine's default") for line in lines)
+    assert "context-length" not in yaml.safe_load((tmp_path / "s" / "sglang.yaml").read_text())

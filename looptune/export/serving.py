@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from safetensors import SafetensorError
 
 from looptune.errors import LooptuneError
 from looptune.export.deployable import Profile, ProfileError, check_model, model_path
@@ -121,8 +123,25 @@ def export_profile(
         keys.loops: profile.knobs.loops,
         keys.window: window_value(keys.convention, profile.knobs.window),
     }
-    _write(result, profile, profile_path, model, keys, renames, write_weights)
+    made = _first_missing(result.out)
+    try:
+        _write(result, profile, profile_path, model, keys, renames, write_weights)
+    except BaseException as e:  # a full or unwritable disk, Ctrl-C: keep nothing half-made
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):
+            reason = f"{e.strerror}: {e.filename}" if getattr(e, "strerror", None) else str(e)
+            raise LooptuneError(f"{result.out}: cannot write the export ({reason})") from None
+        raise
     return result
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (what the export creates)."""
+    missing = None
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
 
 
 def _read_model(path: Path) -> _Model:
@@ -314,7 +333,11 @@ def _header(profile: Profile, profile_path, result: Export, keys: LoopKeys) -> l
             f"[{q.ci[0]:.4g}, {q.ci[1]:.4g}] on {q.set}, KV {o.kv_bytes} bytes per sequence{shape}"
         ),
         f"loop keys {json.dumps(result.overrides)}: window as {CONVENTIONS[keys.convention]}",
-        f"context {result.context} tokens ({result.context_from})",
+        (
+            f"context {result.context} tokens ({result.context_from})"
+            if result.context
+            else "context: the engine's default (the model was not there to read its maximum)"
+        ),
         (
             f"concurrency {result.concurrency}: the latency budget holds only up to the measured "
             f"batch of {k.batch}"

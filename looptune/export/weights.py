@@ -4,7 +4,8 @@ the gate tensors, and everything else shared with the original.
 Shards with no tensor to rename are hard links to the original (symbolic links across file
 systems), as are the tokenizer and remote-code files; only a shard holding a renamed tensor is
 rewritten. Every file is written atomically and config.json last, so a copy interrupted half-way
-never looks like a complete checkpoint.
+never looks like a complete checkpoint. A copy goes only into a new or empty directory or an
+earlier copy (marked by MARK): it removes files it did not produce, never another model's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from safetensors.torch import save_file
 from looptune.errors import LooptuneError
 from looptune.model.checkpoint import INDEX, weight_files
 from looptune.store import atomic_write_text
+
+MARK = ".looptune-export"  # in every copy's directory: a later export may replace its files
 
 
 def tensor_names(directory: Path) -> dict[str, Path]:
@@ -40,7 +43,7 @@ def write_model_dir(source: Path, target: Path, renames: dict[str, str], config:
     source, target = Path(source).resolve(), Path(target).resolve()
     if source == target:
         raise LooptuneError(f"{target}: the copy cannot replace the checkpoint it is made from")
-    target.mkdir(parents=True, exist_ok=True)
+    _claim(target)
     (target / "config.json").unlink(missing_ok=True)  # incomplete until it is written again
     shards = weight_files(source)
     linked, rewritten = [], []
@@ -66,15 +69,37 @@ def write_model_dir(source: Path, target: Path, renames: dict[str, str], config:
         index["weight_map"] = {renames.get(k, k): v for k, v in index["weight_map"].items()}
         atomic_write_text(target / INDEX, json.dumps(index, indent=2) + "\n")
     produced = {s.name for s in shards} | {INDEX, "config.json"}
-    for f in target.glob("*.safetensors"):
-        if f.name not in produced:
-            f.unlink()  # a shard left by an earlier copy of another checkpoint
     for f in sorted(source.iterdir()):
         if f.is_file() and f.name not in produced and not f.name.startswith("."):
             _link(f, target / f.name)  # tokenizer, generation config, remote code
             linked.append(f.name)
+    keep = {s.name for s in shards} | set(linked) | {"config.json"}
+    if (source / INDEX).exists():
+        keep.add(INDEX)
+    for f in target.iterdir():
+        if f.is_file() and not f.name.startswith(".") and f.name not in keep:
+            f.unlink()  # left by an earlier copy of another checkpoint (shards, its index)
     atomic_write_text(target / "config.json", json.dumps(config, indent=2) + "\n")
     return {"linked": linked, "rewritten": rewritten, "config": str(target / "config.json")}
+
+
+def _claim(target: Path) -> None:
+    """Make `target` a copy's directory; refuse one that holds anything but an earlier copy."""
+    if target.is_dir() and any(target.iterdir()) and not _is_copy(target):
+        raise LooptuneError(
+            f"{target}: not empty and not made by looptune export; choose a new or empty directory"
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    (target / MARK).touch()
+
+
+def _is_copy(directory: Path) -> bool:
+    if (directory / MARK).exists():
+        return True
+    try:  # a copy made before MARK: its config.json carries the export header
+        return "looptune_export" in json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _link(source: Path, target: Path) -> None:
