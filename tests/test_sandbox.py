@@ -420,6 +420,23 @@ def test_boundary_only_the_system_is_read_only_and_the_parents_files_invisible()
 
 
 @needs_boundary
+def test_boundary_only_the_kernels_settings_are_read_only():
+    # run by root, the sandbox's user is root outside: a fresh /proc let it write the host's
+    # sysctls (kernel/core_pattern runs a program as root). Checked with access(), which
+    # writes nothing but answers as open() would, the read-only mount included.
+    program = (
+        "def f():\n    import os\n    found = []\n    for top in os.listdir('/proc'):\n"
+        "        if top[0].isdigit() or top in ('self', 'thread-self'):\n            continue\n"
+        "        for d, _, files in os.walk('/proc/' + top):\n"
+        "            found += [f'{d}/{n}' for n in files if os.access(f'{d}/{n}', os.W_OK)]\n"
+        "        if os.path.isfile('/proc/' + top) and os.access('/proc/' + top, os.W_OK):\n"
+        "            found.append('/proc/' + top)\n    return found[:5]\n"
+    )
+    r = boundary_alone(program, "def check(f):\n    assert f() == [], f()\n")
+    assert r.passed, r
+
+
+@needs_boundary
 def test_boundary_only_the_total_written_is_capped():
     limits = Limits(timeout_s=10.0, file_bytes=1 << 20, disk_bytes=4 << 20)
     program = (

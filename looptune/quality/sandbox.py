@@ -23,7 +23,9 @@ Where the candidate runs (`sandbox_kind`):
   processes, a read-only root holding the system's libraries and Python's standard library
   (not the environment, the home directory, the repository or anything else of the parent's),
   a private size-capped tmpfs as its only writable directory (`Limits.disk_bytes` in all), and
-  no network. The tripwire below runs inside it too, as a second layer.
+  no network. Its user is the caller's outside, root when looptune runs as root, so /proc and
+  /dev are read-only too (a fresh /proc would let it write the host's sysctls). The tripwire
+  below runs inside it too, as a second layer.
 - "tripwire": where bubblewrap is missing or cannot create namespaces, with a warning (once, on
   stderr): a scrubbed environment, an empty working directory, and an audit hook refusing
   writes outside it, reads outside it and the system's and Python's files, spawning processes
@@ -353,7 +355,8 @@ def _python() -> str:
 
 def _bwrap_argv(disk_bytes: int) -> list[str]:
     """bubblewrap: every namespace, an unprivileged user, read-only system and Python dirs, a
-    size-capped tmpfs at /sandbox (also /tmp), and nothing else of the parent's."""
+    read-only /proc and /dev, a size-capped tmpfs at /sandbox (also /tmp), and nothing else of
+    the parent's."""
     argv = [
         shutil.which("bwrap") or "bwrap",
         "--unshare-all",
@@ -387,6 +390,8 @@ def _bwrap_argv(disk_bytes: int) -> list[str]:
         "/tmp",
         "--remount-ro",
         "/dev",
+        "--remount-ro",  # run by root, its user is root outside: no writing the host's sysctls
+        "/proc",
         "--remount-ro",
         "/",
         "--chdir",
