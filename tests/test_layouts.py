@@ -317,3 +317,15 @@ def test_bad_null_and_mixed_spellings_are_one_line(tmp_path):
     )
     with pytest.raises(CheckpointError, match="missing tensors"):
         load_model(tmp_path / "mixed", device="cpu")
+
+
+def test_info_says_when_the_tokenizer_the_config_names_is_missing(tmp_path):
+    """A maker's checkpoint without tokenizer.json takes ids only (score and generate need
+    text); `info` says so instead of naming a file that is not there."""
+    config, ref_cfg, gate, gate_name = LAYOUTS["iquest-released-model-level"]
+    write(tmp_path / "ck", config, reference(gate, **ref_cfg), gate_name)
+    human = runner.invoke(app, ["info", str(tmp_path / "ck")])
+    assert human.exit_code == 0, human.output
+    assert "tokenizer.json missing (token ids only)" in human.stderr
+    doc = json.loads(runner.invoke(app, ["info", str(tmp_path / "ck"), "--json"]).stdout)
+    assert doc["tokenizer_found"] is False

@@ -110,9 +110,13 @@ def info(
         f"heads {c['num_attention_heads']}/{c['num_key_value_heads']}  head_dim "
         f"{c['head_dim']}  vocab {c['vocab_size']}"
     )
+    tokenizer = (
+        c["tokenizer"] if doc["tokenizer_found"] else "tokenizer.json missing (token ids only)"
+    )
     console.print(
         f"trained: mode {c['mode']}, R = {c['num_loops']}, W = {c['window']} "
-        f"(keys, self included), gate from {c['gate']}, tokenizer {c['tokenizer']}"
+        f"(keys, self included), gate from {c['gate']}, tokenizer {tokenizer}",
+        soft_wrap=True,
     )
     lay = doc["layout"]
     console.print(

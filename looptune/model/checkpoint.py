@@ -417,6 +417,9 @@ def describe_checkpoint(path, contexts=(512, 2048, 8192)) -> dict:
         "path": str(directory),
         "config": asdict(cfg),
         "dtype": str(dtype).removeprefix("torch."),
+        # False: the config names tokenizer.json but it is not there, so the model takes ids only
+        "tokenizer_found": cfg.tokenizer != "tokenizer.json"
+        or (directory / "tokenizer.json").is_file(),
         "layout": describe_layout(cfg, layout.spelling),
         "parameters": model.num_params(),
         "parameters_non_embedding": model.num_params(False),
