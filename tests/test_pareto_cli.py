@@ -2,6 +2,7 @@
 the rest in-process through typer's CliRunner (the same command, without the interpreter start).
 """
 
+import errno
 import json
 import os
 import signal
@@ -212,6 +213,8 @@ def test_nothing_fits_exits_3(family, tmp_path):
         (["--budget-ms", "10", "--loops", "0"], "--loops values must be integers >= 1"),
         (["--budget-ms", "10", "--metric", "p42"], "--metric must be from tpot-p50, tpot-p90"),
         (["--budget-ms", "10", "--storage", "nosuchdb://x"], "cannot open study storage"),
+        (["--budget-ms", "10", "--storage", "sqlite:///README.md/s.db"], "cannot open study"),
+        (["--budget-ms", "10", "--out", "README.md/sub/p.yaml"], "is a file, not a directory"),
         (["--budget-ms", "10", "--set", "humaneval"], "use --set humaneval-nll"),
     ],
 )
@@ -224,6 +227,27 @@ def test_bad_arguments_are_one_line_before_any_work(family, tmp_path, monkeypatc
     assert len(result.stderr.strip().splitlines()) == 1
     cache = os.environ["LOOPTUNE_CACHE_DIR"]
     assert not os.path.exists(os.path.join(cache, "profile"))  # nothing was measured
+
+
+def test_a_plot_on_a_full_disk_is_one_line_and_the_profile_is_still_written(
+    family, tmp_path, monkeypatch
+):
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("looptune.search.plot.atomic_write_bytes", full)
+    plot = tmp_path / "front.png"
+    result = pareto(family, tmp_path, "--budget-ms", "1000", "--plot", str(plot), "--json")
+    assert result.exit_code == 2, result.stderr
+    assert last_line(result) == (
+        f"error: cannot write --plot {plot}: No space left on device "
+        "(the study is kept: a rerun measures nothing)"
+    )
+    assert "Traceback" not in result.stderr and not plot.exists()
+    doc = json.loads(result.stdout)  # the result is not lost
+    assert doc["profile"] == str(tmp_path / "p.yaml")
+    profile = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    assert profile["knobs"]["loops"] == doc["recommendation"]["knobs"]["loops"]
 
 
 def test_ctrl_c_mid_measurement_is_one_line_130_and_records_no_result(family, tmp_path):

@@ -108,7 +108,6 @@ def pareto(
     what was measured. Several workers with one --storage and --study share it. Exit code 3
     when nothing fits (the nearest miss is reported)."""
     from looptune.bundled import resolve_checkpoints
-    from looptune.export.deployable import write_profile
     from looptune.search.choice import Budgets, check_budgets
     from looptune.search.pareto import (
         METRICS,
@@ -116,6 +115,7 @@ def pareto(
         check_paths,
         nothing_fits_message,
         run_pareto,
+        write_outputs,
     )
 
     # Every argument is checked before any work, with the flags' names.
@@ -161,17 +161,17 @@ def pareto(
             trials=trials,
             storage=storage,
             study_name=study,
-            plot=plot,
             on_trial=on_trial,
             fresh=fresh,
             command=shlex.join(["looptune", *sys.argv[1:]]),
         )
-    if result.profile is not None:
-        result.profile_path = write_profile(out, result.profile)
+    problems = write_outputs(result, budgets, work, out, plot, ("--out", "--plot"))
     if json_out:
         emit_json(result.to_dict())
     else:
         _print(result, work)
+    if problems:
+        raise LooptuneError("; ".join(problems))
     if result.choice.best is None:
         raise nothing_fits_message(result, budgets)
 
@@ -277,7 +277,7 @@ def _print(result, work):
     if best is not None:
         console.print(
             f"[bold]choice[/]: {_name(best.knobs)} -> {best.quality:.4f} quality, "
-            f"{best.latency_ms:.3f} ms/token; profile written to "
-            f"{result.profile_path}",
+            f"{best.latency_ms:.3f} ms/token; profile "
+            + (f"written to {result.profile_path}" if result.profile_path else "not written"),
             highlight=False,
         )

@@ -260,7 +260,10 @@ def run_pareto(
     if storage is None and out is not None:
         storage = f"sqlite:///{Path(out).with_suffix('.db')}"
     if storage is not None and storage.startswith("sqlite:///"):
-        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LooptuneError(f"cannot open study storage {storage}: {e.strerror or e}") from None
     evaluate = evaluator or Evaluator(space, work, fresh=fresh)
     seed = work.seed if sampler_seed is None else sampler_seed
     record = run_study(
@@ -289,15 +292,40 @@ def run_pareto(
         result.profile = build_profile(
             result, budgets, work, configs, checkpoints, command or "run_pareto (Python API)"
         )
-    if plot is not None:
-        from looptune.search.plot import write_plot
-
-        write_plot(plot, outcomes, choice.best, budgets, _quality_name(work), work.metric)
-    if out is not None and result.profile is not None:
-        from looptune.export.deployable import write_profile
-
-        result.profile_path = write_profile(out, result.profile)
+    problems = write_outputs(result, budgets, work, out, plot, ("out", "plot"))
+    if problems:
+        raise LooptuneError("; ".join(problems))
     return result
+
+
+def write_outputs(result, budgets, work, out=None, plot=None, names=("out", "plot")) -> list:
+    """Write the profile (when something fits), then the plot. A write that fails (a full disk)
+    does not stop the other: it is one line in the list returned, [] when all went well."""
+    from looptune.export.deployable import write_profile
+    from looptune.search.plot import write_plot
+
+    problems = []
+
+    def attempt(name, path, write):
+        try:
+            return write()
+        except OSError as e:
+            problems.append(
+                f"cannot write {name} {path}: {e.strerror or e} "
+                "(the study is kept: a rerun measures nothing)"
+            )
+
+    if out is not None and result.profile is not None:
+        result.profile_path = attempt(names[0], out, lambda: write_profile(out, result.profile))
+    if plot is not None:
+        quality = _quality_name(work)
+        best = result.choice.best
+        attempt(
+            names[1],
+            plot,
+            lambda: write_plot(plot, result.outcomes, best, budgets, quality, work.metric),
+        )
+    return problems
 
 
 def _quality_name(work: Workload) -> str:
