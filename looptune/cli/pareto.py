@@ -165,13 +165,13 @@ def pareto(
             fresh=fresh,
             command=shlex.join(["looptune", *sys.argv[1:]]),
         )
-    problems = write_outputs(result, budgets, work, out, plot, ("--out", "--plot"))
+    problem = write_outputs(result, budgets, work, out, plot, ("--out", "--plot"))
     if json_out:
         emit_json(result.to_dict())
     else:
         _print(result, work)
-    if problems:
-        raise LooptuneError("; ".join(problems))
+    if problem:
+        raise LooptuneError(problem)
     if result.choice.best is None:
         raise nothing_fits_message(result, budgets)
 

@@ -292,15 +292,15 @@ def run_pareto(
         result.profile = build_profile(
             result, budgets, work, configs, checkpoints, command or "run_pareto (Python API)"
         )
-    problems = write_outputs(result, budgets, work, out, plot, ("out", "plot"))
-    if problems:
-        raise LooptuneError("; ".join(problems))
+    problem = write_outputs(result, budgets, work, out, plot, ("out", "plot"))
+    if problem:
+        raise LooptuneError(problem)
     return result
 
 
-def write_outputs(result, budgets, work, out=None, plot=None, names=("out", "plot")) -> list:
+def write_outputs(result, budgets, work, out=None, plot=None, names=("out", "plot")) -> str:
     """Write the profile (when something fits), then the plot. A write that fails (a full disk)
-    does not stop the other: it is one line in the list returned, [] when all went well."""
+    does not stop the other; returns what failed in one line, "" when all went well."""
     from looptune.export.deployable import write_profile
     from looptune.search.plot import write_plot
 
@@ -310,10 +310,7 @@ def write_outputs(result, budgets, work, out=None, plot=None, names=("out", "plo
         try:
             return write()
         except OSError as e:
-            problems.append(
-                f"cannot write {name} {path}: {e.strerror or e} "
-                "(the study is kept: a rerun measures nothing)"
-            )
+            problems.append(f"cannot write {name} {path}: {e.strerror or e}")
 
     if out is not None and result.profile is not None:
         result.profile_path = attempt(names[0], out, lambda: write_profile(out, result.profile))
@@ -325,7 +322,9 @@ def write_outputs(result, budgets, work, out=None, plot=None, names=("out", "plo
             plot,
             lambda: write_plot(plot, result.outcomes, best, budgets, quality, work.metric),
         )
-    return problems
+    if not problems:
+        return ""
+    return "; ".join(problems) + " (the study is kept: a rerun measures nothing)"
 
 
 def _quality_name(work: Workload) -> str:
