@@ -141,6 +141,16 @@ def test_generate_streams_with_the_profile_settings(made_profile):
     assert "".join(pieces) == text and result.stdout.rstrip("\n") == "def f(" + text
 
 
+def test_generate_refused_prints_nothing_on_stdout(made_profile):
+    """A refused generation (here a prompt plus max_new_tokens past the model's context) is one
+    line on stderr and nothing on stdout: no echoed prompt for a script to take as output."""
+    out, _, _ = made_profile
+    args = ["generate", "--profile", str(out), "--prompt", "def f(", "--max-new-tokens", "9999"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "exceeds the model's context" in result.stderr
+    assert result.stdout == ""
+
+
 def test_nothing_fits_exits_3_with_the_nearest_miss(tmp_path):
     init_checkpoint(tmp_path / "m", "tiny")
 

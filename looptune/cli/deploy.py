@@ -170,9 +170,11 @@ def generate(
     from looptune.export.runtime import load_profiled
 
     runner = load_profiled(profile, checkpoint, device)
-    sys.stdout.write(prompt)
+    echoed = []  # the prompt goes out with the first piece, so a refusal prints nothing
 
     def put(piece: str):
+        if not echoed:
+            echoed.append(sys.stdout.write(prompt))
         sys.stdout.write(piece)
         sys.stdout.flush()
 
@@ -184,4 +186,4 @@ def generate(
         top_p=top_p,
         seed=seed,
     )
-    sys.stdout.write("\n")
+    sys.stdout.write(("" if echoed else prompt) + "\n")
