@@ -144,6 +144,23 @@ def test_text_that_is_not_valid_unicode_is_reported_not_fatal(kind, program, tes
     assert r.status == "failed" and "odd" in r.detail and "\\ud" in r.detail, r
 
 
+def test_a_candidate_that_stops_listening_fails_with_the_runner_kept(kind):
+    # it closes the pipe the runner writes calls to; the runner's unsent bytes once killed it
+    # while it closed that pipe, after the verdict was decided and before it was sent
+    program = (
+        "import fcntl, os, stat\nfor fd in range(3, 64):\n    try:\n"
+        "        fifo = stat.S_ISFIFO(os.fstat(fd).st_mode)\n    except OSError:\n"
+        "        continue\n"
+        "    if fifo and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:\n"
+        "        os.close(fd)\ndef f():\n    return 1\n"
+    )
+    with sandbox.Sandbox(kind) as box:
+        r = box.check(program, RETURNS_ONE, "f", FAST)
+        assert r.detail == "the candidate's process ended before answering", r
+        assert len(box._idle) == 1 and box._idle[0].alive  # the same runner serves the next
+        assert box.check(fn(""), RETURNS_ONE, "f", FAST).passed
+
+
 # --- the guard's own state ---------------------------------------------------------------------
 
 
