@@ -329,3 +329,13 @@ def test_info_says_when_the_tokenizer_the_config_names_is_missing(tmp_path):
     assert "tokenizer.json missing (token ids only)" in human.stderr
     doc = json.loads(runner.invoke(app, ["info", str(tmp_path / "ck"), "--json"]).stdout)
     assert doc["tokenizer_found"] is False
+
+
+def test_init_plt_writes_the_window_as_loopcoder_v2s_config_class_does(tmp_path):
+    """configuration_iquestpltcoder.py holds plt_window_size as flash-attention's [left, 0]
+    pair; a checkpoint looptune makes says W the same way, and reads back as W."""
+    init_checkpoint(tmp_path / "ck", "tiny", arch="plt", window=8, device="cpu")
+    raw = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert raw["plt_window_size"] == [7, 0]
+    model, _ = load_model(tmp_path / "ck", device="cpu")
+    assert model.config.window == 8

@@ -3,8 +3,9 @@
 Window convention (used everywhere in looptune): `window` W is the number of keys the local
 branch of G-SWA sees, the token itself included. An integer `plt_window_size` in a config.json is
 read as exactly that; a list `[left, right]` is read in the flash-attention convention, left keys
-plus the token itself, so W = left + 1 (LoopCoder-V2's `[64, 0]` gives W = 65). IQuest's
-`loop_window_size` is an integer and is read like the integer form.
+plus the token itself, so W = left + 1 (LoopCoder-V2's `[64, 0]` gives W = 65); looptune writes
+this list form, as LoopCoder-V2's config class does. IQuest's `loop_window_size` is an integer
+and is read like the integer form.
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ def to_hf_dict(cfg: PLTConfig) -> dict[str, Any]:
     if arch is PLT:
         out.update(
             plt_num_loops=cfg.num_loops,
-            plt_window_size=cfg.window,
+            plt_window_size=[cfg.window - 1, 0],  # the config class's form: W = left + 1
             plt_normalize_per_loop=cfg.normalize_per_loop,
             plt_emb_scale=cfg.emb_scale,
             plt_hidden_scale=cfg.hidden_scale,
