@@ -135,3 +135,45 @@ def test_sigterm_is_a_keyboard_interrupt_only_while_a_command_runs(monkeypatch):
     result = runner.invoke(app, ["profile"])
     assert result.exit_code == 130 and result.stderr == "interrupted\n"
     assert seen[0] is not before and signal.getsignal(signal.SIGTERM) is before
+
+
+STARTING = """
+import os, signal, sys
+import typer.main
+
+class InterruptOn:  # Ctrl-C as the command's modules load, before any of its code runs
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            os.kill(os.getpid(), signal.{signal})
+        return None
+
+def get_group(*args, build=typer.main.get_group):  # or as typer builds the command
+    if {module!r} == "typer's command":
+        os.kill(os.getpid(), signal.{signal})
+    return build(*args)
+
+sys.meta_path.insert(0, InterruptOn())
+typer.main.get_group = get_group
+sys.argv = ["looptune", "info", "--help"]
+from looptune.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("module", ["rich.table", "looptune.cli.pareto", "typer's command"])
+def test_an_interrupt_while_the_command_loads_is_one_line_and_130(sig, module):
+    code = STARTING.format(module=module, signal=sig)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "interrupted\n", "")
+
+
+def test_an_interrupt_while_the_arguments_are_parsed_is_one_line_and_130(monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("typer.core.TyperGroup.parse_args", interrupted)
+    result = runner.invoke(app, ["profile", "--loops", "1"])
+    assert result.exit_code == 130 and result.stderr == "interrupted\n"

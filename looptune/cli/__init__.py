@@ -4,6 +4,22 @@ Each module registers its commands on `app`; they are imported in the order `--h
 which follows the workflow: make or train a model, measure it, search, explain, deploy.
 """
 
+import signal
+import sys
+import threading
+
+
+def _interrupted_while_loading(signum, frame):  # nothing has run yet: one line, no traceback
+    print("interrupted", file=sys.stderr)
+    raise SystemExit(130)
+
+
+_loading = threading.current_thread() is threading.main_thread()
+if _loading:
+    _handlers = [
+        signal.signal(s, _interrupted_while_loading) for s in (signal.SIGINT, signal.SIGTERM)
+    ]
+
 # isort: off
 from looptune.cli import checkpoint  # noqa: F401  (init, info)
 from looptune.cli import train  # noqa: F401  (train)
@@ -15,15 +31,20 @@ from looptune.cli import deploy  # noqa: F401  (show, export, generate)
 from looptune.cli.app import app
 
 # isort: on
+if _loading:
+    signal.signal(signal.SIGINT, _handlers[0])
+    signal.signal(signal.SIGTERM, _handlers[1])
 
 
 def main():
-    import signal
-
     from looptune.cli.app import raise_interrupt
 
     signal.signal(signal.SIGTERM, raise_interrupt)  # from the start, as Ctrl-C is
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # outside a command (typer building it): as inside one
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 __all__ = ["app", "main"]

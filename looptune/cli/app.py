@@ -46,6 +46,9 @@ class _Group(TyperGroup):
             raise
         except UsageError as e:
             _usage_error(e)
+        except KeyboardInterrupt:  # typer would end with 130 and not a word
+            print("interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
 
     def invoke(self, ctx):
         main_thread = threading.current_thread() is threading.main_thread()
