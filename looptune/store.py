@@ -26,11 +26,19 @@ from looptune.errors import LooptuneError
 SCHEMA = 2  # of a cache entry's envelope; entries of another schema are measured again
 STALE_TMP_S = 60.0
 _TMP = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]+\.tmp$")
+_WARNED: set = set()  # (place, error) of disk warnings given: pareto asks once per trial
 
 
 def warn(message: str) -> None:
     """One line on stderr: something went wrong that costs time, not a result."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _warn_once(place, e: OSError, message: str) -> None:
+    """`warn` unless this process said it already for this place and this kind of error."""
+    if (str(place), type(e), e.errno) not in _WARNED:
+        _WARNED.add((str(place), type(e), e.errno))
+        warn(message)
 
 
 def _umask() -> int:
@@ -108,6 +116,30 @@ def atomic_write_text(path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
+def atomic_write_with(path, write: Callable[[str], None]) -> Path:
+    """`atomic_write_bytes` for writers that take a path (safetensors' `save_file`): `write`
+    fills a temporary file, which gets the same mode rule and is renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)  # the writer's own file may be 0600 whatever the umask
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def check_output_path(path, suffixes: tuple[str, ...], name: str = "path") -> Path:
     """Raise LooptuneError unless `path` can be written later: a supported suffix, not a
     directory, no file in the way of its parent directories, and a writable directory. Run it
@@ -171,12 +203,9 @@ class ResultCache:
         self.kind = kind
         self.dir = (root or cache_root()) / kind
         self.validate = validate
-        self._warned: set = set()  # one warning per kind of disk failure, not one per entry
 
     def _warn_once(self, e: OSError, message: str) -> None:
-        if (type(e), e.errno) not in self._warned:
-            self._warned.add((type(e), e.errno))
-            warn(message)
+        _warn_once(self.dir, e, message)  # one per kind of disk failure, not one per entry
 
     @staticmethod
     def digest(key: dict) -> str:
@@ -255,7 +284,7 @@ def device_lock(name: str, on_wait: Callable[[str], None] | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        warn(f"cannot use the lock {path} ({e.strerror or e}); measuring without it")
+        _warn_once(path, e, f"cannot use the lock {path} ({e.strerror or e}); measuring without it")
         yield None
         return
     start = time.perf_counter()

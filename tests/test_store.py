@@ -200,6 +200,23 @@ def test_an_unusable_lock_directory_is_a_warning(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("warning: cannot use the lock")
 
 
+def test_an_unusable_cache_is_one_warning_per_process_not_one_per_measurement(
+    tmp_path, monkeypatch, capsys
+):
+    """pareto makes a cache and takes the lock per trial: 16 trials, not 64 warnings."""
+    (tmp_path / "root").write_text("a file where the cache directory should be")
+    monkeypatch.setenv("LOOPTUNE_CACHE_DIR", str(tmp_path / "root"))
+    for trial in range(3):
+        cache = ResultCache("thing")
+        assert cache.get(KEY) is None and not cache.put(KEY, {"ms": 1.0})
+        with device_lock("latency-cpu") as waited:
+            assert waited is None
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("warning: cannot read the thing cache")
+    assert lines[1].startswith("warning: cannot use the lock")
+
+
 # ----- output paths -----
 
 
