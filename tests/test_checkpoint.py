@@ -221,3 +221,21 @@ def test_the_7b_preset_has_loopcoder_v2_shape():
         cfg.window,
     ) == (14, 5120, 40, 8, 128, 27648, 76800, 64)
     assert 7.0e9 < model.num_params() < 8.0e9
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_weights_are_written_with_the_users_umask(tmp_path, umask, mode):
+    """safetensors' writer makes 0600 files; a server running as another user must read them."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tiny_model(), tmp_path / "one")
+        save_checkpoint(tiny_model(), tmp_path / "sharded", max_shard_bytes=4096)
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "one").iterdir()) + list((tmp_path / "sharded").iterdir())
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {mode}
+    assert not [f for f in files if f.name.endswith(".tmp")]

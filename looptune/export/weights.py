@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 
 from looptune.errors import LooptuneError
 from looptune.model.checkpoint import INDEX, weight_files
-from looptune.store import atomic_write_text
+from looptune.store import atomic_write_text, atomic_write_with
 
 MARK = ".looptune-export"  # in every copy's directory: a later export may replace its files
 
@@ -53,13 +54,9 @@ def write_model_dir(source: Path, target: Path, renames: dict[str, str], config:
             if any(n in renames for n in names):
                 tensors = {renames.get(n, n): handle.get_tensor(n) for n in names}
                 metadata = handle.metadata() or {"format": "pt"}
-                tmp = target / f".{shard.name}.tmp"
-                try:
-                    save_file(tensors, str(tmp), metadata=metadata)
-                    os.replace(tmp, target / shard.name)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
+                atomic_write_with(
+                    target / shard.name, partial(save_file, tensors, metadata=metadata)
+                )
                 rewritten.append(shard.name)
                 continue
         _link(shard, target / shard.name)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,10 +28,11 @@ from looptune.model.arch import (
 from looptune.model.config import PLTConfig, from_hf_dict, to_hf_dict
 from looptune.model.plt import PLTForCausalLM
 from looptune.model.tokenizer import load_tokenizer
-from looptune.store import atomic_write_bytes
+from looptune.store import atomic_write_bytes, atomic_write_with
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+PT = {"format": "pt"}  # safetensors metadata that transformers expects
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_DTYPES = {
@@ -279,15 +280,12 @@ def save_checkpoint(
     for f in stale:
         f.unlink(missing_ok=True)
     if len(shards) == 1:
-        tmp = directory / (SINGLE + ".tmp")
-        save_file(shards[0], str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, directory / SINGLE)
+        atomic_write_with(directory / SINGLE, partial(save_file, shards[0], metadata=PT))
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(directory / (fname + ".tmp")), metadata={"format": "pt"})
-            os.replace(directory / (fname + ".tmp"), directory / fname)
+            atomic_write_with(directory / fname, partial(save_file, shard, metadata=PT))
             weight_map.update({name: fname for name in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -8,15 +8,15 @@ the previous state readable. Never pickles.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from looptune.errors import LooptuneError
-from looptune.store import atomic_write_text
+from looptune.store import atomic_write_text, atomic_write_with
 from looptune.train.settings import TrainSettings
 
 STATE_DIR = "train_state"
@@ -32,8 +32,7 @@ def save_state(out: Path, model, opt, s: TrainSettings, step: int, meta: dict):
     d.mkdir(parents=True, exist_ok=True)
     mpath, opath = _state_paths(out, step)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(mpath) + ".tmp")
-    os.replace(str(mpath) + ".tmp", mpath)
+    atomic_write_with(mpath, partial(save_file, tensors))
     osd = opt.state_dict()
     otensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -41,8 +40,7 @@ def save_state(out: Path, model, opt, s: TrainSettings, step: int, meta: dict):
     for idx, st in osd["state"].items():
         for k, v in st.items():
             otensors[f"{idx}.{k}"] = torch.as_tensor(v).detach().contiguous().cpu()
-    save_file(otensors, str(opath) + ".tmp")
-    os.replace(str(opath) + ".tmp", opath)
+    atomic_write_with(opath, partial(save_file, otensors))
     doc = dict(meta, step=step, settings=asdict(s), model=mpath.name, optimizer=opath.name)
     atomic_write_text(d / "state.json", json.dumps(doc, indent=1) + "\n")
     for f in d.glob("*.safetensors"):  # older states, now superseded
