@@ -18,7 +18,7 @@ import optuna
 import pytest
 from search_synthetic import SMALL, SPACE, synthetic
 
-from looptune.errors import LooptuneError
+from looptune.errors import Interrupted, LooptuneError
 from looptune.search.choice import (
     Budgets,
     Knobs,
@@ -171,8 +171,9 @@ def test_more_trials_later_measures_only_the_rest(db):
 
 def test_interrupted_trial_is_not_a_result_and_a_rerun_measures_exactly_the_rest(db):
     evaluate = Counting(fail=lambda k: KeyboardInterrupt() if len(evaluate.calls) == 5 else None)
-    with pytest.raises(KeyboardInterrupt):  # not Optuna's TypeError, not swallowed
+    with pytest.raises(Interrupted) as stop:  # not Optuna's TypeError, not swallowed
         run_study(SMALL, evaluate, 100, db, "ctrl-c")
+    assert str(stop.value) == "4 of 8 settings measured and kept; a rerun measures the rest"
     interrupted = evaluate.calls[-1]
     study = optuna.load_study(study_name="ctrl-c", storage=db)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]

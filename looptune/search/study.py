@@ -40,7 +40,7 @@ from optuna.storages import InMemoryStorage, RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from looptune.errors import LooptuneError
+from looptune.errors import Interrupted, LooptuneError
 from looptune.search.choice import Knobs, Outcome
 from looptune.search.identity import describe_change, plain
 
@@ -287,8 +287,20 @@ def run_study(
     with _quiet_optuna():
         study = open_study(storage, name, space, trials, seed, identity, fresh)
         heartbeat = isinstance(storage, RDBStorage)
-        _Worker(study, space, evaluate, min(trials, space.size), on_trial, heartbeat).run()
+        target = min(trials, space.size)
+        try:
+            _Worker(study, space, evaluate, target, on_trial, heartbeat).run()
+        except KeyboardInterrupt:  # say what is kept, not what one measurement had done
+            raise Interrupted(_kept(study, target)) from None
         return collect(study)
+
+
+def _kept(study, target: int) -> str:
+    try:
+        done = len(_read(study).done)
+    except (SQLAlchemyError, OSError):  # the storage went away too: the rerun will know
+        return "a rerun measures what is missing"
+    return f"{done} of {target} settings measured and kept; a rerun measures the rest"
 
 
 class _Worker:
