@@ -186,6 +186,33 @@ def test_interrupted_trial_is_not_a_result_and_a_rerun_measures_exactly_the_rest
     assert len(rerun) == 4 and len(set(rerun)) == 4 and interrupted in rerun
 
 
+def test_a_full_disk_under_the_study_is_one_line_and_a_rerun_resumes(db, monkeypatch):
+    import sqlite3
+
+    from optuna.storages import RDBStorage
+    from sqlalchemy.exc import OperationalError
+
+    evaluate, tell = Counting(), RDBStorage.set_trial_state_values
+
+    def full_on_the_third(self, *args, **kwargs):
+        if len(evaluate.calls) == 3:
+            full = sqlite3.OperationalError("database or disk is full")
+            raise OperationalError("UPDATE trials", {}, full)
+        return tell(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RDBStorage, "set_trial_state_values", full_on_the_third)
+        with pytest.raises(LooptuneError) as stop:
+            run_study(SMALL, evaluate, 100, db, "full")
+    assert str(stop.value).startswith("the study storage failed")
+    assert "database or disk is full" in str(stop.value)
+    study = optuna.load_study(study_name="full", storage=db)
+    (running,) = study.get_trials(states=[optuna.trial.TrialState.RUNNING])
+    study.tell(running.number, state=optuna.trial.TrialState.FAIL)  # as its heartbeat would
+    record = run_study(SMALL, evaluate, 100, db, "full")  # space again: the rest is measured
+    assert len(record.outcomes) == 8 and len(evaluate.calls) == 9
+
+
 def test_failing_setting_is_retried_with_a_cap_and_its_reason_kept(db):
     bad = Knobs("a", 2, 16, "float32")
     evaluate = Counting(fail=lambda k: RuntimeError("cache entry unreadable") if k == bad else None)

@@ -290,9 +290,30 @@ def run_study(
         target = min(trials, space.size)
         try:
             _Worker(study, space, evaluate, target, on_trial, heartbeat).run()
+            return collect(study)
         except KeyboardInterrupt:  # say what is kept, not what one measurement had done
             raise Interrupted(_kept(study, target)) from None
-        return collect(study)
+        except Exception as e:
+            cause = _storage_error(e)
+            if cause is None:
+                raise
+            raise LooptuneError(
+                f"the study storage failed: {cause}; what was measured is cached and kept, "
+                "a rerun resumes"
+            ) from None
+
+
+def _storage_error(e: BaseException | None) -> str | None:
+    """The first line of the database error behind `e` (a full disk, a server gone), which
+    Optuna may hide behind its own errors; None when `e` is not one."""
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        if isinstance(e, SQLAlchemyError):
+            return str(e).strip().splitlines()[0]
+        e = e.__cause__ or e.__context__
+    storage = [x for x in seen if isinstance(x, optuna.exceptions.StorageInternalError)]
+    return _one_line(storage[0]) if storage else None
 
 
 def _kept(study, target: int) -> str:
