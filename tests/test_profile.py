@@ -2,9 +2,13 @@
 fields of a Measurement, KV measured == analytic, out of memory, Ctrl-C, the result cache and
 the command line. Tiny checkpoints, 8-token prompts, a few decode steps: seconds in all."""
 
+import dataclasses
 import errno
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -15,7 +19,7 @@ from typer.testing import CliRunner
 from looptune.cli import app
 from looptune.errors import Interrupted, LooptuneError
 from looptune.measure import env as envmod
-from looptune.measure.interference import Limits, interference, usable_cores
+from looptune.measure.interference import CpuWatch, Limits, interference, usable_cores
 from looptune.measure.latency import Measurement, check_measurement, profile_candidates
 from looptune.measure.memory import PeakMemory
 from looptune.measure.stats import bootstrap_ci, percentile, summarize
@@ -536,9 +540,7 @@ def test_check_measurement_rejects_what_no_run_produces(ckpt):
 
 
 def test_interference_is_flagged_and_never_cached(ckpt):
-    strict = Limits(
-        load_per_core=0.0, other_cores=float("inf"), dispersion=float("inf"), run_cv=float("inf")
-    )
+    strict = dataclasses.replace(Limits.never(), load_per_core=0.0)
     args = dict(loops=[1], modes=["plt"], **FAST)
     (m,) = profile_candidates([ckpt], fresh=True, limits=strict, **args)
     assert m.status == "ok" and m.interference == ["load"] and m.tpot_ms_p50 > 0
@@ -547,6 +549,29 @@ def test_interference_is_flagged_and_never_cached(ckpt):
     assert not again.cached and again.interference == []  # the flagged one was not kept
     (third,) = profile_candidates([ckpt], limits=strict, **args)
     assert third.cached  # a clean measurement is reused
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="Linux schedstat")
+def test_cpu_wait_is_seen_when_another_process_takes_our_cpu():
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    hog = subprocess.Popen(
+        [sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"]
+    )
+    try:
+        os.sched_setaffinity(0, {cpu})
+        time.sleep(0.3)  # the hog is pinned and spinning
+        watch = CpuWatch()
+        end = time.perf_counter() + 0.4
+        while time.perf_counter() < end:  # runnable the whole time, on the hog's CPU
+            pass
+        conditions = watch.read()
+    finally:
+        os.sched_setaffinity(0, before)
+        hog.kill()
+        hog.wait()
+    assert conditions["cpu_wait"] > 0.2, conditions  # about half the time, shared fairly
+    assert "cpu wait" in interference(conditions, 1, Limits())
 
 
 def test_interference_reasons():
@@ -560,6 +585,8 @@ def test_interference_reasons():
         "run_cv": 0.01,
     }
     assert interference(quiet, threads=8, limits=Limits()) == []
+    waited = {**quiet, "cpu_wait": 0.3}  # our threads were runnable, a CPU was not free
+    assert interference(waited, threads=8, limits=Limits()) == ["cpu wait"]
     busy = {**quiet, "load_after": 17.0, "other_busy_cores": 8.6}
     assert interference(busy, threads=8, limits=Limits()) == ["load", "other processes"]
     # two cores, one ours, the other taken by another process: contention on a memory-bound

@@ -3,8 +3,10 @@
 A latency taken while other work competed for the cores is not the latency a user will get, and
 it must not be cached as if it were. `CpuWatch` records, over a measurement, the 1-minute load
 average before and after against the usable cores, and the CPU time that *other* processes used
-(from /proc/stat, minus this process's own time). `interference(...)` turns those and the
-dispersion of the runs into reasons, such as ["load", "other processes", "dispersion"]. The
+(from /proc/stat, minus this process's own time), and the share of the time this process's
+threads were runnable but had no CPU ("cpu wait", from schedstat: the load average lags by a
+minute, and others' CPU time is capped by what they took from us). `interference(...)` turns
+those and the dispersion of the runs into reasons, such as ["load", "cpu wait", "dispersion"]. The
 limits are `Limits`; `$LOOPTUNE_INTERFERENCE=record` keeps the record but never flags (for a
 machine that is always shared, such as CI). Measurements on one device are serialised between
 processes by `looptune.store.device_lock`, so two looptune workers never time each other.
@@ -34,11 +36,12 @@ class Limits:
     other_cores: float = 0.25  # CPU cores others used beyond the ones this run left free
     dispersion: float = 1.5  # p90 / p50 of the per-token latencies
     run_cv: float = 0.15  # coefficient of variation of the runs' medians (3 runs or more)
+    cpu_wait: float = 0.1  # share of the time our threads were runnable but had no CPU
 
     @classmethod
     def never(cls) -> Limits:
         inf = float("inf")
-        return cls(inf, inf, inf, inf)
+        return cls(inf, inf, inf, inf, inf)
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -67,6 +70,23 @@ def _busy_s() -> tuple[float, int] | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), cpus
 
 
+def _wait_s() -> float | None:
+    """Seconds this process's threads spent runnable, waiting for a CPU (Linux schedstat): what
+    other work took from us, whatever the load average says; None elsewhere."""
+    total = 0.0
+    try:
+        tasks = list(os.scandir("/proc/self/task"))
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"{task.path}/schedstat") as f:
+                total += int(f.read().split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):  # a thread that ended meanwhile
+            continue
+    return total
+
+
 def _own_s() -> float:
     t = os.times()
     return t.user + t.system
@@ -81,20 +101,23 @@ class CpuWatch:
 
     def start(self) -> None:
         """Count other processes' CPU time from now on (the load before stays)."""
-        self._start = (time.perf_counter(), _busy_s(), _own_s())
+        self._start = (time.perf_counter(), _busy_s(), _own_s(), _wait_s())
 
     def read(self) -> dict:
-        wall0, busy0, own0 = self._start
-        wall, busy, own = time.perf_counter() - wall0, _busy_s(), _own_s() - own0
-        others = None
+        wall0, busy0, own0, wait0 = self._start
+        wall, busy, own, wait = time.perf_counter() - wall0, _busy_s(), _own_s() - own0, _wait_s()
+        others = waited = None
         if busy is not None and busy0 is not None and wall > 0:
             others = max(0.0, (busy[0] - busy0[0] - own) / wall)
+        if wait is not None and wait0 is not None and wall > 0:
+            waited = max(0.0, wait - wait0) / wall
         return {
             "load_before": self.load_before,
             "load_after": loadavg(),
             "cores": usable_cores(),
             "cpus": busy[1] if busy else None,
             "other_busy_cores": None if others is None else round(others, 3),
+            "cpu_wait": None if waited is None else round(waited, 3),
         }
 
 
@@ -127,6 +150,8 @@ def interference(conditions: dict, threads: int, limits: Limits) -> list[str]:
     if others is not None and others > max(cpus - threads, 0) + limits.other_cores:
         reasons.append("other processes")
     ratio, cv = conditions.get("tpot_p90_over_p50"), conditions.get("run_cv")
+    if (conditions.get("cpu_wait") or 0.0) > limits.cpu_wait:
+        reasons.append("cpu wait")
     if ratio is not None and ratio > limits.dispersion:
         reasons.append("dispersion")
     if cv is not None and cv > limits.run_cv:
