@@ -219,8 +219,9 @@ def run_pareto(
     memory). The study is named after what decides its numbers (`search/identity.py`) unless
     `study_name` is given; budgets only filter, so other budgets re-choose without measuring.
     `fresh` measures again (the stored study of that name is started over). `command` is
-    recorded in the profile (the CLI passes its command line). `work.seed` seeds the quality subset and, unless `sampler_seed` is
-    given, the sampler. Every argument is checked before any measurement."""
+    recorded in the profile (the CLI passes its command line). `work.seed` seeds the quality
+    subset and, unless `sampler_seed` is given, the sampler. Every argument is checked before
+    any measurement."""
     from looptune.model.checkpoint import read_config, resolve_device
 
     work = work or Workload()
