@@ -86,39 +86,10 @@ def remove_stale_temps(directory: Path) -> list[Path]:
     return removed
 
 
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write via a temporary file in the same directory and rename: readers never see half a file.
-    A new file gets the umask's mode (0666 & ~umask); an existing one keeps its mode."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path.parent)
-    try:
-        mode = path.stat().st_mode & 0o7777
-    except OSError:
-        mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # mkstemp makes 0600 whatever the umask
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
-
-
 def atomic_write_with(path, write: Callable[[str], None]) -> Path:
-    """`atomic_write_bytes` for writers that take a path (safetensors' `save_file`): `write`
-    fills a temporary file, which gets the same mode rule and is renamed into place."""
+    """Write via a temporary file in the same directory and rename: readers never see half a file.
+    `write` fills the temporary file given its path (safetensors' `save_file` wants a path).
+    A new file gets the umask's mode (0666 & ~umask); an existing one keeps its mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)
@@ -132,12 +103,26 @@ def atomic_write_with(path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, mode)  # the writer's own file may be 0600 whatever the umask
+        os.chmod(tmp, mode)  # mkstemp, and writers such as save_file, make 0600 whatever the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write_with(path, write)
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
 
 
 def check_output_path(path, suffixes: tuple[str, ...], name: str = "path") -> Path:
