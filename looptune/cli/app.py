@@ -81,6 +81,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode="markdown",
     help="Choose the loop count and inference knobs of a Parallel Loop Transformer for a model "
     "and a device: profile latency and memory, score quality, search the Pareto front, "
     "and write a deployable profile.",

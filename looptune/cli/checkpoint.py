@@ -29,8 +29,8 @@ def init(
         str,
         typer.Option(
             help="plt (LoopCoder-V2 layout, gate "
-            "self_attn.plt_gate.*) or iquest-loop "
-            "(IQuest-Coder-V1-Loop, gate model.gate_projections.{i}.*"
+            "`self_attn.plt_gate.*`) or iquest-loop "
+            "(IQuest-Coder-V1-Loop, gate `model.gate_projections.{i}.*`"
             ", as vLLM and mlx-lm load it)."
         ),
     ] = "plt",
