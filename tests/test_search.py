@@ -28,7 +28,8 @@ from looptune.search.choice import (
     quality_latency_front,
 )
 from looptune.search.pareto import Workload, run_pareto
-from looptune.search.study import MAX_ATTEMPTS, Space, TrialReport, run_study
+from looptune.search.study import Space, TrialReport, run_study
+from looptune.search.trials import MAX_ATTEMPTS
 
 
 @pytest.fixture
@@ -208,9 +209,55 @@ def test_a_full_disk_under_the_study_is_one_line_and_a_rerun_resumes(db, monkeyp
     assert "database or disk is full" in str(stop.value)
     study = optuna.load_study(study_name="full", storage=db)
     (running,) = study.get_trials(states=[optuna.trial.TrialState.RUNNING])
-    study.tell(running.number, state=optuna.trial.TrialState.FAIL)  # as its heartbeat would
+    # The rerun, right away in this process, retries that trial without waiting for its
+    # heartbeat to go stale (it would poll for 10 s, saying nothing).
+    monkeypatch.setattr("looptune.search.study.time.sleep", never_wait)
     record = run_study(SMALL, evaluate, 100, db, "full")  # space again: the rest is measured
     assert len(record.outcomes) == 8 and len(evaluate.calls) == 9
+    failed = study.get_trials(states=[optuna.trial.TrialState.FAIL])
+    assert [t.number for t in failed] == [running.number]
+    assert failed[0].user_attrs["failure"] == "its run stopped before it ended"
+
+
+def never_wait(seconds):
+    raise AssertionError(f"the study waited {seconds} s for another worker")
+
+
+KILLED = textwrap.dedent("""
+    import json, os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from search_synthetic import SMALL, synthetic
+    from looptune.search.study import run_study
+
+    calls = []
+
+    def evaluate(knobs):
+        calls.append(knobs)
+        if len(calls) == 3:
+            print(json.dumps(vars(knobs)), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # as `kill -9`, the OOM killer, a lost shell
+        return synthetic(knobs)
+
+    run_study(SMALL, evaluate, 100, {url!r}, "killed")
+""")
+
+
+def test_a_killed_workers_trial_is_retried_at_once_by_a_rerun_on_this_machine(db, monkeypatch):
+    script = KILLED.format(tests=str(Path(__file__).parent), url=db)
+    killed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert killed.returncode == -9, killed.stderr
+    lost = Knobs(**json.loads(killed.stdout))
+    monkeypatch.setattr("looptune.search.study.time.sleep", never_wait)
+    evaluate = Counting()
+    record = run_study(SMALL, evaluate, 100, db, "killed")
+    assert len(record.outcomes) == 8 and not record.failed
+    assert len(evaluate.calls) == 6 and lost in evaluate.calls  # the two finished are kept
+    study = optuna.load_study(study_name="killed", storage=db)
+    (failed,) = study.get_trials(states=[optuna.trial.TrialState.FAIL])
+    assert failed.params == vars(lost)
+    assert failed.user_attrs["failure"].startswith("its worker (process ")
 
 
 def test_failing_setting_is_retried_with_a_cap_and_its_reason_kept(db):

@@ -6,7 +6,7 @@ through `profile`'s and `score`'s result caches, so a resumed or repeated study,
 worker on the same machine, measures nothing twice; quality is scored once per (member, window,
 dtype) for every loop count of the space in one pass, and knobs that change only speed (compile)
 never re-score it. What identifies a study is in `search/identity.py`; Optuna stays in
-`search/study.py`.
+`search/study.py` and its helpers `trials.py` and `storage.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from looptune.export.deployable import Profile
 from looptune.search.choice import Budgets, Choice, Knobs, Outcome, choose, pareto_front
 from looptune.search.identity import study_identity
 from looptune.search.identity import study_name as default_study_name
-from looptune.search.study import Failure, Infeasible, Space, TrialReport, redact, run_study
+from looptune.search.storage import redact
+from looptune.search.study import Infeasible, Space, TrialReport, run_study
+from looptune.search.trials import Failure
 
 METRICS = {"tpot-p50": "tpot_ms_p50", "tpot-p90": "tpot_ms_p90"}
 

@@ -1,0 +1,72 @@
+"""Where a study lives: opening its Optuna storage, and naming it and its failures for the user.
+
+Storage is any URL Optuna's RDBStorage takes, or None for memory. An RDB storage records a
+heartbeat per running trial, so the trial of a worker killed on another machine is failed after
+`GRACE_S` and retried (a worker on this machine is seen to be gone at once: `trials.py`).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import optuna
+from optuna.storages import InMemoryStorage, RDBStorage
+from sqlalchemy.exc import SQLAlchemyError
+
+from looptune.errors import LooptuneError
+
+HEARTBEAT_S = 2  # a running trial's worker writes its heartbeat this often
+GRACE_S = 10  # and its trial is failed when none came for this long
+
+
+def open_storage(url: str | None, attempts: int = 5):
+    """Memory for None; else RDBStorage with heartbeats, so a killed worker's trial is failed."""
+    if url is None:
+        return InMemoryStorage()
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        except (SQLAlchemyError, ValueError, ImportError, OSError) as e:  # bad URL, dead server
+            # Workers starting together race to create the tables; the loser just retries.
+            racing = any(
+                m in str(e) for m in ("already exists", "UNIQUE constraint", "duplicate key")
+            )
+            if racing and attempt + 1 < attempts:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LooptuneError(f"cannot open study storage {redact(url)}: {first}") from None
+
+
+def redact(url: str | None) -> str:
+    """The storage URL without its password, for profiles and messages ("memory" for None)."""
+    if url is None:
+        return "memory"
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):
+        return url
+
+
+def one_line(e: BaseException) -> str:
+    """`Type: first line` of an exception, as a failed trial keeps it."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
+def storage_error(e: BaseException | None) -> str | None:
+    """The first line of the database error behind `e` (a full disk, a server gone), which
+    Optuna may hide behind its own errors; None when `e` is not one."""
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        if isinstance(e, SQLAlchemyError):
+            return str(e).strip().splitlines()[0]
+        e = e.__cause__ or e.__context__
+    storage = [x for x in seen if isinstance(x, optuna.exceptions.StorageInternalError)]
+    return one_line(storage[0]) if storage else None

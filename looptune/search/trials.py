@@ -1,0 +1,223 @@
+"""A study's trials as plain data, and its queue: what is retried, re-measured or given up.
+
+- A setting whose trial failed (interrupted, crashed, its worker killed) is enqueued again by the
+  next plan, up to MAX_ATTEMPTS attempts; the reason of each failure is kept on its trial and a
+  setting that used up its attempts is reported, never dropped silently.
+- A setting measured under interference is measured again, once per run, up to MAX_ATTEMPTS.
+- A running trial whose worker is gone is failed (and so retried) at once when the worker ran
+  on this machine, or earlier in this process (its run ended when the storage failed); a worker
+  on another machine is known to be gone only by its missing heartbeat (`storage.GRACE_S`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from looptune.search.choice import Knobs, Outcome
+
+MAX_ATTEMPTS = 3  # failed trials of one setting before the study gives it up
+_RUNS_HERE: set[str] = set()  # the runs of this process in progress (see `running_here`)
+
+
+def _pid_space() -> str:
+    """This machine's boot and PID namespace: where a worker's process id means that process."""
+    parts = [socket.gethostname()]
+    for read in (
+        lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        lambda: os.readlink("/proc/self/ns/pid"),
+    ):
+        try:
+            parts.append(read())
+        except OSError:
+            pass
+    return "/".join(parts)
+
+
+PID_SPACE = _pid_space()
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A setting not measured yet because its trials failed; retried while attempts remain."""
+
+    knobs: Knobs
+    attempts: int
+    reason: str  # of the last failure
+    gave_up: bool  # MAX_ATTEMPTS used: it will not be retried
+
+    def to_dict(self) -> dict:
+        return {
+            "knobs": vars(self.knobs).copy(),
+            "attempts": self.attempts,
+            "reason": self.reason,
+            "gave_up": self.gave_up,
+        }
+
+
+@dataclass
+class StudyRecord:
+    """What a study holds, read back as plain data."""
+
+    name: str
+    outcomes: list[Outcome]  # one per measured setting
+    infeasible: list[dict]  # {"knobs", "reason"} of settings that cannot run
+    failed: list[Failure] = field(default_factory=list)
+    trials: int = 0  # trials in the storage, repeats and failures included
+
+
+@dataclass
+class StudyState:
+    """The study's trials, by setting."""
+
+    done: dict  # Knobs -> FrozenTrial (measured or infeasible)
+    queued: set  # Knobs or partial-params tuples of WAITING trials
+    running: dict  # Knobs (or partial params) -> FrozenTrial
+    failures: dict  # Knobs -> [reason, ...] of its FAIL trials, oldest first
+    flagged: dict  # Knobs -> its complete trials measured under interference
+
+
+def knobs_of(params: dict) -> Knobs | None:
+    try:
+        return Knobs(**params)
+    except TypeError:  # a partial plan entry ({"loops": r}) until the sampler fills it in
+        return None
+
+
+def read_state(study) -> StudyState:
+    s = StudyState({}, set(), {}, {}, {})
+    for t in study.get_trials(deepcopy=False):
+        # A queued setting's knobs are its fixed params until the trial suggests them (a trial
+        # interrupted before it did has only those).
+        params = {**t.system_attrs.get("fixed_params", {}), **t.params}
+        if t.state in (TrialState.WAITING, TrialState.RUNNING):
+            key = knobs_of(params) or tuple(sorted(params.items()))
+            if t.state == TrialState.WAITING:
+                s.queued.add(key)
+            else:
+                s.running[key] = t
+        elif (k := knobs_of(params)) is None:
+            continue
+        elif t.state == TrialState.FAIL:
+            reason = t.user_attrs.get("failure", "its worker stopped (no heartbeat)")
+            s.failures.setdefault(k, []).append(reason)
+        elif not t.user_attrs.get("repeat"):
+            if flagged(t):
+                s.flagged.setdefault(k, []).append(t)
+            if k not in s.done or flagged(s.done[k]):  # a clean measurement wins, else the last
+                s.done[k] = t
+    return s
+
+
+def flagged(t) -> bool:
+    """A measurement taken under interference (see looptune.measure.interference)."""
+    return t.state == TrialState.COMPLETE and bool(t.user_attrs["outcome"].get("interference"))
+
+
+class running_here:
+    """While a run of this process is in progress: its trials are not abandoned ones."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def __enter__(self):
+        _RUNS_HERE.add(self.run_id)
+
+    def __exit__(self, *exc):
+        _RUNS_HERE.discard(self.run_id)
+
+
+def mark_worker(trial: optuna.Trial, run_id: str) -> None:
+    """Record who runs `trial`, so a later plan can tell whether its worker is gone."""
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr("run", run_id)
+    trial.set_user_attr("process", [PID_SPACE, os.getpid()])  # last: see `_abandoned`
+
+
+def _abandoned(t) -> str | None:
+    """Why the running trial `t` will never finish, or None when that is not known here."""
+    space, pid = t.user_attrs.get("process", (None, None))
+    if space != PID_SPACE or not isinstance(pid, int):
+        return None  # another machine's (its heartbeat tells), or not started yet
+    if pid == os.getpid():
+        return None if t.user_attrs.get("run") in _RUNS_HERE else "its run stopped before it ended"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"its worker (process {pid}) stopped before it ended"
+    except OSError:  # another user's process, alive
+        pass
+    return None
+
+
+def fail_abandoned(study, heartbeat: bool) -> None:
+    """Fail the running trials whose worker is gone, so that they are retried now: a worker of
+    this machine at once, another machine's once its heartbeat is stale. Without heartbeats (a
+    memory storage, this process's own) a trial running between two trials is abandoned."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        reason = _abandoned(t) if heartbeat else "interrupted"
+        if reason is None:
+            continue
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "failure", reason)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+    if heartbeat:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+
+
+def plan(study, settings: list[Knobs] | None, target: int, run_id: str) -> StudyState | None:
+    """Queue the retries of failed settings (and every missing one of `settings`, for a study
+    sampled before that now covers its grid) and the re-measurements of flagged ones; None when
+    the study is complete."""
+    state = read_state(study)
+    busy = state.queued | set(state.running)
+    for knobs in settings if settings is not None else list(state.failures):
+        tried = len(state.failures.get(knobs, []))
+        if knobs not in state.done and knobs not in busy and tried < MAX_ATTEMPTS:
+            study.enqueue_trial(vars(knobs).copy(), user_attrs={"attempt": tried + 1})
+            state.queued.add(knobs)
+    redo = {
+        k
+        for k, ts in state.flagged.items()
+        if flagged(state.done[k])
+        and len(ts) < MAX_ATTEMPTS
+        and all(t.user_attrs.get("run") != run_id for t in ts)
+    }
+    for knobs in redo - busy - state.queued:
+        study.enqueue_trial(vars(knobs).copy(), user_attrs={"remeasure": True, "run": run_id})
+        state.queued.add(knobs)
+    if len(state.done) >= target and not redo & (state.queued | set(state.running)):
+        return None
+    return state
+
+
+def collect(study) -> StudyRecord:
+    """Every measured outcome (a setting measured twice, by a race of workers, counts once),
+    the infeasible settings, and the settings whose trials failed."""
+    state = read_state(study)
+    outcomes, infeasible = [], []
+    for knobs, t in state.done.items():
+        if t.state == TrialState.COMPLETE:
+            outcomes.append(Outcome.from_dict(t.user_attrs["outcome"]))
+        else:
+            infeasible.append(
+                {"knobs": vars(knobs).copy(), "reason": t.user_attrs.get("infeasible", "")}
+            )
+    failed = [
+        Failure(k, len(r), r[-1], len(r) >= MAX_ATTEMPTS)
+        for k, r in state.failures.items()
+        if k not in state.done and k not in state.running
+    ]
+    return StudyRecord(
+        study.study_name, outcomes, infeasible, failed, len(study.get_trials(deepcopy=False))
+    )
