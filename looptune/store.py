@@ -86,10 +86,9 @@ def remove_stale_temps(directory: Path) -> list[Path]:
     return removed
 
 
-def atomic_write_with(path, write: Callable[[str], None]) -> Path:
-    """Write via a temporary file in the same directory and rename: readers never see half a file.
-    `write` fills the temporary file given its path (safetensors' `save_file` wants a path).
-    A new file gets the umask's mode (0666 & ~umask); an existing one keeps its mode."""
+def write_beside(path, write: Callable[[str], None]) -> Path:
+    """The first half of `atomic_write_with`: fill a temporary file beside `path`, with the mode
+    `path` will have, and return it for the caller to rename (nothing is left on failure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)
@@ -104,11 +103,23 @@ def atomic_write_with(path, write: Callable[[str], None]) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, mode)  # mkstemp, and writers such as save_file, make 0600 whatever the umask
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return Path(tmp)
+
+
+def atomic_write_with(path, write: Callable[[str], None]) -> Path:
+    """Write via a temporary file in the same directory and rename: readers never see half a file.
+    `write` fills the temporary file given its path (safetensors' `save_file` wants a path).
+    A new file gets the umask's mode (0666 & ~umask); an existing one keeps its mode."""
+    tmp = write_beside(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Path(path)
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:

@@ -4,6 +4,7 @@ writers: test_layouts.py)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from looptune.cli import app
-from looptune.errors import CheckpointError
+from looptune.errors import CheckpointError, LooptuneError
 from looptune.model import load_model, save_checkpoint
 from looptune.model.checkpoint import init_checkpoint
 
@@ -239,3 +240,169 @@ def test_weights_are_written_with_the_users_umask(tmp_path, umask, mode):
     assert any(f.suffix == ".safetensors" for f in files)
     assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {mode}
     assert not [f for f in files if f.name.endswith(".tmp")]
+
+
+# Saving into a directory that holds a checkpoint: the old one loads until the new one is whole.
+
+
+def snapshot(ck):
+    """Every file of `ck` (hidden ones too) and its bytes."""
+    return {f.name: f.read_bytes() for f in sorted(ck.iterdir())}
+
+
+def old_and_new(tmp_path, old_shards, new_shards):
+    """A directory holding checkpoint A; B differs in weights and config (the window)."""
+    ck, old, new = tmp_path / "ck", tiny_model(seed=0), tiny_model(seed=1, window=5)
+    save_checkpoint(old, ck, max_shard_bytes=old_shards)
+    return ck, old, new, snapshot(ck)
+
+
+def assert_loads_as(ck, model):
+    loaded, _ = load_model(ck, device="cpu")
+    assert loaded.config == model.config
+    for (k, a), b in zip(loaded.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert not [f.name for f in ck.iterdir() if f.name.endswith(".tmp")]
+
+
+def fail_writing(monkeypatch, name, error):
+    """Writing the file whose name starts with `name` raises `error` half-way through."""
+    from looptune import store
+    from looptune.model import save
+
+    real = store.write_beside
+
+    def half_then_fail(tmp):
+        Path(tmp).write_bytes(b"\0" * 64)
+        raise error
+
+    def write_beside(path, write):
+        return real(path, half_then_fail if Path(path).name.startswith(name) else write)
+
+    monkeypatch.setattr(save, "write_beside", write_beside)
+
+
+FAILURES = [  # (old shard size, new shard size, the file whose write fails); None: one file
+    (None, 4096, "model-00001-of"),
+    (4096, 4096, "model-00002-of"),
+    (4096, 4096, "model.safetensors.index.json"),
+    (None, 4096, "config.json"),
+    (4096, None, "model.safetensors"),
+    (4096, None, "config.json"),
+    (None, None, "model.safetensors"),
+]
+
+
+@pytest.mark.parametrize("old_shards, new_shards, failing", FAILURES)
+def test_a_save_that_fails_anywhere_leaves_the_old_checkpoint(
+    tmp_path, monkeypatch, old_shards, new_shards, failing
+):
+    """A full disk (as OSError or as safetensors reports it) or Ctrl-C while writing any file
+    of the new checkpoint: the directory is byte for byte what it was and loads as the old one.
+    Then a save that succeeds loads as the new one and leaves nothing of the old."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    ck, old, new, before = old_and_new(tmp_path, old_shards, new_shards)
+    for error in (
+        OSError(errno.ENOSPC, "No space left on device"),
+        SafetensorError("Error while serializing: I/O error: No space left on device"),
+    ):
+        fail_writing(monkeypatch, failing, error)
+        with pytest.raises(LooptuneError, match="No space left on device.*keeps what it held"):
+            save_checkpoint(new, ck, max_shard_bytes=new_shards)
+        assert snapshot(ck) == before
+    fail_writing(monkeypatch, failing, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(new, ck, max_shard_bytes=new_shards)
+    assert snapshot(ck) == before
+    assert_loads_as(ck, old)
+    monkeypatch.undo()
+    save_checkpoint(new, ck, max_shard_bytes=new_shards)
+    assert_loads_as(ck, new)
+    weights = {f.name for f in ck.glob("*.safetensors")}
+    if new_shards is None:
+        assert weights == {"model.safetensors"} and not (ck / INDEX_NAME).exists()
+    else:
+        assert weights == set(json.loads((ck / INDEX_NAME).read_text())["weight_map"].values())
+
+
+def test_shard_names_the_old_checkpoint_uses_are_not_overwritten(tmp_path):
+    """The new shards take other names while the old index still names the usual ones; the
+    next save takes the usual names back."""
+    ck, old, new, _ = old_and_new(tmp_path, 4096, 4096)
+    usual = sorted(f.name for f in ck.glob("model-*.safetensors"))
+    save_checkpoint(new, ck, max_shard_bytes=4096)
+    other = sorted(f.name for f in ck.glob("model-*.safetensors"))
+    assert len(other) == len(usual) and not set(other) & set(usual)
+    assert other[0] == usual[0].replace(".safetensors", "-1.safetensors")
+    save_checkpoint(old, ck, max_shard_bytes=4096)
+    assert sorted(f.name for f in ck.glob("model-*.safetensors")) == usual
+    assert_loads_as(ck, old)
+
+
+def test_ctrl_c_while_the_new_files_are_put_in_place_waits_for_the_last_one(tmp_path, monkeypatch):
+    """Ctrl-C arriving between two renames of the switch is acted on after it: the directory
+    is the whole new checkpoint, not a mix, and the interrupt still ends the caller."""
+    import os
+    import signal
+
+    from looptune.model import save
+
+    ck, _, new, _ = old_and_new(tmp_path, 4096, 4096)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        real(src, dst)
+
+    monkeypatch.setattr(save.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(new, ck, max_shard_bytes=4096)
+    monkeypatch.undo()
+    assert len(calls) > 3  # every shard, the index and config.json were renamed after it
+    assert_loads_as(ck, new)
+    index = json.loads((ck / INDEX_NAME).read_text())
+    assert {f.name for f in ck.glob("*.safetensors")} == set(index["weight_map"].values())
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import torch
+from looptune.model import save
+from looptune.model.checkpoint import build_model
+from looptune.model.config import preset_config
+
+real, calls = save.save_file, []
+def save_file(tensors, path, metadata=None):
+    calls.append(path)
+    if len(calls) == int(sys.argv[2]):
+        open(path, "wb").write(b"half a shard")
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(tensors, path, metadata=metadata)
+save.save_file = save_file
+model = build_model(preset_config("tiny", window=5), "cpu", torch.float32, seed=1)
+save.save_checkpoint(model, sys.argv[1], max_shard_bytes=4096)
+"""
+
+
+@pytest.mark.slow  # a second Python with torch (4 s); in process: the test of failures above
+def test_a_save_killed_half_way_leaves_the_old_checkpoint(tmp_path):
+    """SIGKILL in the middle of the second shard: nothing can clean up, and still the old
+    checkpoint loads; the killed writer's temporary files go with the next save."""
+    ck, old, new, before = old_and_new(tmp_path, 4096, 4096)
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(ck), "2"], check=False)
+    assert proc.returncode == -9
+    left = set(snapshot(ck)) - set(before)
+    assert left and all(name.startswith(".") and name.endswith(".tmp") for name in left)
+    assert {name: data for name, data in snapshot(ck).items() if name in before} == before
+    loaded, _ = load_model(ck, device="cpu")
+    assert torch.equal(logits_of(loaded), logits_of(old))
+    save_checkpoint(new, ck, max_shard_bytes=4096)
+    assert_loads_as(ck, new)
+
+
+INDEX_NAME = "model.safetensors.index.json"

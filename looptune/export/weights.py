@@ -3,15 +3,15 @@ the gate tensors, and everything else shared with the original.
 
 Shards with no tensor to rename are hard links to the original (symbolic links across file
 systems), as are the tokenizer and remote-code files; only a shard holding a renamed tensor is
-rewritten. Every file is written atomically and config.json last, so a copy interrupted half-way
-never looks like a complete checkpoint. A copy goes only into a new or empty directory or an
+rewritten. Every file is staged under a temporary name and put in place only when all are
+written, config.json last (looptune.model.save.StagedFiles): a copy interrupted half-way leaves
+the directory as it was, an earlier copy still loadable. A copy goes only into a new or empty directory or an
 earlier copy (marked by MARK): it removes files it did not produce, never another model's.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from looptune.errors import LooptuneError
 from looptune.model.checkpoint import INDEX, weight_files
-from looptune.store import atomic_write_text, atomic_write_with
+from looptune.model.save import StagedFiles
 
 MARK = ".looptune-export"  # in every copy's directory: a later export may replace its files
 
@@ -39,44 +39,42 @@ def tensor_names(directory: Path) -> dict[str, Path]:
 
 def write_model_dir(source: Path, target: Path, renames: dict[str, str], config: dict) -> dict:
     """Write `target` as `source` with tensors renamed by `renames` and `config` as config.json.
+    An earlier copy in `target` stays loadable until the new one is complete (StagedFiles).
 
     Returns {"linked": [...], "rewritten": [...], "config": path} (file names)."""
     source, target = Path(source).resolve(), Path(target).resolve()
     if source == target:
         raise LooptuneError(f"{target}: the copy cannot replace the checkpoint it is made from")
     _claim(target)
-    (target / "config.json").unlink(missing_ok=True)  # incomplete until it is written again
     shards = weight_files(source)
     linked, rewritten = [], []
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as handle:
-            names = list(handle.keys())
-            if any(n in renames for n in names):
-                tensors = {renames.get(n, n): handle.get_tensor(n) for n in names}
-                metadata = handle.metadata() or {"format": "pt"}
-                atomic_write_with(
-                    target / shard.name, partial(save_file, tensors, metadata=metadata)
-                )
-                rewritten.append(shard.name)
-                continue
-        _link(shard, target / shard.name)
-        linked.append(shard.name)
-    if (source / INDEX).exists():
-        index = json.loads((source / INDEX).read_text())
-        index["weight_map"] = {renames.get(k, k): v for k, v in index["weight_map"].items()}
-        atomic_write_text(target / INDEX, json.dumps(index, indent=2) + "\n")
-    produced = {s.name for s in shards} | {INDEX, "config.json"}
-    for f in sorted(source.iterdir()):
-        if f.is_file() and f.name not in produced and not f.name.startswith("."):
-            _link(f, target / f.name)  # tokenizer, generation config, remote code
-            linked.append(f.name)
-    keep = {s.name for s in shards} | set(linked) | {"config.json"}
-    if (source / INDEX).exists():
-        keep.add(INDEX)
-    for f in target.iterdir():
-        if f.is_file() and not f.name.startswith(".") and f.name not in keep:
-            f.unlink()  # left by an earlier copy of another checkpoint (shards, its index)
-    atomic_write_text(target / "config.json", json.dumps(config, indent=2) + "\n")
+    with StagedFiles(target) as staged:
+        for shard in shards:
+            with safe_open(str(shard), framework="pt") as handle:
+                names = list(handle.keys())
+                if any(n in renames for n in names):
+                    tensors = {renames.get(n, n): handle.get_tensor(n) for n in names}
+                    metadata = handle.metadata() or {"format": "pt"}
+                    staged.write(shard.name, partial(save_file, tensors, metadata=metadata))
+                    rewritten.append(shard.name)
+                    continue
+            staged.link(shard.name, shard)
+            linked.append(shard.name)
+        keep = {s.name for s in shards} | {"config.json"}
+        if (source / INDEX).exists():
+            index = json.loads((source / INDEX).read_text())
+            index["weight_map"] = {renames.get(k, k): v for k, v in index["weight_map"].items()}
+            staged.write_bytes(INDEX, (json.dumps(index, indent=2) + "\n").encode())
+            keep.add(INDEX)
+        for f in sorted(source.iterdir()):
+            if f.is_file() and f.name not in keep and not f.name.startswith("."):
+                staged.link(f.name, f)  # tokenizer, generation config, remote code
+                linked.append(f.name)
+        for f in sorted(target.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and f.name not in keep | set(linked):
+                staged.remove(f.name)  # left by an earlier copy of another checkpoint
+        staged.write_bytes("config.json", (json.dumps(config, indent=2) + "\n").encode())
+        staged.commit()
     return {"linked": linked, "rewritten": rewritten, "config": str(target / "config.json")}
 
 
@@ -97,14 +95,3 @@ def _is_copy(directory: Path) -> bool:
         return "looptune_export" in json.loads((directory / "config.json").read_text())
     except (OSError, ValueError, TypeError):
         return False
-
-
-def _link(source: Path, target: Path) -> None:
-    """Hard link `target` to `source` (a symbolic link across file systems), replacing it."""
-    tmp = target.with_name(f".{target.name}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        os.symlink(source, tmp)
-    os.replace(tmp, target)

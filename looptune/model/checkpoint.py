@@ -7,12 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from looptune.errors import CheckpointError, LooptuneError
 from looptune.model.arch import (
@@ -25,14 +23,10 @@ from looptune.model.arch import (
     gate_kind_of_shape,
     to_canonical,
 )
-from looptune.model.config import PLTConfig, from_hf_dict, to_hf_dict
+from looptune.model.config import PLTConfig, from_hf_dict
 from looptune.model.plt import PLTForCausalLM
+from looptune.model.save import INDEX, SINGLE, save_checkpoint
 from looptune.model.tokenizer import load_tokenizer
-from looptune.store import atomic_write_bytes, atomic_write_with
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-PT = {"format": "pt"}  # safetensors metadata that transformers expects
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_DTYPES = {
@@ -250,53 +244,6 @@ def build_model(cfg: PLTConfig, device="cpu", dtype=torch.float32, seed: int = 0
         model = PLTForCausalLM(cfg)
     model = model.to(dtype).to_empty(device=device)
     return init_weights(model, seed)
-
-
-def save_checkpoint(
-    model: PLTForCausalLM,
-    directory,
-    max_shard_bytes: int | None = None,
-    tokenizer_json: Path | None = None,
-    extra_config: dict | None = None,
-):
-    """Write config.json and safetensors (sharded above `max_shard_bytes`); each file atomically,
-    config last so a half-written directory never looks complete."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    arch = ARCHITECTURES[cfg.architecture]
-    names = from_canonical(arch.spelling(arch.written), cfg.gate, model.state_dict())
-    state = {names.get(k, k): v.detach().contiguous() for k, v in model.state_dict().items()}
-    shards: list[dict] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    stale = list(directory.glob("model*.safetensors")) + [directory / INDEX]
-    for f in stale:
-        f.unlink(missing_ok=True)
-    if len(shards) == 1:
-        atomic_write_with(directory / SINGLE, partial(save_file, shards[0], metadata=PT))
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            atomic_write_with(directory / fname, partial(save_file, shard, metadata=PT))
-            weight_map.update({name: fname for name in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write_bytes(directory / INDEX, json.dumps(index, indent=2).encode())
-    if tokenizer_json is not None:
-        atomic_write_bytes(directory / "tokenizer.json", Path(tokenizer_json).read_bytes())
-    config = to_hf_dict(model.config)
-    config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    config.update(extra_config or {})
-    atomic_write_bytes(directory / "config.json", (json.dumps(config, indent=2) + "\n").encode())
-    return directory
 
 
 _HASHES: dict[tuple, str] = {}

@@ -1,0 +1,225 @@
+"""Writing checkpoints: `save_checkpoint`, and `StagedFiles`, which replaces the files of a
+checkpoint directory as one change, so the old checkpoint stays loadable until the new one is
+complete.
+
+Each new file is first written beside its final name under a temporary name (store's
+`.NAME.PID.XXXX.tmp`, which the next writer there removes if this process was killed) and
+flushed to disk. Only when every file is written are they renamed into place and the old ones
+removed, in the order given, with Ctrl-C and SIGTERM held off until the last step is done. A
+failure, a full disk or Ctrl-C while writing removes the temporaries, and the directories this
+made: the directory holds what it held before.
+
+The renames themselves are not one atomic step (POSIX has none for several files), so the
+order matters: callers put a checkpoint's weights (shards under new names first, then the index
+or model.safetensors) before its config.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import threading
+from collections.abc import Callable
+from functools import partial
+from itertools import count
+from pathlib import Path
+from typing import Self
+
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+from looptune.errors import LooptuneError
+from looptune.model.arch import ARCHITECTURES, from_canonical
+from looptune.model.config import to_hf_dict
+from looptune.store import remove_stale_temps, write_beside
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+PT = {"format": "pt"}  # safetensors metadata that transformers expects
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+class StagedFiles:
+    """Use as `with StagedFiles(directory) as staged:`, `staged.write(...)` each file, then
+    `staged.commit()`; leaving the block by an exception before `commit` discards the writes."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self._steps: list[tuple[Path | None, Path]] = []  # (temporary, final); None: remove final
+        self._made: list[Path] = []  # directories this created, deepest last
+        self._committed = False
+
+    def __enter__(self) -> Self:
+        missing = [p for p in (self.directory, *self.directory.parents) if not p.exists()]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._made = missing[::-1]
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None and not self._committed:
+            self.discard()
+
+    def write(self, name: str, write: Callable[[str], None]) -> None:
+        """Stage file `name`: `write(path)` fills a temporary file, flushed to disk here."""
+        tmp = write_beside(self.directory / name, write)
+        self._steps.append((tmp, self.directory / name))
+        _fsync(tmp)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.write(name, lambda tmp: Path(tmp).write_bytes(data))
+
+    def link(self, name: str, source: Path) -> None:
+        """Stage `name` as a hard link to `source` (a symbolic link across file systems)."""
+        remove_stale_temps(self.directory)
+        tmp = self.directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.link(source, tmp)
+        except OSError:
+            os.symlink(source, tmp)
+        self._steps.append((tmp, self.directory / name))
+
+    def remove(self, name: str) -> None:
+        """Remove `name` at this point of the commit (nothing happens to it before)."""
+        self._steps.append((None, self.directory / name))
+
+    def commit(self) -> None:
+        """Rename every staged file into place and remove the files named by `remove`, in the
+        order they were staged, with Ctrl-C and SIGTERM held until the end."""
+        with _signals_held():
+            self._committed = True
+            steps, self._steps = self._steps, []
+            for done, (tmp, final) in enumerate(steps, 1):
+                try:
+                    if tmp is None:
+                        final.unlink(missing_ok=True)
+                    else:
+                        os.replace(tmp, final)
+                        tmp.unlink(missing_ok=True)  # rename is a no-op between two hard links
+                except OSError:
+                    self._steps = steps[done:]  # not renamed: removed, not left behind
+                    self.discard()
+                    raise
+            _fsync(self.directory)  # the renames reach the disk in order
+
+    def discard(self) -> None:
+        for tmp, _ in self._steps:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        self._steps = []
+        for d in reversed(self._made):
+            with contextlib.suppress(OSError):  # not empty: something else is in it now
+                d.rmdir()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Defer SIGINT and SIGTERM until the block ends, then act on them as their handlers would.
+
+    Python handlers run in the main thread only, so swapping them defers a signal whichever
+    thread the kernel delivers it to (a blocked signal mask would not: torch's threads do not
+    block it). Outside the main thread nothing can be swapped, and nothing is deferred."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in _HELD}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in dict.fromkeys(pending):
+            handler = previous[s]
+            if callable(handler):
+                handler(s, None)  # Python's default for SIGINT raises KeyboardInterrupt here
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), s)  # the default action (termination) as if never deferred
+
+
+def save_checkpoint(
+    model,
+    directory,
+    max_shard_bytes: int | None = None,
+    tokenizer_json: Path | None = None,
+    extra_config: dict | None = None,
+):
+    """Write config.json and safetensors (sharded above `max_shard_bytes`) into `directory`.
+
+    A checkpoint already there stays loadable until the new one is complete: every file is
+    written under a temporary name first (shards under names the old index does not use), then
+    put in place weights first and config.json last, and the old shards are removed (see
+    looptune.model.staged). A failure, a full disk or Ctrl-C on the way leaves the directory as
+    it was; a disk that refuses the write is a LooptuneError naming the directory."""
+    directory = Path(directory)
+    cfg = model.config
+    arch = ARCHITECTURES[cfg.architecture]
+    names = from_canonical(arch.spelling(arch.written), cfg.gate, model.state_dict())
+    state = {names.get(k, k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    shards: list[dict] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    config = to_hf_dict(model.config)
+    config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config.update(extra_config or {})
+    config_bytes = (json.dumps(config, indent=2) + "\n").encode()
+    try:
+        with StagedFiles(directory) as staged:
+            weights = _stage_weights(staged, shards, state)
+            if tokenizer_json is not None:
+                staged.write_bytes("tokenizer.json", Path(tokenizer_json).read_bytes())
+            old = directory / "config.json"
+            if not (old.is_file() and old.read_bytes() == config_bytes):  # else weights only
+                staged.write_bytes("config.json", config_bytes)
+            for f in sorted(directory.glob("model*.safetensors")):
+                if f.name not in weights:
+                    staged.remove(f.name)  # the old checkpoint's, no longer named by anything
+            staged.commit()
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise LooptuneError(
+            f"{directory}: cannot write the checkpoint ({reason}); the directory keeps what it "
+            "held before"
+        ) from None
+    return directory
+
+
+def _stage_weights(staged: StagedFiles, shards: list[dict], state: dict) -> set[str]:
+    """Stage the weight files and the index (or its removal); returns the weight file names."""
+    directory = staged.directory
+    if len(shards) == 1:
+        staged.write(SINGLE, partial(save_file, shards[0], metadata=PT))
+        staged.remove(INDEX)  # an old index would still win over model.safetensors
+        return {SINGLE}
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = _unused_shard_name(directory, i, len(shards))
+        staged.write(fname, partial(save_file, shard, metadata=PT))
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    staged.write_bytes(INDEX, json.dumps(index, indent=2).encode())
+    return set(weight_map.values())
+
+
+def _unused_shard_name(directory: Path, i: int, n: int) -> str:
+    """`model-0000i-of-0000n.safetensors`, or where that is taken (by the old checkpoint's
+    shard) the first free `model-0000i-of-0000n-k.safetensors`."""
+    names = (f"model-{i:05d}-of-{n:05d}{f'-{k}' if k else ''}.safetensors" for k in count())
+    return next(name for name in names if not (directory / name).exists())
