@@ -23,9 +23,10 @@ Where the candidate runs (`sandbox_kind`):
   processes, a read-only root holding the system's libraries and Python's standard library
   (not the environment, the home directory, the repository or anything else of the parent's),
   a private size-capped tmpfs as its only writable directory (`Limits.disk_bytes` in all), and
-  no network. Its user is the caller's outside, root when looptune runs as root, so /proc and
-  /dev are read-only too (a fresh /proc would let it write the host's sysctls). The tripwire
-  below runs inside it too, as a second layer.
+  no network; it may start no process and create no user namespace (`boundary`, where what
+  this machine leaves open is named in each result's `sandbox`). /proc and /dev are read-only
+  too (a fresh /proc would let a user that is root outside write the host's sysctls). The
+  tripwire below runs inside it too, as a second layer.
 - "tripwire": where bubblewrap is missing or cannot create namespaces, with a warning (once, on
   stderr): a scrubbed environment, an empty working directory, and an audit hook refusing
   writes outside it, reads outside it and the system's and Python's files, spawning processes
@@ -33,11 +34,11 @@ Where the candidate runs (`sandbox_kind`):
   accidents and the attacks tested in tests/test_sandbox.py, not every program written to
   escape it; the total written is not capped.
 
-Both: `python -I -S`, rlimits on CPU, memory, file size and open files, and a wall-clock limit
-after which the candidate's process group, and the runner, are killed. `LOOPTUNE_SANDBOX`
-(`auto`, `boundary`, `tripwire`) or the `sandbox` argument chooses; `boundary` fails where the
-boundary is not available. Not covered by either: a fork bomb from native code when looptune
-runs as root (rlimits on processes do not bind root; a cgroup would).
+Both: `python -I -S`, rlimits on CPU, memory, file size, open files and processes (none),
+and a wall-clock limit after which the candidate's process group, and the runner, are killed.
+`LOOPTUNE_SANDBOX` (`auto`, `boundary`, `tripwire`) or the `sandbox` argument chooses;
+`boundary` fails where the boundary is not available. The tripwire alone, run by root, does not
+cap processes started by native code (the kernel exempts root from the limit).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ import functools
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -60,10 +60,10 @@ from pathlib import Path
 from typing import Self
 
 from looptune.errors import LooptuneError
+from looptune.quality.boundary import SCRUBBED_ENV, Boundary, base_python, probe
 
 KINDS = ("auto", "boundary", "tripwire")
 ENV_VAR = "LOOPTUNE_SANDBOX"
-_SCRUBBED_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class SandboxResult:
     status: str  # "passed", "failed" or "timeout"
     detail: str  # why it failed: the error, the failed assertion or the limit that stopped it
     seconds: float
-    sandbox: str  # "boundary" or "tripwire"
+    sandbox: str  # "tripwire", or "boundary" and what it leaves open here ("boundary (...)")
     output: str = ""  # the last 2,000 characters the candidate and the tests printed
 
     @property
@@ -98,8 +98,8 @@ def sandbox_kind(requested: str | None = None) -> str:
         raise LooptuneError(f"{name} must be one of {', '.join(KINDS)}, got {requested!r}")
     if requested == "tripwire":
         return "tripwire"
-    why = _boundary_unavailable()
-    if why is None:
+    why = probe()
+    if isinstance(why, Boundary):
         return "boundary"
     if requested == "boundary":
         raise LooptuneError(f"the sandbox's OS boundary is not available here: {why}")
@@ -132,6 +132,10 @@ class Sandbox:
     def __init__(self, sandbox: str | None = None, *, tripwire: bool = True):
         self.kind = sandbox_kind(sandbox)
         self.tripwire = tripwire or self.kind == "tripwire"
+        found = probe() if self.kind == "boundary" else None
+        self.boundary = found if isinstance(found, Boundary) else None
+        # each result's `sandbox`: the kind, and what the boundary leaves open here
+        self.description = self.boundary.description if self.boundary else self.kind
         self._idle: list[_Runner] = []
         self._lock = threading.Lock()
 
@@ -166,13 +170,13 @@ class Sandbox:
                     self._idle.append(runner)
 
     def _check(self, runner, program, tests, entry_point, limits, call) -> SandboxResult:
-        kind, nonce = self.kind, secrets.token_hex(16)
+        kind, nonce = self.description, secrets.token_hex(16)
         start = time.perf_counter()
         with ExitStack() as stack:
             out, log = (stack.enter_context(tempfile.TemporaryFile()) for _ in range(2))
             work = (
                 None
-                if kind == "boundary"
+                if self.boundary
                 else stack.enter_context(
                     tempfile.TemporaryDirectory(
                         prefix="looptune-sandbox-", ignore_cleanup_errors=True
@@ -186,15 +190,15 @@ class Sandbox:
                 "open_files": limits.open_files,
             }
             argv = [
-                _python(),
+                base_python(),
                 "-I",
                 "-S",
                 "-c",
                 _source("candidate"),
                 json.dumps({**lim, "tripwire": self.tripwire}),
             ]
-            if kind == "boundary":
-                argv = _bwrap_argv(limits.disk_bytes) + argv
+            if self.boundary:
+                argv = self.boundary.argv(limits.disk_bytes) + argv
             to_read, to_write = os.pipe()  # runner -> candidate
             from_read, from_write = os.pipe()  # candidate -> runner
             try:
@@ -204,9 +208,10 @@ class Sandbox:
                     stdout=from_write,
                     stderr=out,
                     cwd=work or "/",
-                    env={**_SCRUBBED_ENV, "HOME": work or "/sandbox", "TMPDIR": work or "/sandbox"},
-                    start_new_session=True,
-                )  # no terminal to inject keystrokes into
+                    env={**SCRUBBED_ENV, "HOME": work or "/sandbox", "TMPDIR": work or "/sandbox"},
+                    start_new_session=True,  # no terminal to inject keystrokes into
+                    pass_fds=self.boundary.pass_fds if self.boundary else (),
+                )
             except BaseException:
                 os.close(to_write)
                 os.close(from_read)
@@ -261,7 +266,7 @@ class _Runner:
         with theirs:
             self.proc = subprocess.Popen(
                 [
-                    _python(),
+                    base_python(),
                     "-I",
                     "-S",
                     "-c",
@@ -274,7 +279,7 @@ class _Runner:
                 stderr=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
                 cwd="/",
-                env=_SCRUBBED_ENV,
+                env=SCRUBBED_ENV,
                 start_new_session=True,
             )
         self.alive, self.verdicts = True, 0
@@ -345,88 +350,6 @@ def _tail(f, n: int = 1000) -> str:
 @functools.cache
 def _source(part: str) -> str:
     return Path(__file__).with_name(f"sandbox_{part}.py").read_text()
-
-
-@functools.cache
-def _python() -> str:
-    """The base interpreter: the children need the standard library only, not the venv."""
-    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
-
-
-def _bwrap_argv(disk_bytes: int) -> list[str]:
-    """bubblewrap: every namespace, an unprivileged user, read-only system and Python dirs, a
-    read-only /proc and /dev, a size-capped tmpfs at /sandbox (also /tmp), and nothing else of
-    the parent's."""
-    argv = [
-        shutil.which("bwrap") or "bwrap",
-        "--unshare-all",
-        "--die-with-parent",
-        "--uid",
-        "65534",
-        "--gid",
-        "65534",
-        "--cap-drop",
-        "ALL",
-    ]
-    for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-        if os.path.islink(d):
-            argv += ["--symlink", os.readlink(d), d]
-        elif os.path.isdir(d):
-            argv += ["--ro-bind", d, d]
-    for d in sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)}):
-        if not d.startswith("/usr/") and d != "/usr":
-            argv += ["--ro-bind", d, d]
-    return argv + [
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--size",
-        str(disk_bytes),
-        "--tmpfs",
-        "/sandbox",
-        "--symlink",
-        "/sandbox",
-        "/tmp",
-        "--remount-ro",
-        "/dev",
-        "--remount-ro",  # run by root, its user is root outside: no writing the host's sysctls
-        "/proc",
-        "--remount-ro",
-        "/",
-        "--chdir",
-        "/sandbox",
-        "--clearenv",
-        *(a for k, v in _SCRUBBED_ENV.items() for a in ("--setenv", k, v)),
-        "--setenv",
-        "HOME",
-        "/sandbox",
-        "--setenv",
-        "TMPDIR",
-        "/sandbox",
-        "--",
-    ]
-
-
-@functools.cache
-def _boundary_unavailable() -> str | None:
-    """Why bubblewrap cannot run a Python here, or None when it can (tried once a process)."""
-    if shutil.which("bwrap") is None:
-        return "bubblewrap (bwrap) is not installed"
-    try:
-        done = subprocess.run(
-            _bwrap_argv(1 << 20) + [_python(), "-I", "-S", "-c", "pass"],
-            check=False,
-            capture_output=True,
-            timeout=30,
-            env=_SCRUBBED_ENV,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"bwrap failed to start: {e}"
-    if done.returncode != 0:
-        last = (done.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
-        return f"bwrap could not run Python in its namespaces here ({last})"
-    return None
 
 
 @functools.cache

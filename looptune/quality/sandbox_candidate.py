@@ -18,6 +18,7 @@ Inside the OS boundary it is a second layer; without one it is all there is, and
 tripwire, not a proof: a program written to escape it may find a way the tests do not try.
 """
 
+import errno
 import json
 import os
 import resource
@@ -377,7 +378,10 @@ def _describe(e):
         if isinstance(e, SystemExit):
             return f"SystemExit: the program exited ({e.code!r})"
         text = str(e).strip().splitlines()
-        return f"{type(e).__name__}: {text[-1]}"[:300] if text else type(e).__name__
+        said = f"{type(e).__name__}: {text[-1]}"[:300] if text else type(e).__name__
+        if type(e) is BlockingIOError and e.errno == errno.EAGAIN:  # what fork raises here
+            said += " (the sandbox allows no new processes)"
+        return said
     except BaseException:  # noqa: BLE001 - a hostile __str__
         return "an exception that could not be described"
 
