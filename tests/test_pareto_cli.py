@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -173,6 +174,28 @@ def test_fresh_measures_again(family, tmp_path):
     fresh = pareto(family, tmp_path, "--budget-ms", "1000", "--json", "--fresh", **one)
     assert fresh.exit_code == 0, fresh.stderr
     assert json.loads(fresh.stdout)["measurements"] == {"latency": 1, "quality_passes": 1}
+
+
+def test_a_corrupt_score_entry_is_scored_again_and_the_pass_counted(family, tmp_path):
+    one = {"loops": "1", "members": ("plt-r2",)}  # R=1 of a member trained at R=2
+
+    def measured(out):
+        result = pareto(family, tmp_path, "--budget-ms", "1000", "--json", "--out", out, **one)
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)["measurements"], result.stderr
+
+    assert measured(str(tmp_path / "a.yaml"))[0] == {"latency": 1, "quality_passes": 1}
+    # The pass also scores the trained R=2, as the reference of R=1: corrupt that entry.
+    cache = Path(os.environ["LOOPTUNE_CACHE_DIR"]) / "score"
+    entries = {json.loads(f.read_text())["key"]["loops"]: f for f in cache.glob("*.json")}
+    assert sorted(entries) == [1, 2]
+    entries[2].write_text('{"schema": 1, "key": {')
+    # A new study (another --out) takes its numbers from the caches: R=1's is intact, the
+    # reference's is not, so the model runs again, and the summary says so.
+    again, stderr = measured(str(tmp_path / "b.yaml"))
+    assert f"ignoring score cache entry {entries[2]}" in stderr
+    assert again == {"latency": 0, "quality_passes": 1}
+    assert measured(str(tmp_path / "c.yaml"))[0] == {"latency": 0, "quality_passes": 0}
 
 
 def test_interference_is_flagged_in_table_json_and_profile(family, tmp_path, monkeypatch):
