@@ -339,3 +339,64 @@ def test_init_plt_writes_the_window_as_loopcoder_v2s_config_class_does(tmp_path)
     assert raw["plt_window_size"] == [7, 0]
     model, _ = load_model(tmp_path / "ck", device="cpu")
     assert model.config.window == 8
+
+
+def without_architectures(config: dict, **changes) -> dict:
+    """`config` as a hand-written or converted config.json might come: no `architectures`."""
+    out = {k: v for k, v in config.items() if k != "architectures"}
+    out.update(changes)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    "layout, model_type, family",
+    [
+        ("loopcoder-v2-query-gate", "my_plt_coder", "LoopCoder-V2"),
+        ("iquest-released-model-level", None, "IQuest-Coder-V1-Loop"),
+    ],
+)
+def test_a_config_without_a_known_name_is_read_by_its_loop_keys_with_a_warning(
+    tmp_path, capsys, layout, model_type, family
+):
+    """No `architectures` and an unknown (or no) `model_type`, but loop keys of one family
+    only: read as that family, with the same logits, and a warning saying what was assumed."""
+    config, ref_cfg, gate, gate_name = LAYOUTS[layout]
+    ref = reference(gate, **ref_cfg)
+    write(tmp_path / "ck", without_architectures(config, model_type=model_type), ref, gate_name)
+    shown = runner.invoke(app, ["info", str(tmp_path / "ck"), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["layout"]["family"] == family  # stdout: the document only
+    warning = shown.stderr.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning: ")
+    assert f"read as {family}" in warning[0] and ref_cfg["architecture"] in warning[0]
+    loaded, _ = load_model(tmp_path / "ck", device="cpu")
+    assert loaded.config.architecture == ref_cfg["architecture"]
+    assert loaded.config.mode == ref.config.mode
+    assert (logits(loaded) - logits(ref)).abs().max().item() < 1e-5
+
+
+def test_a_config_that_names_no_known_model_is_one_line_naming_what_looptune_reads(tmp_path):
+    """An unknown model_type without loop keys, or with both families' loop keys, is an error
+    (exit 2 from the CLI), not a model silently read as LoopCoder-V2."""
+    config, ref_cfg, gate, gate_name = LAYOUTS["loopcoder-v2-query-gate"]
+    plain = {k: None for k in config if k.startswith("plt_")}
+    cases = {
+        "model_type 'llama' is unknown, and no loop keys": without_architectures(
+            config, model_type="llama", **plain
+        ),
+        "loop keys of both LoopCoder-V2 and IQuest-Coder-V1-Loop": without_architectures(
+            config, model_type=None, loop_num=2
+        ),
+    }
+    for i, (said, bad) in enumerate(cases.items()):
+        name = f"ck{i}"
+        write(tmp_path / name, bad, reference(gate, **ref_cfg), gate_name)
+        with pytest.raises(CheckpointError) as err:
+            load_model(tmp_path / name, device="cpu")
+        message = str(err.value)
+        assert "\n" not in message and "no `architectures`" in message and said in message
+        assert "IQuestPLTCoderForCausalLM (model_type iquestpltcoder" in message
+        assert "IQuestLoopCoderForCausalLM (model_type iquestloopcoder" in message
+        result = runner.invoke(app, ["info", str(tmp_path / name)])
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1
+        assert result.stderr == f"error: {message}\n"

@@ -11,7 +11,7 @@ facts come from reading the makers' public code (file names cited beside each en
 the engine was run here.
 
 Public API: `ARCHITECTURES[name]` (an `Architecture`), its `.spellings` and `.written`,
-`architecture_of(config)`, `detect_spelling(architecture, tensor_names) -> Spelling`,
+`architecture_of(config) -> (Architecture, assumption)`, `detect_spelling(architecture, tensor_names) -> Spelling`,
 `to_canonical` / `from_canonical` (gate name maps), `ENGINES`.
 """
 
@@ -219,22 +219,45 @@ LOOP = Architecture(
 )
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (PLT, LOOP)}
+_KNOWN = " and ".join(  # what an error says looptune reads
+    f"{a.name} (model_type {a.model_types[0]}, {a.family})" for a in ARCHITECTURES.values()
+)
 
 
-def architecture_of(raw: dict) -> Architecture:
-    """The architecture a config.json names: `architectures[0]`, else its `model_type`."""
+def architecture_of(raw: dict) -> tuple[Architecture, str | None]:
+    """The architecture a config.json names, and None; or, when it names none that looptune
+    knows, the one its loop keys alone belong to and a line saying so (the caller warns).
+
+    `architectures[0]` decides, else `model_type`. Without either, a config whose loop keys
+    (plt_* or loop_*) are one architecture's is read as that one; anything else raises
+    ValueError naming the fields and what looptune reads, since an unknown model read as
+    LoopCoder-V2 would load, or fail, for the wrong reason."""
     archs = raw.get("architectures")
     name = archs[0] if isinstance(archs, list) and archs else None
-    if name is None:
-        name = next(
-            (a.name for a in ARCHITECTURES.values() if raw.get("model_type") in a.model_types),
-            PLT.name,
+    if name is not None:
+        if name not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {name!r}; looptune reads {_KNOWN}")
+        return ARCHITECTURES[name], None
+    model_type = raw.get("model_type")
+    for arch in ARCHITECTURES.values():
+        if model_type in arch.model_types:
+            return arch, None
+    said = f"model_type {model_type!r} is unknown" if model_type else "no model_type"
+    owners = [a for a in ARCHITECTURES.values() if set(a.loop_keys) & set(raw)]
+    if len(owners) != 1:
+        which = (
+            "no loop keys (plt_* or loop_*) say which model it is"
+            if not owners
+            else "it has loop keys of both " + " and ".join(a.family for a in owners)
         )
-    if name not in ARCHITECTURES:
-        raise ValueError(
-            f"unknown architecture {name!r}; looptune reads {' and '.join(ARCHITECTURES)}"
-        )
-    return ARCHITECTURES[name]
+        raise ValueError(f"no `architectures`, {said}, and {which}; looptune reads {_KNOWN}")
+    arch = owners[0]
+    keys = [k for k in arch.loop_keys if k in raw]
+    keys = ", ".join(keys[:2]) + (", ..." if len(keys) > 2 else "")
+    return arch, (
+        f"no `architectures` and {said}; read as {arch.family} from its keys ({keys}); "
+        f'add "architectures": ["{arch.name}"] to say so'
+    )
 
 
 def detect_spelling(architecture: str, tensor_names, where: str = "checkpoint") -> Spelling:

@@ -15,11 +15,13 @@ from typing import Any
 
 from looptune.errors import CheckpointError
 from looptune.model.arch import ARCHITECTURES, GATE_PARTS, LOOP, PLT, architecture_of
+from looptune.store import warn
 
 MODES = ("plt", "plt-noshift", "sequential")
 GATE_KINDS = tuple(GATE_PARTS)  # "hidden": from RMSNorm(layer input); "query": from the query
 PLT_ARCH, LOOP_ARCH = PLT.name, LOOP.name  # kept for importers (looptune.export.engines)
 BYTE_VOCAB = 256 + 3  # 256 bytes, then <bos>, <eos>, <pad>
+_ASSUMED: set[str] = set()  # config.json files whose architecture was inferred and warned about
 
 
 @dataclass(frozen=True)
@@ -191,9 +193,12 @@ def _flag(raw: dict, key: str, default: bool) -> bool:
 def from_hf_dict(raw: dict[str, Any], source: str = "config.json") -> PLTConfig:
     """Read a LoopCoder-V2 or IQuest-Loop config.json as its own config class would: a key that
     is absent or null takes that class's default (see looptune.model.arch). Raises
-    CheckpointError naming `source`."""
+    CheckpointError naming `source`; warns when the architecture is inferred from loop keys."""
     try:
-        arch = architecture_of(raw)
+        arch, assumed = architecture_of(raw)
+        if assumed and source not in _ASSUMED:  # once per file and process: read more than once
+            _ASSUMED.add(source)
+            warn(f"{source}: {assumed}")
         defaults = arch.base_defaults
         if raw.get("rope_scaling") not in (None, {}):
             raise ValueError(
