@@ -499,6 +499,22 @@ def test_boundary_only_a_fork_bomb_gets_no_process():
     assert (r.status, r.detail) == ("failed", "ValueError: forked 0"), r
 
 
+def test_the_candidate_holds_no_descriptor_but_its_own(kind):
+    program = (
+        "def f():\n    import os\n    fds = os.listdir('/proc/self/fd')\n"
+        "    return sorted(os.readlink(f'/proc/self/fd/{n}').split(':')[0] for n in fds\n"
+        "                  if os.path.exists(f'/proc/self/fd/{n}'))\n"
+    )  # /dev/null, the output file (deleted), the two pipes; bwrap passes on the userns it joins
+    tests = (
+        "def check(f):\n    held = f()\n    assert held.count('pipe') == 2 and all(\n"
+        "        t in ('/dev/null', 'pipe') or t.endswith('(deleted)') for t in held), held\n"
+    )
+    for r in [check(program, kind, tests)] + (
+        [boundary_alone(program, tests)] if kind == "boundary" else []
+    ):
+        assert r.passed, r
+
+
 @needs_boundary
 def test_boundary_only_no_user_namespace_can_be_made_inside():
     r = boundary_alone(NESTED_USERNS)

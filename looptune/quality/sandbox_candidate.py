@@ -388,6 +388,7 @@ def _describe(e):
 
 def main():
     lim = json.loads(sys.argv[1])
+    os.closerange(3, 1 << 16)  # what bwrap passed on: the user namespace it joined, as root
     set_limits(lim)
     # the protocol gets private descriptors; fd 0 reads nothing, fd 1 goes where fd 2 goes,
     # so the program's prints and os.write(1, ...) land in the output, not in the protocol
