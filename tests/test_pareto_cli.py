@@ -198,6 +198,27 @@ def test_a_corrupt_score_entry_is_scored_again_and_the_pass_counted(family, tmp_
     assert measured(str(tmp_path / "c.yaml"))[0] == {"latency": 0, "quality_passes": 0}
 
 
+def test_export_force_says_it_cannot_write_past_a_malformed_profile(family, tmp_path):
+    made = pareto(family, tmp_path, "--budget-ms", "1000", loops="1", members=("plt-r1",))
+    assert made.exit_code == 0, made.stderr
+    profile = tmp_path / "p.yaml"
+    doc = yaml.safe_load(profile.read_text())
+    doc["knobs"]["loops"] = 0  # edited by hand
+    profile.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "served"
+    forced = runner.invoke(
+        app, ["export", str(profile), "--to", "vllm", "--out", str(out), "--force"]
+    )
+    assert forced.exit_code == 2 and not out.exists()
+    assert forced.stderr.strip() == (
+        f"error: {profile}: knobs.loops must be an integer >= 1, got 0 (--force writes past a "
+        "changed model or an engine that cannot serve the setting, never past a profile it "
+        "cannot read)"
+    )
+    shown = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "400"})
+    assert "Never past a profile that cannot be read (a malformed knob)" in shown.output
+
+
 def test_interference_is_flagged_in_table_json_and_profile(family, tmp_path, monkeypatch):
     from looptune.measure.interference import Limits
 

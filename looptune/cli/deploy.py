@@ -113,7 +113,11 @@ def export(
     force: Annotated[
         bool,
         typer.Option(
-            "--force", help="Write even when a check fails; each failure is recorded in the file."
+            "--force",
+            help="Write even when the model changed since it was measured or the engine cannot "
+            "serve the setting as measured; each is recorded in the file. Never past a profile "
+            "that cannot be read (a malformed knob), a bad option, or a model copy without the "
+            "model.",
         ),
     ] = False,
     json_out: Annotated[
@@ -125,11 +129,19 @@ def export(
     Loops, window (in the engine's own convention), dtype and eager/CUDA graphs are the measured
     ones; context and concurrency are the deployment's. Refuses, one line and exit 2, when the
     model changed since it was measured or the engine cannot serve it as stored (--force
-    writes anyway)."""
-    from looptune.export.deployable import read_profile
+    writes anyway, but never from a profile it cannot read)."""
+    from looptune.export.deployable import ProfileError, read_profile
     from looptune.export.serving import export_profile
 
-    prof = read_profile(profile)
+    try:
+        prof = read_profile(profile)
+    except ProfileError as e:
+        if not force:
+            raise
+        raise ProfileError(
+            f"{e} (--force writes past a changed model or an engine that cannot serve the "
+            "setting, never past a profile it cannot read)"
+        ) from None
     out = out or profile.parent / f"{profile.stem}-{to}"
     result = export_profile(
         prof,

@@ -109,7 +109,8 @@ def export_profile(
     renames = _check_gates(result, profile, model, write_weights, problems)
     _shape(result, profile, model, max_model_len, max_concurrency, problems)
     if problems and not force:
-        more = f" (and {len(problems) - 1} more; force writes anyway)" if len(problems) > 1 else ""
+        more = f"and {len(problems) - 1} more; " if len(problems) > 1 else ""
+        more = f" ({more}force writes anyway)"
         raise ExportRefused(problems[0] + more)
     result.forced = problems
     result.notes += list(result.target.caveats)
