@@ -440,7 +440,7 @@ def test_boundary_only_the_system_is_read_only_and_the_parents_files_invisible()
 
 @needs_boundary
 def test_boundary_only_the_kernels_settings_are_read_only():
-    # run by root, the sandbox's user is root outside: a fresh /proc let it write the host's
+    # where the sandbox's user is root outside (boundary.py), a fresh /proc let it write the host's
     # sysctls (kernel/core_pattern runs a program as root). Checked with access(), which
     # writes nothing but answers as open() would, the read-only mount included.
     program = (

@@ -9,9 +9,10 @@ Besides the namespaces, two holes are closed where the machine allows it:
 - processes: the candidate sets RLIMIT_NPROC to 0, but the kernel exempts the host's root
   user from it, and under a plain `--unshare-user` the candidate's user outside is whoever runs
   looptune. So when that is root, the candidate joins (`--userns`) a user namespace prepared
-  here in which it is the host's nobody, whom the limit binds. The host's root is mapped there
-  as uid 1, not 0, so that bubblewrap can still reach a Python under /root without gaining
-  root's powers over the namespace; no user namespace may be created inside it.
+  here in which it is the host's nobody, whom the limit binds, and in which no user namespace
+  may be created. The host's root is mapped there too, as uid 1: bubblewrap mounts as nobody,
+  with capabilities that reach only files whose owner is mapped (a Python under /root), and
+  as uid 0 its switch to nobody would drop them.
 
 What the probe finds still open (an old bubblewrap, a kernel that refuses the prepared
 namespace) is named in `Boundary.gaps`, which every result's `sandbox` description carries.

@@ -23,8 +23,8 @@ Where the candidate runs (`sandbox_kind`):
   processes, a read-only root holding the system's libraries and Python's standard library
   (not the environment, the home directory, the repository or anything else of the parent's),
   a private size-capped tmpfs as its only writable directory (`Limits.disk_bytes` in all), and
-  no network; it may start no process and create no user namespace (`boundary`, where what
-  this machine leaves open is named in each result's `sandbox`). /proc and /dev are read-only
+  no network; it may start no process and create no user namespace (`quality.boundary`; what
+  a machine leaves open is named in each result's `sandbox`). /proc and /dev are read-only
   too (a fresh /proc would let a user that is root outside write the host's sysctls). The
   tripwire below runs inside it too, as a second layer.
 - "tripwire": where bubblewrap is missing or cannot create namespaces, with a warning (once, on
