@@ -76,7 +76,7 @@ class Score:
     dtype: str
     torch_version: str
     cached: bool = False
-    sandbox: str | None = None  # pass_at_1: "boundary" or "tripwire" (quality.sandbox)
+    sandbox: str | None = None  # pass_at_1: "boundary" or "tripwire", plus any gaps
 
     @property
     def higher_is_better(self) -> bool:
