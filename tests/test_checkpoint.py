@@ -405,4 +405,72 @@ def test_a_save_killed_half_way_leaves_the_old_checkpoint(tmp_path):
     assert_loads_as(ck, new)
 
 
+def test_a_failed_re_export_keeps_the_earlier_copy(tmp_path, monkeypatch):
+    """`export --write-weights` / `--to hf` into its earlier copy: a full disk or Ctrl-C while
+    rewriting a shard leaves the earlier copy loadable; untouched shards stay hard links."""
+    import errno
+    import os
+
+    from looptune.export import weights
+    from looptune.model.arch import LOOP
+
+    def source(name, seed):
+        loop = {k: v for k, v in LOOP.init_config.items() if k != "gate"}
+        model = tiny_model("query", seed=seed, architecture=LOOP.name, **loop)
+        save_checkpoint(model, tmp_path / name, max_shard_bytes=4096)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        return model, {**config, "looptune_export": [f"copy of {name}"]}
+
+    def copy(name, config):
+        renames = {
+            f"model.gate_projections.{i}.{p}": f"model.layers.{i}.gate_projection.{p}"
+            for i in range(2)
+            for p in ("weight", "bias")
+        }  # the HF save spelling
+        return weights.write_model_dir(tmp_path / name, tmp_path / "out", renames, config)
+
+    (first, first_config), (second, second_config) = source("a", 0), source("b", 1)
+    copy("a", first_config)
+    before = snapshot(tmp_path / "out")
+    real = weights.save_file
+    for error in (OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()):
+
+        def full(tensors, path, metadata=None, error=error):
+            real(tensors, path, metadata=metadata)
+            raise error
+
+        monkeypatch.setattr(weights, "save_file", full)
+        with pytest.raises(type(error)):
+            copy("b", second_config)
+        assert snapshot(tmp_path / "out") == before
+        assert_loads_as(tmp_path / "out", first)
+    monkeypatch.undo()
+    done = copy("b", second_config)
+    assert_loads_as(tmp_path / "out", second)
+    assert done["rewritten"] and done["linked"]
+    for name in done["linked"]:
+        assert os.path.samefile(tmp_path / "out" / name, tmp_path / "b" / name)
+    assert not [f for f in (tmp_path / "out").iterdir() if f.name.endswith(".tmp")]
+
+
+def test_init_stopped_half_way_keeps_nothing_and_says_so_in_one_line(tmp_path, monkeypatch):
+    """`looptune init` into a new directory: Ctrl-C is 130 and a full disk is exit 2, each one
+    line, and neither leaves the directories it made; into an existing one, its files stay."""
+    import errno
+
+    ck = tmp_path / "new" / "ck"
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "notes.txt").write_text("mine")
+    for error, code in ((KeyboardInterrupt(), 130), (OSError(errno.ENOSPC, "No space"), 2)):
+        fail_writing(monkeypatch, "model-00002-of", error)
+        for where, kept in ((ck, "nothing was kept"), (tmp_path / "old", "keeps what it held")):
+            result = runner.invoke(
+                app, ["init", str(where), "--shard-mib", "1", "--preset", "small"]
+            )
+            assert result.exit_code == code, result.output
+            assert len(result.stderr.splitlines()) == 1 and kept in result.stderr
+        assert not (tmp_path / "new").exists()
+        assert [f.name for f in (tmp_path / "old").iterdir()] == ["notes.txt"]
+
+
 INDEX_NAME = "model.safetensors.index.json"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import threading
@@ -31,7 +32,7 @@ from typing import Self
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from looptune.errors import LooptuneError
+from looptune.errors import Interrupted, LooptuneError
 from looptune.model.arch import ARCHITECTURES, from_canonical
 from looptune.model.config import to_hf_dict
 from looptune.store import remove_stale_temps, write_beside
@@ -50,7 +51,7 @@ class StagedFiles:
         self.directory = Path(directory)
         self._steps: list[tuple[Path | None, Path]] = []  # (temporary, final); None: remove final
         self._made: list[Path] = []  # directories this created, deepest last
-        self._committed = False
+        self.committed = False  # True from the first rename on: nothing is discarded then
 
     def __enter__(self) -> Self:
         missing = [p for p in (self.directory, *self.directory.parents) if not p.exists()]
@@ -59,7 +60,7 @@ class StagedFiles:
         return self
 
     def __exit__(self, kind, value, tb) -> None:
-        if kind is not None and not self._committed:
+        if kind is not None and not self.committed:
             self.discard()
 
     def write(self, name: str, write: Callable[[str], None]) -> None:
@@ -89,7 +90,7 @@ class StagedFiles:
         """Rename every staged file into place and remove the files named by `remove`, in the
         order they were staged, with Ctrl-C and SIGTERM held until the end."""
         with _signals_held():
-            self._committed = True
+            self.committed = True
             steps, self._steps = self._steps, []
             for done, (tmp, final) in enumerate(steps, 1):
                 try:
@@ -179,8 +180,10 @@ def save_checkpoint(
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     config.update(extra_config or {})
     config_bytes = (json.dumps(config, indent=2) + "\n").encode()
+    existed, staged = directory.is_dir(), StagedFiles(directory)
+    kept = "the directory keeps what it held before" if existed else "nothing was kept"
     try:
-        with StagedFiles(directory) as staged:
+        with staged:
             weights = _stage_weights(staged, shards, state)
             if tokenizer_json is not None:
                 staged.write_bytes("tokenizer.json", Path(tokenizer_json).read_bytes())
@@ -192,11 +195,13 @@ def save_checkpoint(
                     staged.remove(f.name)  # the old checkpoint's, no longer named by anything
             staged.commit()
     except (OSError, SafetensorError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise LooptuneError(
-            f"{directory}: cannot write the checkpoint ({reason}); the directory keeps what it "
-            "held before"
+            f"{directory}: cannot write the checkpoint ({_reason(e)}); {kept}"
         ) from None
+    except KeyboardInterrupt as e:
+        if staged.committed or str(e):  # written after all, or a caller's message
+            raise
+        raise Interrupted(f"{directory}: {kept}") from None
     return directory
 
 
@@ -223,3 +228,12 @@ def _unused_shard_name(directory: Path, i: int, n: int) -> str:
     shard) the first free `model-0000i-of-0000n-k.safetensors`."""
     names = (f"model-{i:05d}-of-{n:05d}{f'-{k}' if k else ''}.safetensors" for k in count())
     return next(name for name in names if not (directory / name).exists())
+
+
+def _reason(e: Exception) -> str:
+    """The OS's words: safetensors reports "Error while serializing: I/O error: No space left
+    on device (os error 28)"."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    found = re.search(r"I/O error: (.+?)(?: \(os error \d+\))?$", str(e))
+    return found.group(1) if found else str(e)
