@@ -17,6 +17,7 @@ or model.safetensors) before its config.json.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -103,7 +104,8 @@ class StagedFiles:
                     self._steps = steps[done:]  # not renamed: removed, not left behind
                     self.discard()
                     raise
-            _fsync(self.directory)  # the renames reach the disk in order
+            with contextlib.suppress(OSError):  # done; the disk has them soon if not now
+                _fsync(self.directory)  # the renames are on disk before the caller goes on
 
     def discard(self) -> None:
         for tmp, _ in self._steps:
@@ -116,9 +118,13 @@ class StagedFiles:
 
 
 def _fsync(path: Path) -> None:
+    """Flush a file or a directory to disk; a file system that cannot (EINVAL) is let be."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
 
@@ -159,9 +165,9 @@ def save_checkpoint(
 
     A checkpoint already there stays loadable until the new one is complete: every file is
     written under a temporary name first (shards under names the old index does not use), then
-    put in place weights first and config.json last, and the old shards are removed (see
-    looptune.model.staged). A failure, a full disk or Ctrl-C on the way leaves the directory as
-    it was; a disk that refuses the write is a LooptuneError naming the directory."""
+    put in place weights first and config.json last, and the old shards are removed
+    (StagedFiles). A failure, a full disk or Ctrl-C on the way leaves the directory as it was;
+    a disk that refuses the write is a LooptuneError naming the directory."""
     directory = Path(directory)
     cfg = model.config
     arch = ARCHITECTURES[cfg.architecture]
