@@ -20,7 +20,8 @@ from looptune.cli import app
 from looptune.errors import Interrupted, LooptuneError
 from looptune.measure import env as envmod
 from looptune.measure.interference import CpuWatch, Limits, interference, usable_cores
-from looptune.measure.latency import Measurement, check_measurement, profile_candidates
+from looptune.measure.latency import profile_candidates
+from looptune.measure.measurement import Measurement, check_measurement
 from looptune.measure.memory import PeakMemory
 from looptune.measure.stats import bootstrap_ci, percentile, summarize
 from looptune.measure.timers import LapTimer, Timer

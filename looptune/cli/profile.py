@@ -89,7 +89,8 @@ def profile(
     from looptune.bundled import resolve_checkpoints
     from looptune.errors import LooptuneError
     from looptune.measure.env import environment
-    from looptune.measure.latency import document, dumps, profile_candidates
+    from looptune.measure.latency import profile_candidates
+    from looptune.measure.measurement import document, dumps
     from looptune.model.checkpoint import resolve_device
     from looptune.model.config import MODES
     from looptune.store import atomic_write_text, check_output_path

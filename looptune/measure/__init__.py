@@ -2,15 +2,16 @@
 the latency benchmark.
 
 `profile_candidates(...) -> list[Measurement]` is the benchmark's API (`latency.py`, its loop in
-`bench.py`); `environment(device, dtype)` is the fingerprint every result carries; `Limits` says
-when a measurement counts as taken under interference. Heavy imports happen on first use."""
+`bench.py`, its result in `measurement.py`); `environment(device, dtype)` is the fingerprint
+every result carries; `Limits` says when a measurement counts as taken under interference.
+Heavy imports happen on first use."""
 
 from importlib import import_module
 
 _EXPORTS = {
-    "Measurement": "looptune.measure.latency",
+    "Measurement": "looptune.measure.measurement",
     "profile_candidates": "looptune.measure.latency",
-    "check_measurement": "looptune.measure.latency",
+    "check_measurement": "looptune.measure.measurement",
     "Limits": "looptune.measure.interference",
     "environment": "looptune.measure.env",
     "fingerprint": "looptune.measure.env",
