@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_model
 
 from looptune.errors import LooptuneError
@@ -25,10 +26,10 @@ def _decode(model, ids, R, mode, how, prefix=5, **kw):
 @pytest.mark.parametrize("mode", MODES)
 def test_compiled_step_equals_the_full_forward(mode):
     model = tiny_model()
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(11))
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         full = model(ids, loops=3, mode=mode, window=4)
-    compiled = _decode(model, ids, 3, mode, "compile", backend="eager")
+    compiled = _decode(model, ids, 3, mode, "compile", backend="eager")  # spans 16, 32, 40
     eager = _decode(model, ids, 3, mode, "eager")
     torch.testing.assert_close(eager, full[:, 5:], atol=1e-5, rtol=0)
     torch.testing.assert_close(compiled, full[:, 5:], atol=1e-5, rtol=0)
@@ -49,6 +50,70 @@ def test_one_compile_serves_other_batches_and_contexts():
         got = _decode(model, ids, 2, "plt", "compile", backend="eager")
         torch.testing.assert_close(got, full[:, 5:], atol=1e-5, rtol=0)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.slow  # a real inductor compile, a minute on a 2-core CPU
+def test_inductor_step_equals_the_full_forward_from_one_compile():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        full = model(ids, loops=2, window=4)
+    backend = CompileCounterWithBackend("inductor")
+    got = _decode(model, ids, 2, "plt", "compile", backend=backend)  # spans 16, 32, 40
+    assert backend.frame_count == 1
+    torch.testing.assert_close(got, full[:, 5:], atol=1e-5, rtol=0)
+
+
+class _Compiles:
+    """A dynamo backend (no inductor) that counts compiles and records, for every call of the
+    compiled step, the key length of each attention call: the cache slots it reads."""
+
+    def __init__(self):
+        self.compiles, self.keys_read = 0, []
+
+    def __call__(self, gm, example_inputs):
+        self.compiles += 1
+        for node in gm.graph.nodes:
+            if node.target is F.scaled_dot_product_attention:
+                node.target = self._attend
+        gm.recompile()
+
+        def run(*args):
+            self.keys_read.append([])
+            return gm(*args)
+
+        return run
+
+    def _attend(self, q, k, v, *args, **kwargs):
+        self.keys_read[-1].append(k.shape[-2])  # k [B, H_kv, S, d_h]
+        return F.scaled_dot_product_attention(q, k, v, *args, **kwargs)
+
+
+def test_compiled_step_reads_the_span_and_never_recompiles_as_the_length_grows():
+    """The compiled step costs what the length needs, not the cache size: it reads
+    `cache.span()` slots (16, 32, 64, then all 70), from one compile made in set-up."""
+    torch._dynamo.reset()
+    model = tiny_model(num_hidden_layers=1)  # one layer: the trace is what this test waits on
+    T, prefix = 70, 5
+    ids = torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        full = model(ids, loops=2, window=4)
+        cache = model.new_cache(2, T, loops=2, window=4)
+        model(ids[:, :prefix], loops=2, window=4, cache=cache)
+    backend = _Compiles()
+    step, _ = make_decode_step(model, cache, "compile", backend=backend)
+    assert backend.compiles == 1 and cache.length == prefix  # set-up compiled, then put back
+    spans, out = [], []
+    for t in range(prefix, T):
+        spans.append(cache.span())
+        out.append(step(ids[:, t]))
+    assert backend.compiles == 1
+    read = [max(keys) for keys in backend.keys_read[1:]]  # [0]: the set-up step
+    assert read == spans and sorted(set(read)) == [16, 32, 64, T]
+    torch.testing.assert_close(torch.stack(out, 1), full[:, prefix:], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("mode", MODES)

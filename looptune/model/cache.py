@@ -150,6 +150,11 @@ class KVCache:
         zero = torch.zeros((), dtype=self.full_k.dtype, device=self.pos.device)
         blocked = torch.full((), float("-inf"), dtype=self.full_k.dtype, device=self.pos.device)
         self._span = span
+        if span is not None and torch.compiler.is_compiling():  # the span is unbacked there
+            # (step.py): its bounds, stated, let the slices below be traced without a guard
+            torch._check(span >= 1)
+            for n in (self._full_slots.shape[0], self.full_k.shape[4], self.full_v.shape[4]):
+                torch._check(span <= n)
         self._full_at = self.pos.view(1)
         self._full_mask = None
         if not exact:

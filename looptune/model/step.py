@@ -10,7 +10,9 @@
   inductor; each call copies the ids into a static input buffer and replays, so launch
   overhead goes. One graph per span the cache can still need (`cache.span()` now, doubling up
   to `max_len`): the cost still grows with the length, in steps of two. CUDA only.
-- `compile`: `torch.compile` of the same static step (inductor, no CUDA graphs).
+- `compile`: `torch.compile` of the same static step (inductor, no CUDA graphs), reading
+  `cache.span()` slots as the graphs do, so its cost too grows with the length in steps of two.
+  The span is a dynamic int of the one compiled step: it never recompiles as the length grows.
 
 Every runner first fuses the model's q/k/v and gate/up projections (`PLTForCausalLM.fuse()`:
 one matmul each, parameters and state dict unchanged).
@@ -25,10 +27,11 @@ The logits returned by `graphs` live in the graph's static output: the next call
 them, so clone what you keep.
 
 Compile reuse: dynamo keeps compiled code per function, so every runner of one process shares
-it. The batch and cache-length dimensions are marked dynamic, so one compile serves every batch
-size above 1 and every context; it recompiles for a new model (checkpoint member), dtype, mode,
-loop count R or window, and once for batch 1 (dynamo specialises sizes of 1). Inductor's on-disk
-cache then makes a second process's compile of the same shapes cheap.
+it. The batch and cache-length dimensions and the span are dynamic, so one compile serves every
+batch size above 1, every cache size and every length held; it recompiles for a new model
+(checkpoint member), dtype, mode, loop count R or window, and once for batch 1 (dynamo
+specialises sizes of 1). Inductor's on-disk cache then makes a second process's compile of the
+same shapes cheap.
 """
 
 from __future__ import annotations
@@ -47,13 +50,20 @@ HOWS = ("eager", "graphs", "compile")
 # Room for one compiled graph per (member, dtype, mode, R, window) of a whole profile.
 _RECOMPILE_LIMIT = 64
 
+# dynamo's name for the `span` argument of `PLTForCausalLM.decode_static` (a frame local).
+_SPAN_SOURCE = "L['span']"
+
 
 def make_decode_step(
-    model: PLTForCausalLM, cache: KVCache, how: str = "eager", backend: str = "inductor"
+    model: PLTForCausalLM,
+    cache: KVCache,
+    how: str = "eager",
+    backend: str | Callable = "inductor",
 ) -> tuple[Callable, float]:
     """`(step, setup_ms)`: `step(token_ids [B]) -> logits [B, vocab]` decodes one token per
     sequence at `cache.pos` and advances the cache. `how` is one of `HOWS`; `backend` is the
-    `torch.compile` backend for `compile` (the CPU tests use "eager", dynamo alone)."""
+    `torch.compile` backend for `compile`, a name or a callable (the CPU tests use "eager",
+    dynamo alone, or a backend that counts compiles)."""
     if how not in HOWS:
         raise LooptuneError(f"how must be one of {', '.join(HOWS)}, got {how!r}")
     if how == "graphs" and cache.pos.device.type != "cuda":
@@ -141,7 +151,7 @@ def _compiled(model, cache: KVCache, backend: str):
 
     def raw(token_ids):
         torch._dynamo.maybe_mark_dynamic(token_ids, 0)
-        logits = fn(token_ids.contiguous(), cache, None)  # strides are guarded too
+        logits = fn(token_ids.contiguous(), cache, cache.span())  # strides are guarded too
         cache.stepped()
         return logits
 
@@ -150,7 +160,13 @@ def _compiled(model, cache: KVCache, backend: str):
     saved = _Saved(cache)
     _sync(device)
     t0 = time.perf_counter()
-    step(torch.zeros(cache.batch, dtype=torch.long, device=device))  # compiles
+    # dynamo takes an int argument as a constant, made dynamic only when a second value comes,
+    # with a second compile (at 7B, another 30-40 s); and a dynamic span is still guarded on as
+    # it reaches max_len (the keys' slice turns contiguous): a third. An unbacked span is never
+    # guarded on (`KVCache.begin_step` states its bounds), so this one compile serves every
+    # span and none is left for the measured steps. A new R, mode or batch 1 is a new runner.
+    with torch.compiler.config.patch(unbacked_sources=_SPAN_SOURCE):
+        step(torch.zeros(cache.batch, dtype=torch.long, device=device))  # compiles
     _sync(device)
     setup_ms = (time.perf_counter() - t0) * 1e3
     saved.restore()
