@@ -44,6 +44,7 @@ from looptune.search.trials import (
     collect,
     fail_abandoned,
     mark_worker,
+    measured_earlier,
     plan,
     read_state,
     running_here,
@@ -205,7 +206,8 @@ class _Worker:
     def __init__(self, study, space, evaluate, target, on_trial, heartbeat: bool):
         self.study, self.space, self.evaluate = study, space, evaluate
         self.target, self.on_trial, self.heartbeat = target, on_trial, heartbeat
-        self.run_id = uuid.uuid4().hex  # this call's trials: flagged ones are redone once a run
+        self.run_id = uuid.uuid4().hex  # this call's trials (see `trials.running_here`)
+        self.earlier: set[int] | None = None  # trials of finished workers, when this run began
         # A study made to be sampled that is now to cover its grid (a larger `trials`).
         self.unplanned = target == space.size and study.user_attrs.get("planned") != "grid"
         self.report: TrialReport | None = None
@@ -228,7 +230,9 @@ class _Worker:
         None when the study is complete."""
         fail_abandoned(self.study, self.heartbeat)
         settings = self.space.settings() if self.unplanned else None
-        return plan(self.study, settings, self.target, self.run_id)
+        if self.earlier is None:
+            self.earlier = measured_earlier(self.study)
+        return plan(self.study, settings, self.target, self.earlier)
 
     def _one_trial(self):
         self.report = None

@@ -3,7 +3,7 @@
 - A setting whose trial failed (interrupted, crashed, its worker killed) is enqueued again by the
   next plan, up to MAX_ATTEMPTS attempts; the reason of each failure is kept on its trial and a
   setting that used up its attempts is reported, never dropped silently.
-- A setting measured under interference is measured again, once per run, up to MAX_ATTEMPTS.
+- A setting measured under interference is measured again by a later run, up to MAX_ATTEMPTS.
 - A running trial whose worker is gone is failed (and so retried) at once when the worker ran
   on this machine, or earlier in this process (its run ended when the storage failed); a worker
   on another machine is known to be gone only by its missing heartbeat (`storage.GRACE_S`).
@@ -140,20 +140,41 @@ def mark_worker(trial: optuna.Trial, run_id: str) -> None:
     trial.set_user_attr("process", [PID_SPACE, os.getpid()])  # last: see `_abandoned`
 
 
-def _abandoned(t) -> str | None:
-    """Why the running trial `t` will never finish, or None when that is not known here."""
+def _worker_alive(t) -> bool | None:
+    """Whether the worker that ran trial `t` still runs; None when that is not known here (it ran
+    on another machine, or has not said who it is yet)."""
     space, pid = t.user_attrs.get("process", (None, None))
     if space != PID_SPACE or not isinstance(pid, int):
-        return None  # another machine's (its heartbeat tells), or not started yet
+        return None
     if pid == os.getpid():
-        return None if t.user_attrs.get("run") in _RUNS_HERE else "its run stopped before it ended"
+        return t.user_attrs.get("run") in _RUNS_HERE
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return f"its worker (process {pid}) stopped before it ended"
+        return False
     except OSError:  # another user's process, alive
         pass
-    return None
+    return True
+
+
+def _abandoned(t) -> str | None:
+    """Why the running trial `t` will never finish, or None when that is not known here."""
+    if _worker_alive(t) is not False:
+        return None  # running, or another machine's (its heartbeat tells)
+    pid = t.user_attrs["process"][1]
+    if pid == os.getpid():
+        return "its run stopped before it ended"
+    return f"its worker (process {pid}) stopped before it ended"
+
+
+def measured_earlier(study) -> set[int]:
+    """The complete trials measured by workers that no longer run (earlier runs), or on another
+    machine: the ones a run may measure again when they were taken under interference."""
+    return {
+        t.number
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not _worker_alive(t)
+    }
 
 
 def fail_abandoned(study, heartbeat: bool) -> None:
@@ -175,10 +196,12 @@ def fail_abandoned(study, heartbeat: bool) -> None:
             optuna.storages.fail_stale_trials(study)
 
 
-def plan(study, settings: list[Knobs] | None, target: int, run_id: str) -> StudyState | None:
+def plan(study, settings: list[Knobs] | None, target: int, earlier: set[int]) -> StudyState | None:
     """Queue the retries of failed settings (and every missing one of `settings`, for a study
-    sampled before that now covers its grid) and the re-measurements of flagged ones; None when
-    the study is complete."""
+    sampled before that now covers its grid) and the re-measurements of the settings measured
+    under interference by the `earlier` trials (`measured_earlier` when this run began: a worker
+    running alongside on this machine flags its results as this one would, and measuring them
+    again would only double the work); None when the study is complete."""
     state = read_state(study)
     busy = state.queued | set(state.running)
     for knobs in settings if settings is not None else list(state.failures):
@@ -191,10 +214,10 @@ def plan(study, settings: list[Knobs] | None, target: int, run_id: str) -> Study
         for k, ts in state.flagged.items()
         if flagged(state.done[k])
         and len(ts) < MAX_ATTEMPTS
-        and all(t.user_attrs.get("run") != run_id for t in ts)
+        and all(t.number in earlier for t in ts)
     }
     for knobs in redo - busy - state.queued:
-        study.enqueue_trial(vars(knobs).copy(), user_attrs={"remeasure": True, "run": run_id})
+        study.enqueue_trial(vars(knobs).copy(), user_attrs={"remeasure": True})
         state.queued.add(knobs)
     if len(state.done) >= target and not redo & (state.queued | set(state.running)):
         return None
