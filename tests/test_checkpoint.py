@@ -360,7 +360,7 @@ def test_ctrl_c_while_the_new_files_are_put_in_place_waits_for_the_last_one(tmp_
         real(src, dst)
 
     monkeypatch.setattr(save.os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="the new checkpoint was written first"):
         save_checkpoint(new, ck, max_shard_bytes=4096)
     monkeypatch.undo()
     assert len(calls) > 3  # every shard, the index and config.json were renamed after it

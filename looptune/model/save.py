@@ -205,9 +205,10 @@ def save_checkpoint(
             f"{directory}: cannot write the checkpoint ({_reason(e)}); {kept}"
         ) from None
     except KeyboardInterrupt as e:
-        if staged.committed or str(e):  # written after all, or a caller's message
+        if str(e):  # a caller's message
             raise
-        raise Interrupted(f"{directory}: {kept}") from None
+        said = "the new checkpoint was written first" if staged.committed else kept
+        raise Interrupted(f"{directory}: {said}") from None
     return directory
 
 
