@@ -137,14 +137,15 @@ def mark_worker(trial: optuna.Trial, run_id: str) -> None:
     """Record who runs `trial`, so a later plan can tell whether its worker is gone."""
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("run", run_id)
-    trial.set_user_attr("process", [PID_SPACE, os.getpid()])  # last: see `_abandoned`
+    trial.set_user_attr("process", [PID_SPACE, os.getpid()])  # last: see `_worker_alive`
 
 
 def _worker_alive(t) -> bool | None:
     """Whether the worker that ran trial `t` still runs; None when that is not known here (it ran
-    on another machine, or has not said who it is yet)."""
+    on another machine, or has not said who it is yet: `mark_worker` says it last, so a trial of
+    this process whose run is not marked yet is not taken for an abandoned one)."""
     space, pid = t.user_attrs.get("process", (None, None))
-    if space != PID_SPACE or not isinstance(pid, int):
+    if space != PID_SPACE or not isinstance(pid, int) or pid <= 0:
         return None
     if pid == os.getpid():
         return t.user_attrs.get("run") in _RUNS_HERE
