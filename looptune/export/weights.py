@@ -48,7 +48,7 @@ def write_model_dir(source: Path, target: Path, renames: dict[str, str], config:
     _claim(target)
     shards = weight_files(source)
     linked, rewritten = [], []
-    with StagedFiles(target) as staged:
+    with StagedFiles(target, flush=(target / "config.json").exists()) as staged:
         for shard in shards:
             with safe_open(str(shard), framework="pt") as handle:
                 names = list(handle.keys())

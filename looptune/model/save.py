@@ -3,11 +3,11 @@ checkpoint directory as one change, so the old checkpoint stays loadable until t
 complete.
 
 Each new file is first written beside its final name under a temporary name (store's
-`.NAME.PID.XXXX.tmp`, which the next writer there removes if this process was killed) and
-flushed to disk. Only when every file is written are they renamed into place and the old ones
-removed, in the order given, with Ctrl-C and SIGTERM held off until the last step is done. A
-failure, a full disk or Ctrl-C while writing removes the temporaries, and the directories this
-made: the directory holds what it held before.
+`.NAME.PID.XXXX.tmp`, which the next writer there removes if this process was killed), and
+flushed to disk where it replaces a checkpoint. Only when every file is written are they renamed
+into place and the old ones removed, in the order given, with Ctrl-C and SIGTERM held off until
+the last step is done. A failure, a full disk or Ctrl-C while writing removes the temporaries,
+and the directories this made: the directory holds what it held before.
 
 The renames themselves are not one atomic step (POSIX has none for several files), so the
 order matters: callers put a checkpoint's weights (shards under new names first, then the index
@@ -48,8 +48,9 @@ class StagedFiles:
     """Use as `with StagedFiles(directory) as staged:`, `staged.write(...)` each file, then
     `staged.commit()`; leaving the block by an exception before `commit` discards the writes."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, flush: bool = True):
         self.directory = Path(directory)
+        self.flush = flush  # fsync each file before the switch: False where nothing is replaced
         self._steps: list[tuple[Path | None, Path]] = []  # (temporary, final); None: remove final
         self._made: list[Path] = []  # directories this created, deepest last
         self.committed = False  # True from the first rename on: nothing is discarded then
@@ -65,10 +66,11 @@ class StagedFiles:
             self.discard()
 
     def write(self, name: str, write: Callable[[str], None]) -> None:
-        """Stage file `name`: `write(path)` fills a temporary file, flushed to disk here."""
+        """Stage file `name`: `write(path)` fills a temporary file (flushed to disk if `flush`)."""
         tmp = write_beside(self.directory / name, write)
         self._steps.append((tmp, self.directory / name))
-        _fsync(tmp)
+        if self.flush:  # so a power cut after the switch cannot leave a renamed empty file
+            _fsync(tmp)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self.write(name, lambda tmp: Path(tmp).write_bytes(data))
@@ -166,8 +168,10 @@ def save_checkpoint(
     A checkpoint already there stays loadable until the new one is complete: every file is
     written under a temporary name first (shards under names the old index does not use), then
     put in place weights first and config.json last, and the old shards are removed
-    (StagedFiles). A failure, a full disk or Ctrl-C on the way leaves the directory as it was;
-    a disk that refuses the write is a LooptuneError naming the directory."""
+    (StagedFiles), so the disk needs room for both until then. A failure, a full disk or Ctrl-C
+    on the way leaves the directory as it was; a disk that refuses the write is a LooptuneError
+    naming the directory. Files replacing a checkpoint are flushed to disk before the switch;
+    a new one's are not (nothing to lose, and `looptune init` of a 7B model stays fast)."""
     directory = Path(directory)
     cfg = model.config
     arch = ARCHITECTURES[cfg.architecture]
@@ -186,7 +190,8 @@ def save_checkpoint(
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     config.update(extra_config or {})
     config_bytes = (json.dumps(config, indent=2) + "\n").encode()
-    existed, staged = directory.is_dir(), StagedFiles(directory)
+    existed = directory.is_dir()
+    staged = StagedFiles(directory, flush=(directory / "config.json").exists())
     kept = "the directory keeps what it held before" if existed else "nothing was kept"
     try:
         with staged:
