@@ -5,8 +5,9 @@ Shards with no tensor to rename are hard links to the original (symbolic links a
 systems), as are the tokenizer and remote-code files; only a shard holding a renamed tensor is
 rewritten. Every file is staged under a temporary name and put in place only when all are
 written, config.json last (looptune.model.save.StagedFiles): a copy interrupted half-way leaves
-the directory as it was, an earlier copy still loadable. A copy goes only into a new or empty directory or an
-earlier copy (marked by MARK): it removes files it did not produce, never another model's.
+the directory as it was, an earlier copy still loadable. A copy goes only into a new or empty
+directory or an earlier copy (marked by MARK): it removes files it did not produce, never
+another model's.
 """
 
 from __future__ import annotations

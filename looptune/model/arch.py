@@ -11,8 +11,9 @@ facts come from reading the makers' public code (file names cited beside each en
 the engine was run here.
 
 Public API: `ARCHITECTURES[name]` (an `Architecture`), its `.spellings` and `.written`,
-`architecture_of(config) -> (Architecture, assumption)`, `detect_spelling(architecture, tensor_names) -> Spelling`,
-`to_canonical` / `from_canonical` (gate name maps), `ENGINES`.
+`architecture_of(config) -> (Architecture, assumption or None)`,
+`detect_spelling(architecture, tensor_names) -> Spelling`, `to_canonical` / `from_canonical`
+(gate name maps), `ENGINES`.
 """
 
 from __future__ import annotations
