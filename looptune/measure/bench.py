@@ -83,7 +83,7 @@ def _free(device):
 def _held_bytes(cache: KVCache) -> int:
     """Bytes of the storages behind the cache's KV tensors: what it really holds."""
     storages = {}
-    for t in (cache.full_k, cache.full_v, cache.ring_k, cache.ring_v, cache.carry):
+    for t in cache.tensors():
         s = t.untyped_storage()
         storages[s.data_ptr(), t.device] = s.nbytes()
     return sum(storages.values())

@@ -3,12 +3,17 @@
 Shapes are fixed at construction (gpt-fast style) and the position is a 0-d tensor, so a decode
 step can be captured by `torch.compile` or a CUDA graph without recompiling per position.
 
-- `full_k/v` `[L, G, B, H_kv, S, d_h]`: full-length caches, G = 1 (loop 1, the shared global
-  cache of `plt` / `plt-noshift`) or G = R (`sequential`, one per loop).
-- `ring_k/v` `[L, B, H_kv, (R-1) W', d_h]`, W' = min(W, S): the local-branch keys of loops 2..R
-  side by side, loop r's position p in slot (r-2) W' + p % W' (`plt` / `plt-noshift` only). One
-  block per layer lets all local rows of a step attend in one call under a block-diagonal mask.
+- `full_k/v[layer][g]` `[B, H_kv, S, d_h]`: full-length caches, G = 1 group (loop 1, the shared
+  global cache of `plt` / `plt-noshift`) or G = R (`sequential`, one per loop).
+- `ring_k/v[layer]` `[B, H_kv, (R-1) W', d_h]`, W' = min(W, S): the local-branch keys of loops
+  2..R side by side, loop r's position p in slot (r-2) W' + p % W' (`plt` / `plt-noshift` only).
+  One block per layer lets all local rows of a step attend in one call under a block-diagonal
+  mask.
 - `carry` `[R-1, B, d]`: n(h_r) of the previous position for r < R (`plt` only, the CLP shift).
+
+Each layer (and group) has a tensor of its own, not a view into one: a compiled step then
+writes the new token in place, where a view of a shared tensor made inductor copy the whole
+cache at every step (functionalised writes into a view are not put back in place).
 
 A decode step calls `begin_step()` once; it makes the write indices and the additive attention
 masks (0 where a key may be seen, -inf where not) that every layer then reuses.
@@ -76,17 +81,21 @@ class KVCache:
         self.mode, self.loops, self.window = mode, loops, window
         self.batch, self.max_len = batch, max_len
         L, H_kv, d_h = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        self.dtype = dtype
         groups = loops if mode == "sequential" else 1
-        full = (L, groups, batch, H_kv, max_len, d_h)
-        self.full_k = torch.zeros(full, dtype=dtype, device=device)
-        self.full_v = torch.zeros(full, dtype=dtype, device=device)
-        rings = loops - 1 if mode != "sequential" else 0
+        rings = self.rings = loops - 1 if mode != "sequential" else 0
         self.ring_len = W = min(window, max_len)
-        ring = (L, batch, H_kv, rings * W, d_h)
-        self.ring_k = torch.zeros(ring, dtype=dtype, device=device)
-        self.ring_v = torch.zeros(ring, dtype=dtype, device=device)
+
+        def zeros(*shape):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        full, ring = (batch, H_kv, max_len, d_h), (batch, H_kv, rings * W, d_h)
+        self.full_k = [[zeros(*full) for _ in range(groups)] for _ in range(L)]
+        self.full_v = [[zeros(*full) for _ in range(groups)] for _ in range(L)]
+        self.ring_k = [zeros(*ring) for _ in range(L)]
+        self.ring_v = [zeros(*ring) for _ in range(L)]
         carries = loops - 1 if mode == "plt" else 0
-        self.carry = torch.zeros((carries, batch, cfg.hidden_size), dtype=dtype, device=device)
+        self.carry = zeros(carries, batch, cfg.hidden_size)
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # next position to write
         # The same count on the host, so a step can size its reads without a device sync; None
         # when unknown (after a compiled `decode_step`): steps then read the whole cache.
@@ -99,12 +108,14 @@ class KVCache:
         self._ring_blocks = torch.arange(rings, device=device)[:, None] == block  # [R-1, (R-1) W']
         self.begin_step()
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of decode state: the full caches, the rings and the carry."""
+        full = [t for per_layer in self.full_k + self.full_v for t in per_layer]
+        return full + self.ring_k + self.ring_v + [self.carry]
+
     def nbytes(self) -> int:
-        """Bytes this cache really holds (the tensors above; not the position counter)."""
-        return sum(
-            t.numel() * t.element_size()
-            for t in (self.full_k, self.full_v, self.ring_k, self.ring_v, self.carry)
-        )
+        """Bytes this cache really holds (`tensors()`; not the position counter)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def reset(self):
         self.pos.zero_()
@@ -126,16 +137,13 @@ class KVCache:
     def mark_dynamic(self):
         """Tell `torch.compile` that batch and length vary, so one compile serves every cache
         of this mode, R and window (`maybe_`: a size of 1 stays specialised, without an error)."""
-        for t, dims in (
-            (self.full_k, (2, 4)),
-            (self.full_v, (2, 4)),
-            (self.ring_k, (1,)),
-            (self.ring_v, (1,)),
-            (self.carry, (1,)),
-            (self._full_slots, (0,)),
-        ):
-            for dim in dims:
-                torch._dynamo.maybe_mark_dynamic(t, dim)
+        for t in self.tensors()[:-1]:  # [B, H_kv, S or (R-1) W', d_h]
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        for per_layer in self.full_k + self.full_v:
+            for t in per_layer:
+                torch._dynamo.maybe_mark_dynamic(t, 2)
+        torch._dynamo.maybe_mark_dynamic(self.carry, 1)
+        torch._dynamo.maybe_mark_dynamic(self._full_slots, 0)
 
     # ----- decode-time access, position = self.pos -----
 
@@ -147,20 +155,18 @@ class KVCache:
         the new token (span = tokens held + 1, known on the host: the eager step), so every key
         may be seen and no mask is made; fixed-shape steps read a longer span under a mask.
         """
-        zero = torch.zeros((), dtype=self.full_k.dtype, device=self.pos.device)
-        blocked = torch.full((), float("-inf"), dtype=self.full_k.dtype, device=self.pos.device)
+        zero = torch.zeros((), dtype=self.dtype, device=self.pos.device)
+        blocked = torch.full((), float("-inf"), dtype=self.dtype, device=self.pos.device)
         self._span = span
-        if span is not None and torch.compiler.is_compiling():  # the span is unbacked there
-            # (step.py): its bounds, stated, let the slices below be traced without a guard
-            torch._check(span >= 1)
-            for n in (self._full_slots.shape[0], self.full_k.shape[4], self.full_v.shape[4]):
-                torch._check(span <= n)
+        if span is not None and torch.compiler.is_compiling():
+            torch._check(span >= 1)  # (and below span <= S): see `_first`
+            torch._check(span <= self._full_slots.shape[0])
         self._full_at = self.pos.view(1)
         self._full_mask = None
         if not exact:
             seen = self._full_slots[:span] <= self.pos
             self._full_mask = torch.where(seen, zero, blocked)[None]  # [1, span]
-        if self.ring_k.shape[3]:
+        if self.rings:
             self._ring_at = self._ring_base + self.pos % self.ring_len  # [R-1]
             # loop r sees its own block, and there only the slots written so far
             seen = self._ring_blocks & (self._ring_slots <= self.pos)
@@ -179,15 +185,23 @@ class KVCache:
     def write_full(self, layer: int, loop: int, k, v):  # k [B, H_kv, 1, d_h]
         """Store loop `loop`'s keys and values of the new token in its full-length cache."""
         g = self._group(loop)
-        self.full_k[layer, g].index_copy_(2, self._full_at, k)
-        self.full_v[layer, g].index_copy_(2, self._full_at, v)
+        self.full_k[layer][g].index_copy_(2, self._full_at, k)
+        self.full_v[layer][g].index_copy_(2, self._full_at, v)
 
     def full(self, layer: int, loop: int):
         """(k, v, mask) of loop `loop`'s full cache over the step's span, every position up to
         and including the new token (in `plt` / `plt-noshift`, loop 0's: the global branch);
         the mask is None when the span ends at the new token."""
-        g, S = self._group(loop), self._span
-        return self.full_k[layer, g, :, :, :S], self.full_v[layer, g, :, :, :S], self._full_mask
+        g = self._group(loop)
+        k, v = self.full_k[layer][g], self.full_v[layer][g]
+        return self._first(k), self._first(v), self._full_mask
+
+    def _first(self, t):  # t [B, H_kv, S, d_h] -> its first `span` slots
+        if self._span is not None and torch.compiler.is_compiling():
+            # the compiled step's span is unbacked (step.py), so dynamo never guards on its
+            # value; stating its bound lets the slice be traced without a guard either
+            torch._check(self._span <= t.shape[2])
+        return t[:, :, : self._span]
 
     def write_local(self, layer: int, loops: range, k, v):  # k [B, H_kv, len(loops), d_h]
         """Push the new token's keys and values of G-SWA loops `loops` (>= 1) into their rings."""
@@ -201,8 +215,8 @@ class KVCache:
         letting each loop see its own last W positions, the new token included."""
         W, lo, hi = self.ring_len, loops.start - 1, loops.stop - 1
         return (
-            self.ring_k[layer, :, :, lo * W : hi * W],
-            self.ring_v[layer, :, :, lo * W : hi * W],
+            self.ring_k[layer][:, :, lo * W : hi * W],
+            self.ring_v[layer][:, :, lo * W : hi * W],
             self._ring_mask[lo:hi, lo * W : hi * W],
         )
 
@@ -215,8 +229,8 @@ class KVCache:
             raise LooptuneError(f"prompt of {T} tokens does not fit a cache of {self.max_len}")
         if self.causal_rows(range(loop, loop + 1)):
             g = self._group(loop)
-            self.full_k[layer, g, :, :, :T] = k
-            self.full_v[layer, g, :, :, :T] = v
+            self.full_k[layer][g][:, :, :T] = k
+            self.full_v[layer][g][:, :, :T] = v
             return
         keep = min(T, self.ring_len)
         positions = torch.arange(T - keep, T, device=k.device)
