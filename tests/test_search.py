@@ -7,18 +7,22 @@ Optuna side is tested exactly; tests/test_pareto_cli.py runs the real measuremen
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 from search_synthetic import SMALL, SPACE, synthetic
 
 from looptune.errors import Interrupted, LooptuneError
+from looptune.search import trials
 from looptune.search.choice import (
     Budgets,
     Knobs,
@@ -258,6 +262,77 @@ def test_a_killed_workers_trial_is_retried_at_once_by_a_rerun_on_this_machine(db
     (failed,) = study.get_trials(states=[optuna.trial.TrialState.FAIL])
     assert failed.params == vars(lost)
     assert failed.user_attrs["failure"].startswith("its worker (process ")
+
+
+def running_trial(db, process):
+    """A study whose one trial is RUNNING, said to be run by `process` (as `mark_worker` says)."""
+    study = optuna.create_study(storage=db, directions=["minimize"] * 3)
+    study.ask().set_user_attr("process", process)
+    return study
+
+
+def state_after_plan(study):
+    trials.fail_abandoned(study, heartbeat=True)
+    (t,) = study.get_trials()
+    return t.state, t.user_attrs.get("failure")
+
+
+def test_a_worker_on_another_machine_of_the_same_hostname_is_left_to_its_heartbeat(db):
+    """Containers on other hosts share hostnames (`localhost`) and small pids: a trial of theirs
+    is never failed under a live worker because its pid does not run here."""
+    me = trials.MACHINE
+    assert me is not None and me.startswith(socket.gethostname() + "/")
+    other = me.replace(
+        Path("/proc/sys/kernel/random/boot_id").read_text().strip(), str(uuid.uuid4())
+    )
+    gone = dead_pid()
+    for process in ([other, gone, 100], [other, os.getpid(), trials.STARTED], [other, 1, 1]):
+        study = running_trial(db, process)
+        assert state_after_plan(study) == (TrialState.RUNNING, None)
+
+
+def test_without_a_machine_identity_no_worker_is_taken_for_gone(db, tmp_path, monkeypatch):
+    """Without /proc a hostname alone would be the identity: every worker waits for heartbeats."""
+    assert trials.machine_id(tmp_path) is None
+    monkeypatch.setattr(trials, "MACHINE", None)
+    monkeypatch.setattr(trials, "STARTED", None)
+    study = running_trial(db, [None, dead_pid(), None])
+    assert state_after_plan(study) == (TrialState.RUNNING, None)
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("how", ["pid-reused", "zombie", "alive"])
+def test_a_worker_here_is_gone_when_its_process_is_not_the_one_that_ran_the_trial(db, how):
+    """A pid names a process only with its start time: a dead worker's pid given to another
+    process (containers reuse small pids) or a killed worker its parent has not reaped yet is
+    gone, and its trial is retried at once; a live worker's trial is left alone."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(0.3 if %r else 30)" % (how == "zombie")]
+    )
+    try:
+        start = trials.started(child.pid)
+        assert start is not None
+        if how == "zombie":  # exited, not reaped (its parent, this test, has not waited)
+            for _ in range(100):
+                if trials.started(child.pid) is None:
+                    break
+                time.sleep(0.1)
+        recorded = start - 1 if how == "pid-reused" else start
+        study = running_trial(db, [trials.MACHINE, child.pid, recorded])
+        state, failure = state_after_plan(study)
+    finally:
+        child.kill()
+        child.wait()
+    if how == "alive":
+        assert (state, failure) == (TrialState.RUNNING, None)
+    else:
+        assert state == TrialState.FAIL
+        assert failure == f"its worker (process {child.pid}) stopped before it ended"
 
 
 def test_failing_setting_is_retried_with_a_cap_and_its_reason_kept(db):

@@ -23,24 +23,38 @@ from optuna.trial import TrialState
 from looptune.search.choice import Knobs, Outcome
 
 MAX_ATTEMPTS = 3  # failed trials of one setting before the study gives it up
+PROC = Path("/proc")
 _RUNS_HERE: set[str] = set()  # the runs of this process in progress (see `running_here`)
 
 
-def _pid_space() -> str:
-    """This machine's boot and PID namespace: where a worker's process id means that process."""
-    parts = [socket.gethostname()]
-    for read in (
-        lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-        lambda: os.readlink("/proc/self/ns/pid"),
-    ):
-        try:
-            parts.append(read())
-        except OSError:
-            pass
-    return "/".join(parts)
+def machine_id(proc: Path = PROC) -> str | None:
+    """This boot of this machine and its PID namespace: where a process id names one process.
+    None without /proc: a hostname alone names no machine (containers on many hosts share
+    `localhost` or their image's name), so a worker is then known gone only by its heartbeat."""
+    try:
+        boot = (proc / "sys/kernel/random/boot_id").read_text().strip()
+        pid_namespace = os.readlink(proc / "self/ns/pid")
+    except OSError:
+        return None
+    return f"{socket.gethostname()}/{boot}/{pid_namespace}" if boot else None
 
 
-PID_SPACE = _pid_space()
+def started(pid: int, proc: Path = PROC) -> int | None:
+    """When process `pid` of this machine started (clock ticks since boot), None when it does
+    not run (no such process, or a zombie): with the pid it names one process, as a pid that
+    the system gave again to another process no longer does."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # the command name, in (), may hold spaces
+    if len(fields) < 20 or fields[0] in "ZXx":
+        return None
+    return int(fields[19])
+
+
+MACHINE = machine_id()
+STARTED = started(os.getpid()) if MACHINE else None
 
 
 @dataclass(frozen=True)
@@ -137,33 +151,32 @@ def mark_worker(trial: optuna.Trial, run_id: str) -> None:
     """Record who runs `trial`, so a later plan can tell whether its worker is gone."""
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("run", run_id)
-    trial.set_user_attr("process", [PID_SPACE, os.getpid()])  # last: see `_worker_alive`
+    # Last (see `_worker_alive`): the machine, the pid and when that process started.
+    trial.set_user_attr("process", [MACHINE, os.getpid(), STARTED])
 
 
 def _worker_alive(t) -> bool | None:
     """Whether the worker that ran trial `t` still runs; None when that is not known here (it ran
-    on another machine, or has not said who it is yet: `mark_worker` says it last, so a trial of
-    this process whose run is not marked yet is not taken for an abandoned one)."""
-    space, pid = t.user_attrs.get("process", (None, None))
-    if space != PID_SPACE or not isinstance(pid, int) or pid <= 0:
+    on another machine, no machine is known, or it has not said who it is yet: `mark_worker`
+    says it last, so a trial of this process whose run is not marked yet is not taken for an
+    abandoned one)."""
+    process = t.user_attrs.get("process")
+    if not isinstance(process, list) or len(process) != 3 or MACHINE is None:
         return None
-    if pid == os.getpid():
+    machine, pid, start = process
+    if machine != MACHINE or not isinstance(pid, int) or pid <= 0 or not isinstance(start, int):
+        return None
+    if (pid, start) == (os.getpid(), STARTED):
         return t.user_attrs.get("run") in _RUNS_HERE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process, alive
-        pass
-    return True
+    return started(pid) == start  # gone, or its pid is now another process's
 
 
 def _abandoned(t) -> str | None:
     """Why the running trial `t` will never finish, or None when that is not known here."""
     if _worker_alive(t) is not False:
         return None  # running, or another machine's (its heartbeat tells)
-    pid = t.user_attrs["process"][1]
-    if pid == os.getpid():
+    _, pid, start = t.user_attrs["process"]
+    if (pid, start) == (os.getpid(), STARTED):
         return "its run stopped before it ended"
     return f"its worker (process {pid}) stopped before it ended"
 
