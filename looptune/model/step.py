@@ -11,8 +11,10 @@
   overhead goes. One graph per span the cache can still need (`cache.span()` now, doubling up
   to `max_len`): the cost still grows with the length, in steps of two. CUDA only.
 - `compile`: `torch.compile` of the same static step (inductor, no CUDA graphs), reading
-  `cache.span()` slots as the graphs do, so its cost too grows with the length in steps of two.
-  The span is an unbacked int of the one compiled step: it never recompiles as the length grows.
+  exactly the tokens held plus the new one with no mask, as eager does (unlike a graph, a
+  compiled step has no fixed shapes to keep). The span is an unbacked int of the one compiled
+  step: it never recompiles as the length grows. (A cache whose count is unknown, after a
+  compiled `decode_step`, is read whole under a mask: one more compile, when it happens.)
 
 Every runner first fuses the model's q/k/v and gate/up projections (`PLTForCausalLM.fuse()`:
 one matmul each, parameters and state dict unchanged).
@@ -151,7 +153,9 @@ def _compiled(model, cache: KVCache, backend: str):
 
     def raw(token_ids):
         torch._dynamo.maybe_mark_dynamic(token_ids, 0)
-        logits = fn(token_ids.contiguous(), cache, cache.span())  # strides are guarded too
+        exact = cache.length is not None  # known: read exactly what is held, with no mask
+        span = cache.length + 1 if exact else cache.max_len
+        logits = fn(token_ids.contiguous(), cache, span, exact)  # strides are guarded too
         cache.stepped()
         return logits
 
