@@ -497,6 +497,8 @@ def test_boundary_only_a_fork_bomb_gets_no_process():
     )
     r = boundary_alone(NATIVE_FORKS)
     assert (r.status, r.detail) == ("failed", "ValueError: forked 0"), r
+    r = boundary_alone(fn("import threading\nthreading.Thread(target=print).start()"))
+    assert r.detail == "RuntimeError: can't start new thread (the sandbox allows no new threads)"
 
 
 def test_the_candidate_holds_no_descriptor_but_its_own(kind):
@@ -522,6 +524,43 @@ def test_boundary_only_no_user_namespace_can_be_made_inside():
         assert r.detail == "ValueError: unshare 0", r
     else:
         assert r.detail == "ValueError: unshare -1", r
+
+
+SYSV_IPC = fn(  # IPC_PRIVATE objects outlive a detach: memory that no rlimit counts
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nmade = []\n"
+    "for make, args in (('shmget', (64 << 20, 0o1600)), ('msgget', (0o1600,)),\n"
+    "                   ('semget', (1, 0o1600))):\n"
+    "    made.append((getattr(libc, make)(0, *args), ctypes.get_errno()))\n"
+    "raise ValueError(f'made {made}')"
+)
+
+
+@needs_boundary
+def test_boundary_only_no_system_v_ipc_object_holds_memory_past_the_limit():
+    if "System V shared memory not capped" in FOUND.description:  # said in every result
+        pytest.skip(f"no seccomp filter for this machine: {FOUND.description}")
+    r = boundary_alone(SYSV_IPC)
+    assert r.detail == "ValueError: made [(-1, 1), (-1, 1), (-1, 1)]", r  # EPERM, each
+
+
+def test_the_seccomp_filter_knows_only_the_machines_it_has_numbers_for():
+    assert boundary.seccomp_filter("riscv64") is None
+    for machine in ("x86_64", "aarch64"):
+        program = boundary.seccomp_filter(machine)
+        assert len(program) % 8 == 0 and len(program) // 8 == 10  # sock_filter: 8 bytes each
+
+
+@needs_boundary
+def test_a_machine_without_the_seccomp_filter_says_so_in_each_result(monkeypatch):
+    monkeypatch.setattr(boundary, "seccomp_filter", lambda machine=None: None)
+    boundary.probe.cache_clear()
+    try:
+        r = boundary_alone(SYSV_IPC)
+    finally:
+        boundary.probe.cache_clear()
+    made = ast.literal_eval(r.detail.removeprefix("ValueError: made "))
+    assert made[0][0] >= 0, r  # a segment was made: the gap is real, and named
+    assert "System V shared memory not capped: no seccomp filter for" in r.sandbox, r
 
 
 @needs_boundary
@@ -669,6 +708,33 @@ def test_a_test_runner_that_cannot_start_is_an_error_not_a_failed_check(monkeypa
     )
     with pytest.raises(LooptuneError, match="test runner exited at its start"):
         check(fn(""), "tripwire")
+
+
+def test_a_candidate_the_sandbox_could_not_start_is_an_error_not_a_failed_check(kind, monkeypatch):
+    # as bwrap says when the machine refuses its namespaces: no completion ran, so recording a
+    # failure would score the model for the machine; a program that exits at once still fails
+    source = sandbox._source
+    monkeypatch.setattr(
+        sandbox,
+        "_source",
+        lambda part: (
+            "import sys\nsys.stderr.write('bwrap: Creating new namespace failed\\n')\nsys.exit(1)"
+            if part == "candidate"
+            else source(part)
+        ),
+    )
+    with pytest.raises(LooptuneError, match="could not start the candidate.*namespace failed$"):
+        check(fn(""), kind)
+    monkeypatch.setattr(sandbox, "_source", source)
+    r = check("import sys\nsys.stderr.write('bwrap: forged\\n')\nimport os\nos._exit(1)\n", kind)
+    assert r.status == "failed" and r.detail == "the candidate's process ended before answering"
+
+
+@needs_boundary
+def test_bubblewrap_gone_after_the_probe_is_an_error_not_a_failed_check(monkeypatch):
+    monkeypatch.setattr(boundary.Boundary, "argv", lambda self, disk_bytes: ["/gone/bwrap"])
+    with pytest.raises(LooptuneError, match=r"could not start the candidate's process \(/gone"):
+        check(fn(""), "boundary")
 
 
 # --- HumanEval ---------------------------------------------------------------------------------

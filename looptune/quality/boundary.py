@@ -13,6 +13,11 @@ Besides the namespaces, two holes are closed where the machine allows it:
   may be created. The host's root is mapped there too, as uid 1: bubblewrap mounts as nobody,
   with capabilities that reach only files whose owner is mapped (a Python under /root), and
   as uid 0 its switch to nobody would drop them.
+- memory no rlimit counts: a System V shared memory segment (or message queue) outlives its
+  maker's mapping and stays until the sandbox's IPC namespace ends, so detaching and making
+  another held gigabytes past RLIMIT_AS. A seccomp filter (`bwrap --seccomp`) refuses
+  `shmget`, `msgget` and `semget` (EPERM) on x86_64 and aarch64, and every system call of
+  another ABI (32-bit, x32), whose numbers it does not know.
 
 What the probe finds still open (an old bubblewrap, a kernel that refuses the prepared
 namespace) is named in `Boundary.gaps`, which every result's `sandbox` description carries.
@@ -20,12 +25,16 @@ namespace) is named in `Boundary.gaps`, which every result's `sandbox` descripti
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 SCRUBBED_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
@@ -49,7 +58,11 @@ try:
     nested = ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0  # CLONE_NEWUSER
 except OSError:
     nested = True  # not tried: not known to be refused
-print(json.dumps({"processes": forked is not None, "nested_userns": nested}))
+try:
+    ipc = ctypes.CDLL(None, use_errno=True).shmget(0, 4096, 0o1600) >= 0  # IPC_PRIVATE
+except OSError:
+    ipc = True
+print(json.dumps({"processes": forked is not None, "nested_userns": nested, "sysv_ipc": ipc}))
 """
 
 # Made a user namespace of its own, capped at no nested ones (user.max_user_namespaces is per
@@ -66,6 +79,36 @@ sys.stdin.read()
 """
 
 
+# seccomp_data's fields, and the system calls that make System V IPC objects, by machine:
+# (AUDIT_ARCH_*, (shmget, msgget, semget))
+_SYSV_IPC_CALLS = {"x86_64": (0xC000003E, (29, 68, 64)), "aarch64": (0xC00000B7, (194, 186, 190))}
+_X32_BIT = 0x40000000  # x86_64's x32 ABI: the same arch, these numbers with this bit set
+
+
+@functools.cache
+def seccomp_filter(machine: str | None = None) -> bytes | None:
+    """The classic BPF program bwrap's `--seccomp` loads: EPERM for the System V IPC calls and
+    ENOSYS for any other ABI's calls, every other call allowed; None where the numbers of
+    this `machine` (os.uname's, by default) are not known here."""
+    arch, calls = _SYSV_IPC_CALLS.get(machine or os.uname().machine, (None, ()))
+    if arch is None:
+        return None
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, ..|JGE|K, RET|K
+    allow, refuse = 0x7FFF0000, 0x00050000  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO
+    n = len(calls)
+    program = [
+        (ld, 0, 0, 4),  # arch
+        (jeq, 1, 0, arch),
+        (ret, 0, 0, refuse | errno.ENOSYS),  # another ABI
+        (ld, 0, 0, 0),  # the call's number
+        (jge, n + 1, 0, _X32_BIT),
+        *((jeq, n - i, 0, nr) for i, nr in enumerate(calls)),
+        (ret, 0, 0, allow),
+        (ret, 0, 0, refuse | errno.EPERM),
+    ]
+    return b"".join(struct.pack("=HBBI", *op) for op in program)
+
+
 @dataclass(frozen=True)
 class Boundary:
     namespaces: tuple[str, ...]  # bwrap's options that make or join the namespaces
@@ -80,10 +123,28 @@ class Boundary:
     def pass_fds(self) -> tuple[int, ...]:
         return () if self.userns_fd is None else (self.userns_fd,)
 
+    @contextlib.contextmanager
+    def command(self, disk_bytes: int) -> Iterator[tuple[list[str], tuple[int, ...]]]:
+        """bwrap's command up to `--` (`argv`) with the seccomp filter, and the descriptors
+        it needs passed on; the filter's pipe, which bwrap reads once, is closed on exit."""
+        program = seccomp_filter()
+        if program is None:
+            yield self.argv(disk_bytes), self.pass_fds
+            return
+        read, write = os.pipe()
+        try:
+            with open(write, "wb") as f:  # far less than a pipe holds: never blocks
+                f.write(program)
+            argv = self.argv(disk_bytes)
+            argv[1:1] = ["--seccomp", str(read)]
+            yield argv, (*self.pass_fds, read)
+        finally:
+            os.close(read)
+
     def argv(self, disk_bytes: int) -> list[str]:
         """bwrap's command up to `--`: the namespaces, an unprivileged user, read-only system
         and Python dirs, a read-only /proc and /dev, a size-capped tmpfs at /sandbox (also
-        /tmp), and nothing else of the parent's."""
+        /tmp), and nothing else of the parent's (`command` adds the seccomp filter)."""
         argv = [
             shutil.which("bwrap") or "bwrap",
             *self.namespaces,
@@ -159,7 +220,7 @@ def probe() -> Boundary | str:
     if "--disable-userns" in options:
         forms.append(("--unshare-all", "--unshare-user", "--disable-userns"))
     forms.append(("--unshare-all", "--unshare-user"))
-    why = ""
+    why, machine = "", os.uname().machine
     for namespaces in forms:
         userns_fd = int(namespaces[1]) if namespaces[0] == "--userns" else None
         found = _run_probe(Boundary(namespaces, userns_fd, ()))
@@ -174,6 +235,8 @@ def probe() -> Boundary | str:
             gaps.append(
                 "nested user namespaces allowed" + (": bwrap older than 0.8" if old else "")
             )
+        if found["sysv_ipc"]:
+            gaps.append(f"System V shared memory not capped: no seccomp filter for {machine}")
         return Boundary(namespaces, userns_fd, tuple(gaps))
     return why
 
@@ -181,14 +244,15 @@ def probe() -> Boundary | str:
 def _run_probe(boundary: Boundary) -> dict | str:
     """What `_PROBE` found under `boundary`, or why it did not run."""
     try:
-        done = subprocess.run(
-            boundary.argv(1 << 20) + [base_python(), "-I", "-S", "-c", _PROBE],
-            check=False,
-            capture_output=True,
-            timeout=30,
-            env=SCRUBBED_ENV,
-            pass_fds=boundary.pass_fds,
-        )
+        with boundary.command(1 << 20) as (argv, fds):
+            done = subprocess.run(
+                argv + [base_python(), "-I", "-S", "-c", _PROBE],
+                check=False,
+                capture_output=True,
+                timeout=30,
+                env=SCRUBBED_ENV,
+                pass_fds=fds,
+            )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"bwrap failed to start: {e}"
     if done.returncode != 0:

@@ -197,8 +197,10 @@ class Sandbox:
                 _source("candidate"),
                 json.dumps({**lim, "tripwire": self.tripwire}),
             ]
+            fds: tuple[int, ...] = ()
             if self.boundary:
-                argv = self.boundary.argv(limits.disk_bytes) + argv
+                wrap, fds = stack.enter_context(self.boundary.command(limits.disk_bytes))
+                argv = wrap + argv
             to_read, to_write = os.pipe()  # runner -> candidate
             from_read, from_write = os.pipe()  # candidate -> runner
             try:
@@ -210,11 +212,15 @@ class Sandbox:
                     cwd=work or "/",
                     env={**SCRUBBED_ENV, "HOME": work or "/sandbox", "TMPDIR": work or "/sandbox"},
                     start_new_session=True,  # no terminal to inject keystrokes into
-                    pass_fds=self.boundary.pass_fds if self.boundary else (),
+                    pass_fds=fds,
                 )
-            except BaseException:
+            except BaseException as e:
                 os.close(to_write)
                 os.close(from_read)
+                if isinstance(e, OSError):  # no program ran: not a failed check
+                    raise LooptuneError(
+                        f"the sandbox could not start the candidate's process ({argv[0]}): {e}"
+                    ) from e
                 raise
             finally:
                 os.close(to_read)
@@ -234,6 +240,12 @@ class Sandbox:
             seconds = time.perf_counter() - start
             out_bytes = out.seek(0, os.SEEK_END)
             output = _tail(out) + _tail(log)
+        if said == "unstarted":  # before any program ran: the machine, not the completion
+            last = (output.strip().splitlines() or ["no message"])[-1]
+            raise LooptuneError(
+                f"the sandbox ({kind}) could not start the candidate's process, exit status "
+                f"{candidate_rc}: {last}"
+            )
         if said is _TIMED_OUT:
             return SandboxResult(
                 "timeout", f"time limit ({limits.timeout_s:g} s wall)", seconds, kind, output

@@ -381,6 +381,8 @@ def _describe(e):
         said = f"{type(e).__name__}: {text[-1]}"[:300] if text else type(e).__name__
         if type(e) is BlockingIOError and e.errno == errno.EAGAIN:  # what fork raises here
             said += " (the sandbox allows no new processes)"
+        elif type(e) is RuntimeError and said.endswith("can't start new thread"):  # RLIMIT_NPROC
+            said += " (the sandbox allows no new threads)"
         return said
     except BaseException:  # noqa: BLE001 - a hostile __str__
         return "an exception that could not be described"
@@ -398,6 +400,8 @@ def main():
     os.close(null)
     os.dup2(2, 1)
     try:
+        out.write(b'{"started": true}\n')  # before the program: no program can unsay it
+        out.flush()
         serve(inp, out, lim["tripwire"])
     finally:
         sys.stdout.flush()

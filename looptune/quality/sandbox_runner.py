@@ -22,8 +22,16 @@ MAX_ANSWER_BYTES = 16 << 20  # a longer answer from the candidate fails the chec
 MEMORY_BYTES = 2 << 30  # RLIMIT_AS: the tests hold at most a few answers
 
 
+STARTED = b'{"started": true}\n'  # the candidate's first line, said before the program runs
+
+
 class CandidateFailed(Exception):
     """The candidate raised, returned something other than plain data, or stopped answering."""
+
+
+class NotStarted(Exception):
+    """The candidate's process ended before its own code said it started: the sandbox (bwrap,
+    Python) failed to start it, which no program can bring about, since none has run yet."""
 
 
 def decode(x):
@@ -97,6 +105,8 @@ def run(job, to_candidate, from_candidate):
             raise CandidateFailed(str(answer["error"])[:300])
         return answer
 
+    if from_candidate.readline(len(STARTED)) != STARTED:
+        raise NotStarted
     if "ready" not in ask({"program": job["program"], "entry_point": job["entry_point"]}):
         raise CandidateFailed("a malformed answer")
 
@@ -113,10 +123,12 @@ def run(job, to_candidate, from_candidate):
 
 
 def check(job, to_candidate, from_candidate):
-    """The outcome of one job: "passed" or "failed <why>"."""
+    """The outcome of one job: "passed", "failed <why>", or "unstarted" (`NotStarted`)."""
     try:
         run(job, to_candidate, from_candidate)
         return "passed"
+    except NotStarted:
+        return "unstarted"
     except CandidateFailed as e:
         return f"failed {e}"
     except BrokenPipeError:
