@@ -1,7 +1,7 @@
 """The sandbox's OS boundary: the bubblewrap (`bwrap`) command a candidate runs under, chosen
 once a process by running a probe under each form this machine may allow.
 
-Besides the namespaces, two holes are closed where the machine allows it:
+Besides the namespaces, these holes are closed where the machine allows it:
 
 - nested user namespaces: in a user namespace of its own a process holds every capability,
   which opens much more of the kernel to it. `--disable-userns` (bubblewrap 0.8) refuses
@@ -18,6 +18,10 @@ Besides the namespaces, two holes are closed where the machine allows it:
   another held gigabytes past RLIMIT_AS. A seccomp filter (`bwrap --seccomp`) refuses
   `shmget`, `msgget` and `semget` (EPERM) on x86_64 and aarch64, and every system call of
   another ABI (32-bit, x32), whose numbers it does not know.
+- the sandbox's init: bubblewrap's pid 1 runs as the candidate's user with none of its
+  rlimits, so a candidate that traced it could fork and allocate through it. The filter
+  refuses `ptrace`, `process_vm_readv`/`writev` and `pidfd_getfd` too, and /proc is read-only
+  (no writing /proc/1/mem).
 
 What the probe finds still open (an old bubblewrap, a kernel that refuses the prepared
 namespace) is named in `Boundary.gaps`, which every result's `sandbox` description carries.
@@ -79,18 +83,21 @@ sys.stdin.read()
 """
 
 
-# seccomp_data's fields, and the system calls that make System V IPC objects, by machine:
-# (AUDIT_ARCH_*, (shmget, msgget, semget))
-_SYSV_IPC_CALLS = {"x86_64": (0xC000003E, (29, 68, 64)), "aarch64": (0xC00000B7, (194, 186, 190))}
+# seccomp_data's arch and the numbers of the calls refused, by machine: (AUDIT_ARCH_*, (shmget,
+# msgget, semget, ptrace, process_vm_readv, process_vm_writev, pidfd_getfd))
+_REFUSED_CALLS = {
+    "x86_64": (0xC000003E, (29, 68, 64, 101, 310, 311, 438)),
+    "aarch64": (0xC00000B7, (194, 186, 190, 117, 270, 271, 438)),
+}
 _X32_BIT = 0x40000000  # x86_64's x32 ABI: the same arch, these numbers with this bit set
 
 
 @functools.cache
 def seccomp_filter(machine: str | None = None) -> bytes | None:
-    """The classic BPF program bwrap's `--seccomp` loads: EPERM for the System V IPC calls and
-    ENOSYS for any other ABI's calls, every other call allowed; None where the numbers of
+    """The classic BPF program bwrap's `--seccomp` loads: EPERM for the System V IPC and
+    tracing calls (module docstring) and ENOSYS for any other ABI's calls, every other call allowed; None where the numbers of
     this `machine` (os.uname's, by default) are not known here."""
-    arch, calls = _SYSV_IPC_CALLS.get(machine or os.uname().machine, (None, ()))
+    arch, calls = _REFUSED_CALLS.get(machine or os.uname().machine, (None, ()))
     if arch is None:
         return None
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, ..|JGE|K, RET|K
