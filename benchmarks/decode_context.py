@@ -6,8 +6,8 @@ what the cache holds? (issue #13, item 4)
         --how eager,graphs,compile --out results/
 
 One cache of max(--context) + --gen positions serves every context. Each runner
-(`make_decode_step`) is measured two ways: `span`, as it runs (eager reads exactly the tokens
-held; graphs and compile read `cache.span()`, the tokens held rounded up to a power of two), and
+(`make_decode_step`) is measured two ways: `span`, as it runs (eager and compile read exactly
+the tokens held; graphs read `cache.span()`, the tokens held rounded up to a power of two), and
 `whole`, with the cache's host count unset, so that every step reads the whole cache under a
 mask, as the compiled step did before it was length-aware: the reference. Per (how, read,
 context): the cache is marked as holding `context` tokens without a prefill (latency depends on
@@ -26,31 +26,23 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from step_timing import failure, ints, say, summary, time_runs
 from torch._dynamo.utils import counters
 
 from looptune.errors import LooptuneError
 from looptune.measure.env import environment
-from looptune.measure.timers import LapTimer, synchronize
+from looptune.measure.timers import synchronize
 from looptune.model.checkpoint import build_model, resolve_device, resolve_dtype, run_dtype
 from looptune.model.config import preset_config
 from looptune.model.step import HOWS, make_decode_step
 from looptune.store import atomic_write_text
 
 READS = ("span", "whole")
-
-
-def say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
 
 
 def measure(model, cache, how, read, context, args) -> dict:
@@ -67,39 +59,18 @@ def measure(model, cache, how, read, context, args) -> dict:
     try:
         start()
         step, row["setup_ms"] = make_decode_step(model, cache, how)
-        token = torch.zeros(cache.batch, dtype=torch.long, device=device)
         graphs_before = counters["stats"]["unique_graphs"]
-        runs, spent, t0 = [], 0.0, time.perf_counter()
-        while len(runs) < args.min_repeats + 1 or spent < args.min_time:
-            start()
-            with LapTimer(device) as laps:
-                for _ in range(args.gen):
-                    token = step(token).argmax(-1)
-                    laps.lap()
-            runs.append(laps.ms)
-            spent = time.perf_counter() - t0
-            if len(runs) > 50 * (args.min_repeats + 1):  # a cap for very fast steps
-                break
+        runs, _ = time_runs(
+            step, start, cache.batch, device, args.gen, args.min_repeats, args.min_time
+        )
         row["compiles"] = counters["stats"]["unique_graphs"] - graphs_before
     except (torch.OutOfMemoryError, RuntimeError) as e:  # recorded; the next one runs
-        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
-        row.update(status="oom" if oom else "error", error=str(e).strip()[:300])
-        return row
+        return row | failure(e)
     finally:
         del step
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    steps = sorted(ms for run in runs[1:] for ms in run)  # runs[0] is the warm-up
-    q = statistics.quantiles(steps, n=10)
-    row.update(
-        status="ok",
-        tpot_ms_p50=statistics.median(steps),
-        tpot_ms_p10=q[0],
-        tpot_ms_p90=q[-1],
-        runs=len(runs) - 1,
-        warmup_ms=sum(runs[0]),
-    )
-    return row
+    return row | summary(runs)
 
 
 def table(rows) -> str:

@@ -24,6 +24,7 @@ message) and the run goes on.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import statistics
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from step_timing import failure, ints, say, summary, time_runs
 
 from looptune.errors import LooptuneError
 from looptune.measure.env import environment
@@ -40,14 +42,6 @@ from looptune.model.checkpoint import build_model, resolve_device, resolve_dtype
 from looptune.model.config import preset_config
 from looptune.model.step import HOWS, make_decode_step
 from looptune.store import atomic_write_text
-
-
-def say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
 
 
 def candidates(loops, seq_loops):
@@ -90,40 +84,18 @@ def measure(model, how, batch, context, mode, R, window, args):
         cache = model.new_cache(batch, context + gen, R, mode, window)
         cache.filled(context)  # before set-up: graphs are captured for the spans still ahead
         step, row["setup_ms"] = make_decode_step(model, cache, how)
-        token = torch.zeros(batch, dtype=torch.long, device=device)
-        runs, spent, t0 = [], 0.0, time.perf_counter()
-        while len(runs) < min_repeats + 1 or spent < min_time_s:
-            cache.filled(context)  # every run decodes positions context .. context + gen
-            with LapTimer(device) as laps:
-                for _ in range(gen):
-                    token = step(token).argmax(-1)
-                    laps.lap()
-            runs.append(laps.ms)
-            spent = time.perf_counter() - t0
-            if len(runs) > 50 * (min_repeats + 1):  # a cap for very fast steps
-                break
+        start = functools.partial(cache.filled, context)  # each run decodes context .. + gen
+        runs, token = time_runs(step, start, batch, device, gen, min_repeats, min_time_s)
         if args.kernels and args.out:
             cache.filled(context)
             row["kernels"] = kernel_table(step, token, gen, device)
     except (torch.OutOfMemoryError, RuntimeError) as e:  # recorded; the next candidate runs
-        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
-        row.update(status="oom" if oom else "error", error=str(e).strip()[:300])
-        return row
+        return row | failure(e)
     finally:
         del cache, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    steps = sorted(ms for run in runs[1:] for ms in run)  # runs[0] is the warm-up
-    q = statistics.quantiles(steps, n=10)
-    row.update(
-        status="ok",
-        tpot_ms_p50=statistics.median(steps),
-        tpot_ms_p10=q[0],
-        tpot_ms_p90=q[-1],
-        runs=len(runs) - 1,
-        warmup_ms=sum(runs[0]),
-    )
-    return row
+    return row | summary(runs)
 
 
 def kernel_table(step, token, n, device) -> str:
