@@ -23,10 +23,14 @@ Where the candidate runs (`sandbox_kind`):
   processes, a read-only root holding the system's libraries and Python's standard library
   (not the environment, the home directory, the repository or anything else of the parent's),
   a private size-capped tmpfs as its only writable directory (`Limits.disk_bytes` in all), and
-  no network; it may start no process and create no user namespace (`quality.boundary`; what
-  a machine leaves open is named in each result's `sandbox`). /proc and /dev are read-only
-  too (a fresh /proc would let a user that is root outside write the host's sysctls). The
-  tripwire below runs inside it too, as a second layer.
+  no network; it may start no process and create no user namespace, and a seccomp filter
+  refuses System V IPC objects, tracing and extended attributes, which hold memory or reach
+  the sandbox's unlimited pid 1 (`quality.boundary`; what a machine leaves open is named in
+  each result's `sandbox`). /proc and /dev are read-only too (a fresh /proc would let a user
+  that is root outside write the host's sysctls). Not capped: the kernel memory of the files
+  and directories it makes (about 1 KiB each), bounded only by the time limit. A candidate
+  the sandbox could not start is an error, not a failed check. The tripwire below runs
+  inside it too, as a second layer.
 - "tripwire": where bubblewrap is missing or cannot create namespaces, with a warning (once, on
   stderr): a scrubbed environment, an empty working directory, and an audit hook refusing
   writes outside it, reads outside it and the system's and Python's files, spawning processes
