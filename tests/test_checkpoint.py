@@ -246,8 +246,8 @@ def test_weights_are_written_with_the_users_umask(tmp_path, umask, mode):
 
 
 def snapshot(ck):
-    """Every file of `ck` (hidden ones too) and its bytes."""
-    return {f.name: f.read_bytes() for f in sorted(ck.iterdir())}
+    """Every file of `ck` (hidden ones too) and its bytes; a directory as None."""
+    return {f.name: f.read_bytes() if f.is_file() else None for f in sorted(ck.iterdir())}
 
 
 def old_and_new(tmp_path, old_shards, new_shards):
@@ -381,6 +381,8 @@ def save_file(tensors, path, metadata=None):
     calls.append(path)
     if len(calls) == int(sys.argv[2]):
         open(path, "wb").write(b"half a shard")
+        # safetensors 0.8 writes a ".tmpXXXXXX" beside the path it is given, then renames it
+        open(os.path.join(os.path.dirname(path), ".tmpAbC123"), "wb").write(b"half a shard")
         os.kill(os.getpid(), signal.SIGKILL)
     real(tensors, path, metadata=metadata)
 save.save_file = save_file
@@ -397,12 +399,13 @@ def test_a_save_killed_half_way_leaves_the_old_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(ck), "2"], check=False)
     assert proc.returncode == -9
     left = set(snapshot(ck)) - set(before)
-    assert left and all(name.startswith(".") and name.endswith(".tmp") for name in left)
+    assert [name.split(".")[1] for name in left] == ["looptune-save"]  # one staging directory
     assert {name: data for name, data in snapshot(ck).items() if name in before} == before
     loaded, _ = load_model(ck, device="cpu")
     assert torch.equal(logits_of(loaded), logits_of(old))
     save_checkpoint(new, ck, max_shard_bytes=4096)
     assert_loads_as(ck, new)
+    assert not [f.name for f in ck.iterdir() if f.name.startswith(".")]  # safetensors' too
 
 
 def test_a_failed_re_export_keeps_the_earlier_copy(tmp_path, monkeypatch):
@@ -474,3 +477,71 @@ def test_init_stopped_half_way_keeps_nothing_and_says_so_in_one_line(tmp_path, m
 
 
 INDEX_NAME = "model.safetensors.index.json"
+
+
+def test_a_second_save_into_the_directory_waits_for_the_first(tmp_path, capfd):
+    """Two saves into one directory at once would rename their shards, under the same new
+    names, in turn: a mix of two models that loads. The second waits, saying so, then wins."""
+    import threading
+
+    from looptune.model.save import StagedFiles
+
+    ck, _, new, before = old_and_new(tmp_path, 4096, 4096)
+    with StagedFiles(ck):  # the first save, between its start and its end
+        second = threading.Thread(target=save_checkpoint, args=(new, ck, 4096))
+        second.start()
+        said = ""
+        while "another save into it is under way" not in said and second.is_alive():
+            second.join(0.05)
+            said += capfd.readouterr().err
+        assert second.is_alive(), "the second save did not wait"
+        assert {k: v for k, v in snapshot(ck).items() if v is not None} == before
+    second.join()
+    assert_loads_as(ck, new)
+    assert not [f.name for f in ck.iterdir() if f.name.startswith(".")]
+
+
+def test_other_weight_files_in_the_directory_are_kept(tmp_path):
+    """A save replaces the old checkpoint's weights and stray shards of the usual names, never
+    a user's own files, model_ema.safetensors included."""
+    ck, old, new, _ = old_and_new(tmp_path, 4096, 4096)
+    mine = {"model_ema.safetensors": b"ema", "model.fp16.safetensors": b"half", "notes": b"x"}
+    for name, data in mine.items():
+        (ck / name).write_bytes(data)
+    (ck / "model-00009-of-00012.safetensors").write_bytes(b"a stray shard")
+    for shards, model in ((None, new), (4096, old), (None, new)):
+        save_checkpoint(model, ck, max_shard_bytes=shards)
+        assert_loads_as(ck, model)
+        assert {name: (ck / name).read_bytes() for name in mine} == mine
+    assert not (ck / "model-00009-of-00012.safetensors").exists()
+    assert {f.name for f in ck.iterdir()} == {*mine, "config.json", "model.safetensors"}
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_an_export_copy_keeps_its_bytes_when_the_source_is_saved_again(
+    tmp_path, monkeypatch, hard_links
+):
+    """A copy shares its unchanged files with the source (hard links); saving the source again
+    must not change the copy, also where no hard link can be made (another file system)."""
+    import errno
+    import os
+
+    from looptune.export import weights
+
+    first, second = tiny_model(seed=0), tiny_model(seed=1)
+    save_checkpoint(first, tmp_path / "src", max_shard_bytes=4096)
+    if not hard_links:
+
+        def no_link(src, dst, **kw):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "link", no_link)
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    weights.write_model_dir(tmp_path / "src", tmp_path / "out", {}, config)
+    monkeypatch.undo()
+    before = snapshot(tmp_path / "out")
+    save_checkpoint(second, tmp_path / "src", max_shard_bytes=4096)
+    save_checkpoint(second, tmp_path / "src")
+    assert snapshot(tmp_path / "out") == before
+    assert_loads_as(tmp_path / "out", first)
+    assert not [f for f in (tmp_path / "out").iterdir() if f.is_symlink()]

@@ -2,12 +2,14 @@
 checkpoint directory as one change, so the old checkpoint stays loadable until the new one is
 complete.
 
-Each new file is first written beside its final name under a temporary name (store's
-`.NAME.PID.XXXX.tmp`, which the next writer there removes if this process was killed), and
-flushed to disk where it replaces a checkpoint. Only when every file is written are they renamed
-into place and the old ones removed, in the order given, with Ctrl-C and SIGTERM held off until
-the last step is done. A failure, a full disk or Ctrl-C while writing removes the temporaries,
-and the directories this made: the directory holds what it held before.
+Each new file is first written into a staging directory inside the checkpoint directory
+(`.looptune-save.PID`, which holds any writer's own temporaries too, and which the next save
+there removes if this process was killed), and flushed to disk where it replaces a
+checkpoint. Only when every file is written are they renamed into place and the old ones
+removed, in the order given, with Ctrl-C and SIGTERM held off until the last step is done. A
+failure, a full disk or Ctrl-C while writing removes the staged files, and the directories
+this made: the directory holds what it held before. A save holds a lock on the directory, so
+two saves into one directory run one after the other.
 
 The renames themselves are not one atomic step (POSIX has none for several files), so the
 order matters: callers put a checkpoint's weights (shards under new names first, then the index
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
-import secrets
+import shutil
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -36,38 +40,62 @@ from safetensors.torch import save_file
 from looptune.errors import Interrupted, LooptuneError
 from looptune.model.arch import ARCHITECTURES, from_canonical
 from looptune.model.config import to_hf_dict
-from looptune.store import remove_stale_temps, write_beside
+from looptune.store import warn, write_beside
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 PT = {"format": "pt"}  # safetensors metadata that transformers expects
 _HELD = (signal.SIGINT, signal.SIGTERM)
+_SHARD = re.compile(r"model-\d+-of-\d+(-\d+)?\.safetensors")
+STAGING = ".looptune-save."  # + PID: the directory a save stages its files in
 
 
 class StagedFiles:
     """Use as `with StagedFiles(directory) as staged:`, `staged.write(...)` each file, then
-    `staged.commit()`; leaving the block by an exception before `commit` discards the writes."""
+    `staged.commit()`; leaving the block by an exception before `commit` discards the writes.
+
+    The block holds an exclusive lock on the directory (flock), so a second save into it waits
+    for the first to finish instead of mixing its files with the first one's: the last save
+    wins whole. A file system without flock (some network ones) goes on unlocked."""
 
     def __init__(self, directory, flush: bool = True):
         self.directory = Path(directory)
         self.flush = flush  # fsync each file before the switch: False where nothing is replaced
-        self._steps: list[tuple[Path | None, Path]] = []  # (temporary, final); None: remove final
+        self._steps: list[tuple[Path | None, Path]] = []  # (staged, final); None: remove final
         self._made: list[Path] = []  # directories this created, deepest last
+        self._lock: int | None = None  # the directory's descriptor, flocked
+        self.staging = self.directory / f"{STAGING}{os.getpid()}"
         self.committed = False  # True from the first rename on: nothing is discarded then
 
     def __enter__(self) -> Self:
         missing = [p for p in (self.directory, *self.directory.parents) if not p.exists()]
         self.directory.mkdir(parents=True, exist_ok=True)
         self._made = missing[::-1]
+        try:
+            self._lock = _lock(self.directory)
+            for left in self.directory.glob(f"{STAGING}*") if self._lock is not None else ():
+                shutil.rmtree(left, ignore_errors=True)  # a killed saver's: none holds the lock
+            shutil.rmtree(self.staging, ignore_errors=True)  # this PID's, from a killed saver
+            self.staging.mkdir()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
         return self
 
     def __exit__(self, kind, value, tb) -> None:
         if kind is not None and not self.committed:
             self.discard()
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
 
     def write(self, name: str, write: Callable[[str], None]) -> None:
-        """Stage file `name`: `write(path)` fills a temporary file (flushed to disk if `flush`)."""
-        tmp = write_beside(self.directory / name, write)
+        """Stage file `name`: `write(path)` fills a temporary file (flushed to disk if `flush`).
+        It keeps the mode of the file it replaces, else gets the umask's."""
+        tmp = write_beside(self.staging / name, write)  # any writer's own temporaries go there too
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, (self.directory / name).stat().st_mode & 0o7777)
         self._steps.append((tmp, self.directory / name))
         if self.flush:  # so a power cut after the switch cannot leave a renamed empty file
             _fsync(tmp)
@@ -76,13 +104,14 @@ class StagedFiles:
         self.write(name, lambda tmp: Path(tmp).write_bytes(data))
 
     def link(self, name: str, source: Path) -> None:
-        """Stage `name` as a hard link to `source` (a symbolic link across file systems)."""
-        remove_stale_temps(self.directory)
-        tmp = self.directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        """Stage `name` as a hard link to `source`, a copy where no hard link can be made (across
+        file systems). Never a symbolic link: it would follow the source's later saves."""
+        tmp = self.staging / name
         try:
             os.link(source, tmp)
         except OSError:
-            os.symlink(source, tmp)
+            self.write(name, partial(shutil.copyfile, source))
+            return
         self._steps.append((tmp, self.directory / name))
 
     def remove(self, name: str) -> None:
@@ -114,9 +143,31 @@ class StagedFiles:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
         self._steps = []
+        shutil.rmtree(self.staging, ignore_errors=True)
         for d in reversed(self._made):
             with contextlib.suppress(OSError):  # not empty: something else is in it now
                 d.rmdir()
+
+
+def _lock(directory: Path) -> int | None:
+    """An exclusive flock on `directory`, waited for (Ctrl-C stops the wait); returns the
+    descriptor that holds it, or None where the file system has no flock."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warn(f"{directory}: another save into it is under way; waiting for it to end")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.ENOLCK, errno.EBADF, errno.ENOTSUP, errno.EINVAL):
+            return None
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _fsync(path: Path) -> None:
@@ -201,9 +252,8 @@ def save_checkpoint(
             old = directory / "config.json"
             if not (old.is_file() and old.read_bytes() == config_bytes):  # else weights only
                 staged.write_bytes("config.json", config_bytes)
-            for f in sorted(directory.glob("model*.safetensors")):
-                if f.name not in weights:
-                    staged.remove(f.name)  # the old checkpoint's, no longer named by anything
+            for name in sorted(_old_weights(directory) - weights):
+                staged.remove(name)  # the old checkpoint's, no longer named by anything
             staged.commit()
     except (OSError, SafetensorError) as e:
         raise LooptuneError(
@@ -233,6 +283,15 @@ def _stage_weights(staged: StagedFiles, shards: list[dict], state: dict) -> set[
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     staged.write_bytes(INDEX, json.dumps(index, indent=2).encode())
     return set(weight_map.values())
+
+
+def _old_weights(directory: Path) -> set[str]:
+    """The weight files a new save replaces: model.safetensors, the shards the old index names,
+    and stray shards of the usual names; other files (model_ema.safetensors...) are the user's."""
+    names = {f.name for f in directory.iterdir() if _SHARD.fullmatch(f.name)} | {SINGLE}
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        names |= set(json.loads((directory / INDEX).read_text())["weight_map"].values())
+    return {n for n in names if isinstance(n, str) and "/" not in n and (directory / n).is_file()}
 
 
 def _unused_shard_name(directory: Path, i: int, n: int) -> str:
