@@ -24,6 +24,9 @@ Besides the namespaces, these holes are closed where the machine allows it:
   (no writing /proc/1/mem).
 - extended attributes: the tmpfs keeps them in kernel memory outside its size cap (120 MB on
   one file in 0.6 s); the filter refuses `setxattr` and its variants.
+- the kernel's keyrings: nobody's user keyring lives as long as the prepared namespace, so a
+  key one check added was found by the next; the filter refuses `add_key`, `request_key` and
+  `keyctl`.
 
 Still open: the tmpfs caps bytes, not files, so the files, directories and symlinks a
 candidate makes cost kernel memory (about 1 KiB each; some 150,000 a second) until the check
@@ -91,18 +94,18 @@ sys.stdin.read()
 
 # seccomp_data's arch and the numbers of the calls refused, by machine: (AUDIT_ARCH_*, (shmget,
 # msgget, semget, ptrace, process_vm_readv, process_vm_writev, pidfd_getfd, setxattr,
-# lsetxattr, fsetxattr, setxattrat))
+# lsetxattr, fsetxattr, setxattrat, add_key, request_key, keyctl))
 _REFUSED_CALLS = {
-    "x86_64": (0xC000003E, (29, 68, 64, 101, 310, 311, 438, 188, 189, 190, 463)),
-    "aarch64": (0xC00000B7, (194, 186, 190, 117, 270, 271, 438, 5, 6, 7, 463)),
+    "x86_64": (0xC000003E, (29, 68, 64, 101, 310, 311, 438, 188, 189, 190, 463, 248, 249, 250)),
+    "aarch64": (0xC00000B7, (194, 186, 190, 117, 270, 271, 438, 5, 6, 7, 463, 217, 218, 219)),
 }
 _X32_BIT = 0x40000000  # x86_64's x32 ABI: the same arch, these numbers with this bit set
 
 
 @functools.cache
 def seccomp_filter(machine: str | None = None) -> bytes | None:
-    """The classic BPF program bwrap's `--seccomp` loads: EPERM for the System V IPC, tracing
-    and xattr-setting calls (module docstring) and ENOSYS for any other ABI's calls, every other call allowed; None where the numbers of
+    """The classic BPF program bwrap's `--seccomp` loads: EPERM for the System V IPC, tracing,
+    xattr-setting and keyring calls (module docstring) and ENOSYS for any other ABI's calls, every other call allowed; None where the numbers of
     this `machine` (os.uname's, by default) are not known here."""
     arch, calls = _REFUSED_CALLS.get(machine or os.uname().machine, (None, ()))
     if arch is None:
