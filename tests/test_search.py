@@ -237,17 +237,17 @@ KILLED = textwrap.dedent("""
 
     def evaluate(knobs):
         calls.append(knobs)
-        if len(calls) == 3:
+        if len(calls) == {nth}:
             print(json.dumps(vars(knobs)), flush=True)
             os.kill(os.getpid(), signal.SIGKILL)  # as `kill -9`, the OOM killer, a lost shell
         return synthetic(knobs)
 
-    run_study(SMALL, evaluate, 100, {url!r}, "killed")
+    run_study(SMALL, evaluate, 100, {url!r}, {name!r})
 """)
 
 
 def test_a_killed_workers_trial_is_retried_at_once_by_a_rerun_on_this_machine(db, monkeypatch):
-    script = KILLED.format(tests=str(Path(__file__).parent), url=db)
+    script = KILLED.format(tests=str(Path(__file__).parent), url=db, nth=3, name="killed")
     killed = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
     )
@@ -261,6 +261,38 @@ def test_a_killed_workers_trial_is_retried_at_once_by_a_rerun_on_this_machine(db
     study = optuna.load_study(study_name="killed", storage=db)
     (failed,) = study.get_trials(states=[optuna.trial.TrialState.FAIL])
     assert failed.params == vars(lost)
+    assert failed.user_attrs["failure"].startswith("its worker (process ")
+
+
+def test_a_worker_killed_alongside_another_has_its_trial_retried_at_once_by_it(db, monkeypatch):
+    """Two workers on one storage, one killed mid-trial: the other fails that trial at once (not
+    after a heartbeat wait), measures the setting and ends with the whole grid."""
+    script = KILLED.format(tests=str(Path(__file__).parent), url=db, nth=1, name="pair")
+    killed = []
+
+    def evaluate(knobs):
+        if not killed:  # the other worker joins while this one measures, and dies in its trial
+            killed.append(
+                subprocess.run(
+                    [sys.executable, "-c", script],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    check=False,
+                )
+            )
+        return synthetic(knobs)
+
+    monkeypatch.setattr("looptune.search.study.time.sleep", never_wait)
+    record = run_study(SMALL, evaluate, 100, db, "pair")
+    (other,) = killed
+    assert other.returncode == -9, other.stderr
+    lost = Knobs(**json.loads(other.stdout))
+    assert {o.knobs for o in record.outcomes} == set(SMALL.settings()) and not record.failed
+    (failed,) = optuna.load_study(study_name="pair", storage=db).get_trials(
+        states=[TrialState.FAIL]
+    )
+    assert Knobs(**failed.params) == lost
     assert failed.user_attrs["failure"].startswith("its worker (process ")
 
 
