@@ -24,8 +24,8 @@ Where the candidate runs (`sandbox_kind`):
   (not the environment, the home directory, the repository or anything else of the parent's),
   a private size-capped tmpfs as its only writable directory (`Limits.disk_bytes` in all), and
   no network; it may start no process and create no user namespace, and a seccomp filter
-  refuses System V IPC objects, tracing and extended attributes, which hold memory or reach
-  the sandbox's unlimited pid 1 (`quality.boundary`; what a machine leaves open is named in
+  refuses System V IPC objects, tracing, extended attributes and keyrings, which hold memory,
+  outlive the check or reach the sandbox's unlimited pid 1 (`quality.boundary`; what a machine leaves open is named in
   each result's `sandbox`). /proc and /dev are read-only too (a fresh /proc would let a user
   that is root outside write the host's sysctls). Not capped: the kernel memory of the files
   and directories it makes (about 1 KiB each), bounded only by the time limit. A candidate
