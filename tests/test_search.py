@@ -399,6 +399,15 @@ def test_interference_flagged_setting_is_measured_again_by_the_next_run(db):
     assert clean.interference is None and clean.latency_ms == synthetic(busy).latency_ms
 
 
+@pytest.mark.parametrize("url", ["study.log", "runs/study.db"])
+def test_a_storage_path_that_is_no_database_url_is_refused_saying_what_to_give(url):
+    from looptune.search.storage import open_storage
+
+    with pytest.raises(LooptuneError, match="not a database URL") as e:
+        open_storage(url)
+    assert "sqlite:///" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_same_study_name_with_another_identity_is_refused(db):
     space = Space(("a",), (1, 2), (8,), ("float32",))
     run_study(space, synthetic, 10, db, "x", {"space": space.grid(), "prompt_len": 8})

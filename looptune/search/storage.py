@@ -24,6 +24,12 @@ def open_storage(url: str | None, attempts: int = 5):
     """Memory for None; else RDBStorage with heartbeats, so a killed worker's trial is failed."""
     if url is None:
         return InMemoryStorage()
+    if "://" not in url:  # a path: Optuna's journal files keep no heartbeat (a killed worker's
+        # trial on another machine would never be retried), so only databases are taken
+        raise LooptuneError(
+            f"cannot open study storage {url!r}: not a database URL "
+            f"(sqlite:///{url if url.endswith('.db') else 'study.db'}, postgresql://...)"
+        )
     for attempt in range(attempts):
         try:
             with warnings.catch_warnings():
