@@ -105,7 +105,8 @@ _X32_BIT = 0x40000000  # x86_64's x32 ABI: the same arch, these numbers with thi
 @functools.cache
 def seccomp_filter(machine: str | None = None) -> bytes | None:
     """The classic BPF program bwrap's `--seccomp` loads: EPERM for the System V IPC, tracing,
-    xattr-setting and keyring calls (module docstring) and ENOSYS for any other ABI's calls, every other call allowed; None where the numbers of
+    xattr-setting and keyring calls (module docstring), EPERM for x32's and ENOSYS for another
+    architecture's calls, every other call allowed; None where the numbers of
     this `machine` (os.uname's, by default) are not known here."""
     arch, calls = _REFUSED_CALLS.get(machine or os.uname().machine, (None, ()))
     if arch is None:
