@@ -369,6 +369,37 @@ def test_ctrl_c_while_the_new_files_are_put_in_place_waits_for_the_last_one(tmp_
     assert {f.name for f in ck.glob("*.safetensors")} == set(index["weight_map"].values())
 
 
+def test_sigterm_held_during_the_switch_ends_the_save_with_nothing_left_over(tmp_path, monkeypatch):
+    """SIGTERM in the switch (a library caller, its default action: the process ends as the
+    switch does): the directory holds the new checkpoint and no staging directory."""
+    import os
+    import signal
+
+    from looptune.model import save
+
+    ck, _, new, _ = old_and_new(tmp_path, 4096, 4096)
+    real, seen = os.replace, []
+
+    def replace(src, dst):
+        if not seen:
+            os.kill(os.getpid(), signal.SIGTERM)
+        seen.append(dst)
+        real(src, dst)
+
+    def terminated(signum, frame):  # the process would end here: what does it leave?
+        seen.append(sorted(f.name for f in ck.iterdir() if f.name.startswith(".")))
+
+    monkeypatch.setattr(save.os, "replace", replace)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        save_checkpoint(new, ck, max_shard_bytes=4096)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert seen[-1] == []
+    assert_loads_as(ck, new)
+
+
 KILLED_SAVE = """
 import os, signal, sys
 import torch

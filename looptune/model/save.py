@@ -135,6 +135,7 @@ class StagedFiles:
                     self._steps = steps[done:]  # not renamed: removed, not left behind
                     self.discard()
                     raise
+            shutil.rmtree(self.staging, ignore_errors=True)  # before a held SIGTERM ends us
             with contextlib.suppress(OSError):  # done; the disk has them soon if not now
                 _fsync(self.directory)  # the renames are on disk before the caller goes on
 
