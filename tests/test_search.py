@@ -32,7 +32,7 @@ from looptune.search.choice import (
     quality_latency_front,
 )
 from looptune.search.pareto import Workload, run_pareto
-from looptune.search.study import Space, TrialReport, run_study
+from looptune.search.study import POLL_S, Space, TrialReport, run_study
 from looptune.search.trials import MAX_ATTEMPTS
 
 
@@ -283,7 +283,14 @@ def test_a_worker_killed_alongside_another_has_its_trial_retried_at_once_by_it(d
             )
         return synthetic(knobs)
 
-    monkeypatch.setattr("looptune.search.study.time.sleep", never_wait)
+    sleep = time.sleep  # subprocess.run sleeps a few ms while it waits for the other worker
+
+    def never_poll(seconds):
+        if seconds >= POLL_S:
+            never_wait(seconds)
+        sleep(seconds)
+
+    monkeypatch.setattr("looptune.search.study.time.sleep", never_poll)
     record = run_study(SMALL, evaluate, 100, db, "pair")
     (other,) = killed
     assert other.returncode == -9, other.stderr
@@ -330,6 +337,22 @@ def test_without_a_machine_identity_no_worker_is_taken_for_gone(db, tmp_path, mo
     monkeypatch.setattr(trials, "STARTED", None)
     study = running_trial(db, [None, dead_pid(), None])
     assert state_after_plan(study) == (TrialState.RUNNING, None)
+
+
+def test_another_users_worker_hidden_from_proc_is_not_taken_for_gone(db, monkeypatch):
+    """/proc mounted hidepid=2 hides other users' processes; a signal still finds them."""
+    hidden = 2**22 - 7  # no such process here, as seen through a hidden /proc
+
+    def kill(pid, sig):
+        if pid == hidden:
+            raise PermissionError(1, "Operation not permitted")
+        raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(trials.os, "kill", kill)
+    study = running_trial(db, [trials.MACHINE, hidden, 12345])
+    assert state_after_plan(study) == (TrialState.RUNNING, None)
+    study = running_trial(db, [trials.MACHINE, hidden + 1, 12345])
+    assert state_after_plan(study)[0] == TrialState.FAIL
 
 
 def dead_pid() -> int:

@@ -34,9 +34,10 @@ def machine_id(proc: Path = PROC) -> str | None:
     try:
         boot = (proc / "sys/kernel/random/boot_id").read_text().strip()
         pid_namespace = os.readlink(proc / "self/ns/pid")
+        ours = os.readlink(proc / "self") == str(os.getpid())  # not another namespace's /proc
     except OSError:
         return None
-    return f"{socket.gethostname()}/{boot}/{pid_namespace}" if boot else None
+    return f"{socket.gethostname()}/{boot}/{pid_namespace}" if boot and ours else None
 
 
 def started(pid: int, proc: Path = PROC) -> int | None:
@@ -168,7 +169,21 @@ def _worker_alive(t) -> bool | None:
         return None
     if (pid, start) == (os.getpid(), STARTED):
         return t.user_attrs.get("run") in _RUNS_HERE
-    return started(pid) == start  # gone, or its pid is now another process's
+    return _runs(pid, start)
+
+
+def _runs(pid: int, start: int) -> bool:
+    """Whether the process `pid` of this machine that started at `start` still runs."""
+    now = started(pid)
+    if now is not None:
+        return now == start  # else its pid is now another process's
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's, hidden from this one (/proc mounted hidepid=2)
+        return True
+    return False  # a zombie: killed, not reaped yet
 
 
 def _abandoned(t) -> str | None:
