@@ -325,7 +325,7 @@ def test_a_worker_on_another_machine_of_the_same_hostname_is_left_to_its_heartbe
         Path("/proc/sys/kernel/random/boot_id").read_text().strip(), str(uuid.uuid4())
     )
     gone = dead_pid()
-    for process in ([other, gone, 100], [other, os.getpid(), trials.STARTED], [other, 1, 1]):
+    for process in ([other, gone, 100], [other, *trials.this_process()], [other, 1, 1]):
         study = running_trial(db, process)
         assert state_after_plan(study) == (TrialState.RUNNING, None)
 
@@ -334,7 +334,6 @@ def test_without_a_machine_identity_no_worker_is_taken_for_gone(db, tmp_path, mo
     """Without /proc a hostname alone would be the identity: every worker waits for heartbeats."""
     assert trials.machine_id(tmp_path) is None
     monkeypatch.setattr(trials, "MACHINE", None)
-    monkeypatch.setattr(trials, "STARTED", None)
     study = running_trial(db, [None, dead_pid(), None])
     assert state_after_plan(study) == (TrialState.RUNNING, None)
 
@@ -353,6 +352,40 @@ def test_another_users_worker_hidden_from_proc_is_not_taken_for_gone(db, monkeyp
     assert state_after_plan(study) == (TrialState.RUNNING, None)
     study = running_trial(db, [trials.MACHINE, hidden + 1, 12345])
     assert state_after_plan(study)[0] == TrialState.FAIL
+
+
+FORKED = textwrap.dedent("""
+    import multiprocessing, sys, time
+    import optuna
+    from looptune.search import trials
+
+    def worker(url, ready):  # a pool's worker, forked: alive while its trial runs
+        study = optuna.load_study(study_name="forked", storage=url)
+        trials.mark_worker(study.ask(), "run")
+        ready.set()
+        time.sleep(60)
+
+    if __name__ == "__main__":
+        optuna.create_study(study_name="forked", storage=sys.argv[1], directions=["minimize"] * 3)
+        fork = multiprocessing.get_context("fork")
+        ready = fork.Event()
+        child = fork.Process(target=worker, args=(sys.argv[1], ready))
+        child.start()
+        ready.wait(60)
+        study = optuna.load_study(study_name="forked", storage=sys.argv[1])
+        trials.fail_abandoned(study, heartbeat=True)  # as the parent's next plan
+        print(study.get_trials()[0].state.name, flush=True)
+        child.kill()
+""")
+
+
+def test_a_forked_worker_is_known_by_its_own_start_time_not_its_parents(db):
+    """A worker forked by a process that imported looptune (a multiprocessing pool) records its
+    own start time: another worker does not take it for a pid given to another process."""
+    out = subprocess.run(
+        [sys.executable, "-c", FORKED, db], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.stdout.strip() == "RUNNING", out.stderr
 
 
 def dead_pid() -> int:

@@ -55,7 +55,13 @@ def started(pid: int, proc: Path = PROC) -> int | None:
 
 
 MACHINE = machine_id()
-STARTED = started(os.getpid()) if MACHINE else None
+
+
+def this_process() -> tuple[int, int | None]:
+    """This process's pid and start time: read now, as a forked child (a multiprocessing pool's
+    worker) is another process than the one that imported this module."""
+    pid = os.getpid()
+    return pid, started(pid) if MACHINE else None
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,7 @@ def mark_worker(trial: optuna.Trial, run_id: str) -> None:
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("run", run_id)
     # Last (see `_worker_alive`): the machine, the pid and when that process started.
-    trial.set_user_attr("process", [MACHINE, os.getpid(), STARTED])
+    trial.set_user_attr("process", [MACHINE, *this_process()])
 
 
 def _worker_alive(t) -> bool | None:
@@ -167,7 +173,7 @@ def _worker_alive(t) -> bool | None:
     machine, pid, start = process
     if machine != MACHINE or not isinstance(pid, int) or pid <= 0 or not isinstance(start, int):
         return None
-    if (pid, start) == (os.getpid(), STARTED):
+    if (pid, start) == this_process():
         return t.user_attrs.get("run") in _RUNS_HERE
     return _runs(pid, start)
 
@@ -191,7 +197,7 @@ def _abandoned(t) -> str | None:
     if _worker_alive(t) is not False:
         return None  # running, or another machine's (its heartbeat tells)
     _, pid, start = t.user_attrs["process"]
-    if (pid, start) == (os.getpid(), STARTED):
+    if (pid, start) == this_process():
         return "its run stopped before it ended"
     return f"its worker (process {pid}) stopped before it ended"
 
