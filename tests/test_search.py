@@ -423,6 +423,46 @@ def test_a_worker_here_is_gone_when_its_process_is_not_the_one_that_ran_the_tria
         assert failure == f"its worker (process {child.pid}) stopped before it ended"
 
 
+CRASHING = textwrap.dedent("""
+    import json, os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from search_synthetic import SMALL, synthetic
+    from looptune.search.choice import Knobs
+    from looptune.search.study import run_study
+
+    def evaluate(knobs):
+        if knobs == Knobs("a", 2, 16, "float32"):
+            os.kill(os.getpid(), signal.SIGKILL)  # a setting that always kills its worker
+        return synthetic(knobs)
+
+    record = run_study(SMALL, evaluate, 100, {url!r}, "crashing")
+    print(json.dumps([f.to_dict() for f in record.failed]))
+""")
+
+
+@pytest.mark.slow
+def test_a_setting_that_always_kills_its_worker_is_given_up_after_its_attempts(db):
+    """The at-once retry of a killed worker's trial still counts attempts: a supervisor that
+    restarts the worker until it succeeds stops after MAX_ATTEMPTS kills."""
+    script = CRASHING.format(tests=str(Path(__file__).parent), url=db)
+    runs = []
+    while not runs or runs[-1].returncode != 0:
+        assert len(runs) <= MAX_ATTEMPTS, [r.stderr for r in runs]
+        runs.append(
+            subprocess.run(
+                [sys.executable, "-c", script],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+        )
+    assert [r.returncode for r in runs] == [-9] * MAX_ATTEMPTS + [0]
+    (failure,) = json.loads(runs[-1].stdout)
+    assert failure["attempts"] == MAX_ATTEMPTS and failure["gave_up"]
+    assert failure["reason"].startswith("its worker (process ")
+
+
 def test_failing_setting_is_retried_with_a_cap_and_its_reason_kept(db):
     bad = Knobs("a", 2, 16, "float32")
     evaluate = Counting(fail=lambda k: RuntimeError("cache entry unreadable") if k == bad else None)
