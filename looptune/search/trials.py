@@ -7,6 +7,8 @@
 - A running trial whose worker is gone is failed (and so retried) at once when the worker ran
   on this machine, or earlier in this process (its run ended when the storage failed); a worker
   on another machine is known to be gone only by its missing heartbeat (`storage.GRACE_S`).
+  "This machine" is this boot (its boot_id) and PID namespace, and a worker is its pid with its
+  process's start time (`mark_worker`): never a hostname alone, never a pid alone.
 """
 
 from __future__ import annotations
