@@ -468,6 +468,18 @@ def test_boundary_only_the_total_written_is_capped():
     assert r.passed, r
 
 
+@needs_boundary
+def test_boundary_only_the_number_of_files_is_capped():
+    # each costs kernel memory that the tmpfs's byte cap does not count; the tripwire allows
+    # them in its own directory, so this holds in the default sandbox too
+    limits = Limits(timeout_s=20.0, cpu_s=20, files=2000)
+    program = fn("import os\nfor i in range(10 ** 6):\n    os.mkdir(f'/tmp/{i}')")
+    for r in (boundary_alone(program, limits=limits), check(program, "boundary", limits=limits)):
+        assert (r.status, r.detail) == ("failed", "file limit (2000 files)"), r
+    made = fn("import os\nfor i in range(1000):\n    os.symlink('x', f'/tmp/{i}')")
+    assert boundary_alone(made, limits=limits).passed
+
+
 # --- processes and user namespaces -------------------------------------------------------------
 
 FORKS = fn(

@@ -28,9 +28,9 @@ Besides the namespaces, these holes are closed where the machine allows it:
   key one check added was found by the next; the filter refuses `add_key`, `request_key` and
   `keyctl`.
 
-Still open: the tmpfs caps bytes, not files, so the files, directories and symlinks a
-candidate makes cost kernel memory (about 1 KiB each; some 150,000 a second) until the check
-ends, bounded by its time limit (bubblewrap cannot set the tmpfs's nr_inodes).
+The tmpfs caps bytes, not files, and bubblewrap cannot set its nr_inodes: the files,
+directories and symlinks a candidate makes (about 1 KiB of kernel memory each, some 150,000 a
+second) are counted from outside instead (`sandbox._FileCount`).
 
 What the probe finds still open (an old bubblewrap, a kernel that refuses the prepared
 namespace) is named in `Boundary.gaps`, which every result's `sandbox` description carries.

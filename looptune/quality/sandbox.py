@@ -25,10 +25,11 @@ Where the candidate runs (`sandbox_kind`):
   a private size-capped tmpfs as its only writable directory (`Limits.disk_bytes` in all), and
   no network; it may start no process and create no user namespace, and a seccomp filter
   refuses System V IPC objects, tracing, extended attributes and keyrings, which hold memory,
-  outlive the check or reach the sandbox's unlimited pid 1 (`quality.boundary`; what a machine leaves open is named in
-  each result's `sandbox`). /proc and /dev are read-only too (a fresh /proc would let a user
-  that is root outside write the host's sysctls). Not capped: the kernel memory of the files
-  and directories it makes (about 1 KiB each), bounded only by the time limit. A candidate
+  outlive the check or reach the sandbox's unlimited pid 1 (`quality.boundary`; what a
+  machine leaves open is named in each result's `sandbox`). /proc and /dev are read-only too
+  (a fresh /proc would let a user that is root outside write the host's sysctls). The files
+  and directories it makes are capped in number too (`Limits.files`, counted every 0.1 s:
+  each holds about 1 KiB of kernel memory that the tmpfs's size does not count). A candidate
   the sandbox could not start is an error, not a failed check. The tripwire below runs
   inside it too, as a second layer.
 - "tripwire": where bubblewrap is missing or cannot create namespaces, with a warning (once, on
@@ -78,6 +79,7 @@ class Limits:
     file_bytes: int = 1 << 20  # RLIMIT_FSIZE: the largest file it may write, its output included
     open_files: int = 64  # RLIMIT_NOFILE
     disk_bytes: int = 16 << 20  # all it may write (the boundary's tmpfs)
+    files: int = 10_000  # the files, directories and links it may make there (`_FileCount`)
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,8 @@ class Sandbox:
                 os.close(to_read)
                 os.close(from_write)
             job = {"program": program, "tests": tests, "entry_point": entry_point, "call": call}
-            said = runner.run(nonce, job, log, to_write, from_read, limits.timeout_s)
+            watch = _FileCount(candidate.pid, limits) if self.boundary else None
+            said = runner.run(nonce, job, log, to_write, from_read, limits.timeout_s, watch)
             try:  # not reaped yet: its group id cannot have been reused
                 os.killpg(candidate.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -256,6 +259,10 @@ class Sandbox:
             )
         if said == "passed":
             return SandboxResult("passed", "", seconds, kind, output)
+        if watch and watch.tripped:
+            return SandboxResult(
+                "failed", f"file limit ({limits.files} files)", seconds, kind, output
+            )
         if candidate_rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):  # bwrap: 128 + the signal
             return SandboxResult(
                 "timeout", f"time limit ({limits.cpu_s} s CPU)", seconds, kind, output
@@ -302,10 +309,18 @@ class _Runner:
         self.broken: int | None = None  # its exit status, when it failed before any verdict
 
     def run(
-        self, nonce: str, job: dict, log, to_candidate: int, from_candidate: int, timeout_s: float
+        self,
+        nonce: str,
+        job: dict,
+        log,
+        to_candidate: int,
+        from_candidate: int,
+        timeout_s: float,
+        watch: _FileCount | None = None,
     ):
         """The runner's verdict on `job` ("passed" or "failed <why>"), None when it died
-        without one, `_TIMED_OUT` after `timeout_s` (it is killed then)."""
+        without one, `_TIMED_OUT` after `timeout_s` (it is killed then). `watch` is checked
+        every `_FileCount.EVERY_S` while it waits."""
         job_read, job_write = os.pipe()
         try:
             socket.send_fds(
@@ -324,14 +339,21 @@ class _Runner:
                 f.write(json.dumps(job).encode())
         except OSError:
             pass
-        self.socket.settimeout(timeout_s)
-        try:
-            said = self.socket.recv(4096).decode("utf-8", errors="replace")
-        except TimeoutError:
-            self.kill()
-            return _TIMED_OUT
-        except OSError:
-            said = ""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            self.socket.settimeout(max(min(left, _FileCount.EVERY_S) if watch else left, 1e-3))
+            try:
+                said = self.socket.recv(4096).decode("utf-8", errors="replace")
+                break
+            except TimeoutError:
+                if left <= _FileCount.EVERY_S or not watch:
+                    self.kill()
+                    return _TIMED_OUT
+                watch.check()
+            except OSError:
+                said = ""
+                break
         if not said.startswith(nonce + " "):
             self.kill()
             return None
@@ -355,6 +377,40 @@ class _Runner:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+
+class _FileCount:
+    """Kills the candidate once its tmpfs holds more than `Limits.files` inodes: each costs
+    about 1 KiB of kernel memory that the tmpfs's size cap does not count (some 150,000 a
+    second), and bubblewrap cannot set the tmpfs's nr_inodes. Read from outside, through the
+    /proc entry of bubblewrap's child (the sandbox's pid 1), while the verdict is awaited."""
+
+    EVERY_S = 0.1
+
+    def __init__(self, bwrap_pid: int, limits: Limits):
+        self.bwrap_pid, self.limits = bwrap_pid, limits
+        self.where: str | None = None
+        self.tripped = False
+
+    def check(self) -> None:
+        if self.tripped:
+            return
+        try:
+            if self.where is None:
+                path = f"/proc/{self.bwrap_pid}/task/{self.bwrap_pid}/children"
+                with open(path) as f:
+                    self.where = f"/proc/{f.read().split()[0]}/root/sandbox"
+            fs = os.statvfs(self.where)
+        except (OSError, IndexError):  # not set up yet, or already gone
+            return
+        if fs.f_blocks * fs.f_frsize != self.limits.disk_bytes:  # not its tmpfs (yet)
+            return
+        if fs.f_files - fs.f_ffree > self.limits.files:
+            self.tripped = True
+            try:  # not reaped yet: its group id cannot have been reused
+                os.killpg(self.bwrap_pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _tail(f, n: int = 1000) -> str:
