@@ -576,3 +576,26 @@ def test_an_export_copy_keeps_its_bytes_when_the_source_is_saved_again(
     assert snapshot(tmp_path / "out") == before
     assert_loads_as(tmp_path / "out", first)
     assert not [f for f in (tmp_path / "out").iterdir() if f.is_symlink()]
+
+
+def test_a_re_export_removes_the_earlier_copys_files_and_keeps_the_users(tmp_path):
+    """A copy of another checkpoint into an earlier copy: the earlier one's files go (a stale
+    shard, a tokenizer file the new source has not), a file the user put there stays."""
+    from looptune.export import weights
+
+    save_checkpoint(tiny_model(seed=0), tmp_path / "a", max_shard_bytes=4096)
+    (tmp_path / "a" / "generation_config.json").write_text("{}")
+    second = tiny_model(seed=1)
+    save_checkpoint(second, tmp_path / "b")
+    out = tmp_path / "out"
+    for name in ("a", "b"):
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        weights.write_model_dir(tmp_path / name, out, {}, config)
+        if name == "a":
+            (out / "NOTES.md").write_text("how I serve it")
+    assert {f.name for f in out.iterdir() if not f.name.startswith(".")} == {
+        "NOTES.md",
+        "config.json",
+        "model.safetensors",
+    }
+    assert_loads_as(out, second)

@@ -7,8 +7,8 @@ rewritten. A later save of the original replaces its files, so the copy keeps it
 that rewrites an original file in place (not looptune) would change the copy's too. Every file is staged under a temporary name and put in place only when all are
 written, config.json last (looptune.model.save.StagedFiles): a copy interrupted half-way leaves
 the directory as it was, an earlier copy still loadable. A copy goes only into a new or empty
-directory or an earlier copy (marked by MARK): it removes files it did not produce, never
-another model's.
+directory or an earlier copy (marked by MARK, which lists the files the copy wrote): it removes
+the earlier copy's files that the new one does not write, never another model's or the user's.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def write_model_dir(source: Path, target: Path, renames: dict[str, str], config:
     if source == target:
         raise LooptuneError(f"{target}: the copy cannot replace the checkpoint it is made from")
     _claim(target)
+    earlier = _written_before(target)
     shards = weight_files(source)
     linked, rewritten = [], []
     with StagedFiles(target, flush=(target / "config.json").exists()) as staged:
@@ -72,9 +73,10 @@ def write_model_dir(source: Path, target: Path, renames: dict[str, str], config:
             if f.is_file() and f.name not in keep and not f.name.startswith("."):
                 staged.link(f.name, f)  # tokenizer, generation config, remote code
                 linked.append(f.name)
-        for f in sorted(target.iterdir()):
-            if f.is_file() and not f.name.startswith(".") and f.name not in keep | set(linked):
-                staged.remove(f.name)  # left by an earlier copy of another checkpoint
+        written = keep | set(linked)
+        for name in sorted(earlier - written):
+            staged.remove(name)  # left by an earlier copy of another checkpoint
+        staged.write_bytes(MARK, (json.dumps(sorted(written)) + "\n").encode())
         staged.write_bytes("config.json", (json.dumps(config, indent=2) + "\n").encode())
         staged.commit()
     return {"linked": linked, "rewritten": rewritten, "config": str(target / "config.json")}
@@ -88,6 +90,18 @@ def _claim(target: Path) -> None:
         )
     target.mkdir(parents=True, exist_ok=True)
     (target / MARK).touch()
+
+
+def _written_before(target: Path) -> set[str]:
+    """The files an earlier copy in `target` wrote: MARK's list; a copy from before the list
+    (MARK empty) is known to have written its weights and index."""
+    try:
+        names = json.loads((target / MARK).read_text())
+    except (OSError, ValueError):
+        names = [f.name for f in target.iterdir() if f.suffix == ".safetensors" or f.name == INDEX]
+    if not isinstance(names, list):
+        names = []
+    return {n for n in names if isinstance(n, str) and "/" not in n and (target / n).is_file()}
 
 
 def _is_copy(directory: Path) -> bool:
