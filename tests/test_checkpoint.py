@@ -599,3 +599,53 @@ def test_a_re_export_removes_the_earlier_copys_files_and_keeps_the_users(tmp_pat
         "model.safetensors",
     }
     assert_loads_as(out, second)
+
+
+def test_a_symlinked_checkpoint_directory_is_saved_through_and_a_broken_one_named(tmp_path):
+    """A checkpoint directory reached by a symbolic link is saved in its target (the link
+    stays); a link to nothing is one line saying so, not "File exists"."""
+    ck, _, new, _ = old_and_new(tmp_path, 4096, 4096)
+    (tmp_path / "link").symlink_to(ck)
+    save_checkpoint(new, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert_loads_as(ck, new)
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    result = runner.invoke(app, ["init", str(tmp_path / "broken")])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {tmp_path / 'broken'}: a symbolic link to {tmp_path / 'nowhere'}, "
+        "which does not exist\n"
+    )
+
+
+def test_a_re_export_waiting_for_another_removes_what_that_one_wrote(tmp_path, capfd):
+    """Two exports into one copy: the second waits for the first, then removes the files the
+    first wrote that it does not (it reads the copy's list once it holds the directory)."""
+    import threading
+
+    from looptune.export import weights
+    from looptune.model.save import StagedFiles
+
+    second = tiny_model(seed=1)
+    save_checkpoint(tiny_model(seed=0), tmp_path / "a")
+    save_checkpoint(second, tmp_path / "b")
+    out = tmp_path / "out"
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    weights.write_model_dir(tmp_path / "a", out, {}, config)
+    b_config = json.loads((tmp_path / "b" / "config.json").read_text())
+    with StagedFiles(out) as first:  # an export of a checkpoint that has a generation config
+        later = threading.Thread(
+            target=weights.write_model_dir, args=(tmp_path / "b", out, {}, b_config)
+        )
+        later.start()
+        said = ""
+        while "another save into it is under way" not in said and later.is_alive():
+            later.join(0.05)
+            said += capfd.readouterr().err
+        first.write_bytes("generation_config.json", b"{}")
+        listed = ["config.json", "generation_config.json", "model.safetensors"]
+        first.write_bytes(weights.MARK, json.dumps(listed).encode())
+        first.commit()
+    later.join()
+    assert not (out / "generation_config.json").exists()
+    assert_loads_as(out, second)

@@ -48,10 +48,10 @@ def write_model_dir(source: Path, target: Path, renames: dict[str, str], config:
     if source == target:
         raise LooptuneError(f"{target}: the copy cannot replace the checkpoint it is made from")
     _claim(target)
-    earlier = _written_before(target)
     shards = weight_files(source)
     linked, rewritten = [], []
     with StagedFiles(target, flush=(target / "config.json").exists()) as staged:
+        earlier = _written_before(target)  # read under the lock: a copy made meanwhile counts
         for shard in shards:
             with safe_open(str(shard), framework="pt") as handle:
                 names = list(handle.keys())

@@ -69,6 +69,11 @@ class StagedFiles:
 
     def __enter__(self) -> Self:
         missing = [p for p in (self.directory, *self.directory.parents) if not p.exists()]
+        if self.directory.is_symlink() and not self.directory.exists():
+            where = os.readlink(self.directory)
+            raise LooptuneError(
+                f"{self.directory}: a symbolic link to {where}, which does not exist"
+            )
         self.directory.mkdir(parents=True, exist_ok=True)
         self._made = missing[::-1]
         try:
