@@ -540,12 +540,20 @@ def test_other_weight_files_in_the_directory_are_kept(tmp_path):
     for name, data in mine.items():
         (ck / name).write_bytes(data)
     (ck / "model-00009-of-00012.safetensors").write_bytes(b"a stray shard")
+    (ck / "train_state").mkdir()  # `looptune train` keeps its resumable state here
+    (ck / "train_state" / "model-00000005.safetensors").write_bytes(b"state")
     for shards, model in ((None, new), (4096, old), (None, new)):
         save_checkpoint(model, ck, max_shard_bytes=shards)
         assert_loads_as(ck, model)
         assert {name: (ck / name).read_bytes() for name in mine} == mine
     assert not (ck / "model-00009-of-00012.safetensors").exists()
-    assert {f.name for f in ck.iterdir()} == {*mine, "config.json", "model.safetensors"}
+    assert (ck / "train_state" / "model-00000005.safetensors").read_bytes() == b"state"
+    assert {f.name for f in ck.iterdir()} == {
+        *mine,
+        "config.json",
+        "model.safetensors",
+        "train_state",
+    }
 
 
 @pytest.mark.parametrize("hard_links", [True, False])
