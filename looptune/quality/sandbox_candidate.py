@@ -388,9 +388,19 @@ def _describe(e):
         return "an exception that could not be described"
 
 
+def close_inherited():
+    """Close every descriptor above 2: what bwrap passed on (as root, the user namespace it
+    joined), however high its number; `close_range` makes a wide range cheap."""
+    try:
+        high = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    except (OSError, ValueError):
+        high = 0
+    os.closerange(3, max(high + 1, 1 << 16))
+
+
 def main():
     lim = json.loads(sys.argv[1])
-    os.closerange(3, 1 << 16)  # what bwrap passed on: the user namespace it joined, as root
+    close_inherited()
     set_limits(lim)
     # the protocol gets private descriptors; fd 0 reads nothing, fd 1 goes where fd 2 goes,
     # so the program's prints and os.write(1, ...) land in the output, not in the protocol
