@@ -715,3 +715,30 @@ def test_two_workers_split_one_study_and_agree(db, kind, busy):
     for t in finished:
         per_worker[t.user_attrs["worker"]] = per_worker.get(t.user_attrs["worker"], 0) + 1
     assert len(per_worker) == 2 and min(per_worker.values()) >= 4, per_worker  # split the work
+
+
+def test_a_wait_for_other_workers_is_reported_not_silent(db, monkeypatch):
+    """When only other workers' settings are left, the worker says what it waits for (once per
+    change), then ends when they do."""
+    from looptune.search.study import _Worker
+    from looptune.search.trials import StudyState
+
+    other = {SMALL.settings()[0]: None, SMALL.settings()[1]: None}
+    states = iter(
+        [
+            StudyState({}, set(), dict(other), {}, {}),
+            StudyState({}, set(), dict(other), {}, {}),  # the same two: said once
+            StudyState({}, set(), dict(list(other.items())[:1]), {}, {}),
+            StudyState({}, set(), {}, {}, {}),  # they ended (or gave up): nothing left here
+        ]
+    )
+    monkeypatch.setattr(_Worker, "_plan", lambda self: next(states))
+    monkeypatch.setattr("looptune.search.study.time.sleep", lambda s: None)
+    reports = []
+    study = optuna.create_study(storage=db, directions=["minimize"] * 3)
+    worker = _Worker(study, SMALL, Counting(), SMALL.size, reports.append, heartbeat=True)
+    worker.run()
+    assert [(r.state, r.knobs, r.detail) for r in reports] == [
+        ("waiting", None, "2 settings being measured by other workers"),
+        ("waiting", None, "1 setting being measured by other workers"),
+    ]

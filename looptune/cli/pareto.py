@@ -182,9 +182,9 @@ def _progress():
     if not console.is_terminal:
 
         def line(r):
+            head = f"trial {r.number}: {_name(r.knobs)} {r.state}" if r.knobs else r.state
             console.print(
-                f"trial {r.number}: {_name(r.knobs)} {r.state}"
-                f"{': ' + r.detail if r.detail else ''} ({r.measured}/{r.target})",
+                f"{head}{': ' + r.detail if r.detail else ''} ({r.measured}/{r.target})",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -206,7 +206,7 @@ def _progress():
                 task,
                 completed=r.measured,
                 total=r.target,
-                description=f"{_name(r.knobs)} {r.state}",
+                description=f"{_name(r.knobs)} {r.state}" if r.knobs else r.detail,
             )
 
         yield update

@@ -87,9 +87,9 @@ class Infeasible(Exception):
 class TrialReport:
     """One finished trial, for progress output."""
 
-    number: int
-    knobs: Knobs
-    state: str  # "measured", "infeasible" or "repeat" (a setting measured already)
+    number: int  # -1 for "waiting"
+    knobs: Knobs | None  # None for "waiting"
+    state: str  # "measured", "infeasible", "repeat" (a setting measured already) or "waiting"
     detail: str  # the outcome in a few words, or why it was infeasible
     measured: int  # distinct settings the study holds now (measured or infeasible)
     target: int  # distinct settings it needs
@@ -214,16 +214,25 @@ class _Worker:
 
     def run(self):
         attempts = 10 * self.target + 50  # bounds a sampler that keeps repeating itself
+        waiting_for = 0  # settings other workers hold, as last reported
         with running_here(self.run_id):
             while attempts > 0 and (state := self._plan()) is not None:
                 planned = len(state.done) + len(state.running) + len(state.queued)
                 if not state.queued and (planned >= self.target or self.target == self.space.size):
                     if not state.running:
                         return  # nothing left to try: the rest gave up (reported by collect)
+                    if len(state.running) != waiting_for and self.on_trial:  # not a silent wait
+                        waiting_for = len(state.running)
+                        self.on_trial(self._waiting(state))
                     time.sleep(POLL_S)  # other workers are measuring the last settings
                     continue
                 attempts -= 1
                 self._one_trial()
+
+    def _waiting(self, state) -> TrialReport:
+        n = len(state.running)
+        detail = f"{n} setting{'s' if n > 1 else ''} being measured by other workers"
+        return TrialReport(-1, None, "waiting", detail, len(state.done), self.target)
 
     def _plan(self):
         """Fail the trials of workers that are gone, queue what is missing (`trials.plan`);
