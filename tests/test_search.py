@@ -223,6 +223,13 @@ def test_a_full_disk_under_the_study_is_one_line_and_a_rerun_resumes(db, monkeyp
     assert failed[0].user_attrs["failure"] == "its run stopped before it ended"
 
 
+def run_python(script):
+    """A worker in its own process (to be killed, or to crash), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
 def never_wait(seconds):
     raise AssertionError(f"the study waited {seconds} s for another worker")
 
@@ -248,9 +255,7 @@ KILLED = textwrap.dedent("""
 
 def test_a_killed_workers_trial_is_retried_at_once_by_a_rerun_on_this_machine(db, monkeypatch):
     script = KILLED.format(tests=str(Path(__file__).parent), url=db, nth=3, name="killed")
-    killed = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
-    )
+    killed = run_python(script)
     assert killed.returncode == -9, killed.stderr
     lost = Knobs(**json.loads(killed.stdout))
     monkeypatch.setattr("looptune.search.study.time.sleep", never_wait)
@@ -272,15 +277,7 @@ def test_a_worker_killed_alongside_another_has_its_trial_retried_at_once_by_it(d
 
     def evaluate(knobs):
         if not killed:  # the other worker joins while this one measures, and dies in its trial
-            killed.append(
-                subprocess.run(
-                    [sys.executable, "-c", script],
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                    check=False,
-                )
-            )
+            killed.append(run_python(script))
         return synthetic(knobs)
 
     sleep = time.sleep  # subprocess.run sleeps a few ms while it waits for the other worker
@@ -448,15 +445,7 @@ def test_a_setting_that_always_kills_its_worker_is_given_up_after_its_attempts(d
     runs = []
     while not runs or runs[-1].returncode != 0:
         assert len(runs) <= MAX_ATTEMPTS, [r.stderr for r in runs]
-        runs.append(
-            subprocess.run(
-                [sys.executable, "-c", script],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-        )
+        runs.append(run_python(script))
     assert [r.returncode for r in runs] == [-9] * MAX_ATTEMPTS + [0]
     (failure,) = json.loads(runs[-1].stdout)
     assert failure["attempts"] == MAX_ATTEMPTS and failure["gave_up"]
