@@ -113,6 +113,76 @@ def test_compiled_step_reads_the_span_and_never_recompiles_as_the_length_grows()
     torch.testing.assert_close(torch.stack(out, 1), full[:, prefix:], atol=1e-5, rtol=0)
 
 
+def test_a_batch_of_one_fed_column_by_column_compiles_once():
+    """`ids[:, t]` of batch 1 has stride T (size-1 tensors count as contiguous): the runner
+    must not recompile on it, nor on int32 ids; a recompile after set-up also took the span as
+    a constant and recompiled again as it grew (three compiles, at 7B 30-40 s each)."""
+    torch._dynamo.reset()
+    model = tiny_model(num_hidden_layers=1)
+    T, prefix = 12, 3
+    ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(17))
+    with torch.no_grad():
+        full = model(ids, loops=2, window=4)
+        cache = model.new_cache(1, T, loops=2, window=4)
+        model(ids[:, :prefix], loops=2, window=4, cache=cache)
+    backend = _Compiles()
+    step, _ = make_decode_step(model, cache, "compile", backend=backend)
+    out = [step(ids[:, t] if t % 2 else ids[:, t].int()).clone() for t in range(prefix, T)]
+    assert backend.compiles == 1
+    torch.testing.assert_close(torch.stack(out, 1), full[:, prefix:], atol=1e-5, rtol=0)
+
+
+def test_one_runner_serves_a_cache_reset_and_refilled_and_refuses_a_full_one():
+    """A runner built before any prefill decodes every prompt put in its cache afterwards
+    (lengths 0, 1 and 6 here) to the last slot, without recompiling; a step past the last
+    slot is one `LooptuneError` (on a GPU it would be a device-side assert), in every runner."""
+    torch._dynamo.reset()
+    model = tiny_model(num_hidden_layers=1)
+    T = 9
+    ids = torch.randint(0, 256, (3, T), generator=torch.Generator().manual_seed(18))
+    with torch.no_grad():
+        full = model(ids, loops=3, window=4)
+    cache = model.new_cache(3, T, loops=3, window=4)
+    backend = _Compiles()
+    step, _ = make_decode_step(model, cache, "compile", backend=backend)
+    for prefix in (6, 0, 1):
+        cache.reset()
+        if prefix:
+            with torch.no_grad():
+                model(ids[:, :prefix], loops=3, window=4, cache=cache)
+        out = [step(ids[:, t]).clone() for t in range(prefix, T)]
+        torch.testing.assert_close(torch.stack(out, 1), full[:, prefix:], atol=1e-5, rtol=0)
+    assert backend.compiles == 1
+    eager, _ = make_decode_step(model, cache, "eager")
+    for full_step in (step, eager, lambda t: model.decode_step(t, cache)):
+        with pytest.raises(LooptuneError, match="the cache is full"):
+            full_step(ids[:, 0])
+    with pytest.raises(LooptuneError, match="the cache is full"):
+        make_decode_step(model, cache, "compile", backend=backend)  # set-up steps too
+    assert cache.length == T
+
+
+@pytest.mark.slow  # three compiles, 6 s; one runner's single compile is in the fast run
+def test_runners_of_one_process_reuse_compiles_across_loops_windows_and_lengths():
+    """What a profile of R = 2, 3, 2 relies on: going back to a loop count reuses its compile,
+    and after one ring of another size, the windows and cache lengths share one compile."""
+    torch._dynamo.reset()
+    model = tiny_model(num_hidden_layers=1)
+    backend = _Compiles()
+    compiles = []
+    for R, W, T in [(2, 4, 6), (3, 4, 6), (2, 4, 6), (2, 8, 30), (2, 16, 7)]:
+        ids = torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(R * T + W))
+        with torch.no_grad():
+            full = model(ids, loops=R, window=W)
+            cache = model.new_cache(2, T, loops=R, window=W)
+            model(ids[:, :3], loops=R, window=W, cache=cache)
+        step, _ = make_decode_step(model, cache, "compile", backend=backend)
+        out = torch.stack([step(ids[:, t]) for t in range(3, T)], 1)
+        torch.testing.assert_close(out, full[:, 3:], atol=1e-5, rtol=0)
+        compiles.append(backend.compiles)
+    assert compiles == [1, 2, 2, 3, 3]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_the_static_step_never_reads_a_value_on_the_host(mode):
     """What a CUDA graph needs: on the meta device (shapes, no values) any host read, a
@@ -123,8 +193,9 @@ def test_the_static_step_never_reads_a_value_on_the_host(mode):
     cache = model.new_cache(2, 32, loops=3, mode=mode)
     tokens = torch.zeros(2, dtype=torch.long, device="meta")
     with torch.no_grad():
-        for span in (None, 16):
-            assert model.decode_static(tokens, cache, span).shape == (2, model.config.vocab_size)
+        for span, exact in ((None, False), (16, False), (6, True)):  # graphs; compile
+            logits = model.decode_static(tokens, cache, span, exact)
+            assert logits.shape == (2, model.config.vocab_size)
 
 
 def test_graphs_are_refused_off_cuda_and_bad_how_is_one_line():

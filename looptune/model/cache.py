@@ -129,6 +129,15 @@ class KVCache:
             return self.max_len
         return min(self.max_len, max(16, 1 << self.length.bit_length()))
 
+    def check_room(self):
+        """Refuse a step that would write past the last slot (on a GPU an out-of-bounds write
+        is a device-side assert that ends the process's CUDA context); free when unknown."""
+        if self.length is not None and self.length >= self.max_len:
+            raise LooptuneError(
+                f"the cache is full: it holds max_len = {self.max_len} tokens; "
+                "allocate a longer one or reset() it"
+            )
+
     def stepped(self):
         """Count one decoded token on the host (after a step; the device counter moved in it)."""
         if self.length is not None:

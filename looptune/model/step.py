@@ -29,11 +29,17 @@ The logits returned by `graphs` live in the graph's static output: the next call
 them, so clone what you keep.
 
 Compile reuse: dynamo keeps compiled code per function, so every runner of one process shares
-it. The batch and cache-length dimensions and the span are dynamic, so one compile serves every
-batch size above 1, every cache size and every length held; it recompiles for a new model
-(checkpoint member), dtype, mode, loop count R or window, and once for batch 1 (dynamo
-specialises sizes of 1). Inductor's on-disk cache then makes a second process's compile of the
-same shapes cheap.
+it, and each runner compiles at most once, in set-up, never while decoding. The batch and
+cache-length dimensions and the span are dynamic, so one compile serves every batch size above
+1, every cache size and every length held, and members of one shape share it (the weights are
+inputs). It recompiles for a new architecture (shape, gate), dtype, mode or loop count R (going back to one
+already compiled, R = 2 after R = 3, reuses that one), once for batch 1 (dynamo specialises
+sizes of 1) and once for the first ring of another size (a new window, or a cache shorter than
+the window; the ring is dynamic from then on). Inductor's on-disk cache then makes a second
+process's compile of the same shapes cheap.
+
+A step past the cache's last slot raises `LooptuneError` in every runner (on a GPU the write
+would be a device-side assert).
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ def make_decode_step(
     model.fuse()
     if how == "eager":
         return _no_grad(lambda token_ids: model.decode_step(token_ids, cache)), 0.0
+    cache.check_room()  # set-up runs a step at the cache's position
     if how == "graphs":
         return _graphed(model, cache)
     return _compiled(model, cache, backend)
@@ -134,6 +141,7 @@ def _graphed(model, cache: KVCache):
     setup_ms = (time.perf_counter() - t0) * 1e3
 
     def step(token_ids):
+        cache.check_room()
         need = cache.span()  # below the first captured span only after a new prefill
         graph, logits = graphs.get(need) or graphs[spans[0]]
         tokens.copy_(token_ids)
@@ -150,12 +158,17 @@ def _compiled(model, cache: KVCache, backend: str):
     cfg.recompile_limit = max(cfg.recompile_limit, _RECOMPILE_LIMIT)
     cache.mark_dynamic()
     fn = torch.compile(model.decode_static, backend=backend)
+    # The ids go through one buffer: dynamo guards on their strides and dtype, and a column
+    # `ids[:, t]` of batch 1 is "contiguous" with stride T. A recompile after set-up would
+    # take the span as a constant, and then recompile as it grows.
+    tokens = torch.zeros(cache.batch, dtype=torch.long, device=cache.pos.device)
+    torch._dynamo.maybe_mark_dynamic(tokens, 0)
 
     def raw(token_ids):
-        torch._dynamo.maybe_mark_dynamic(token_ids, 0)
+        cache.check_room()
         exact = cache.length is not None  # known: read exactly what is held, with no mask
         span = cache.length + 1 if exact else cache.max_len
-        logits = fn(token_ids.contiguous(), cache, span, exact)  # strides are guarded too
+        logits = fn(tokens.copy_(token_ids), cache, span, exact)
         cache.stepped()
         return logits
 
@@ -168,7 +181,7 @@ def _compiled(model, cache: KVCache, backend: str):
     # with a second compile (at 7B, another 30-40 s); and a dynamic span is still guarded on as
     # it reaches max_len (the keys' slice turns contiguous): a third. An unbacked span is never
     # guarded on (`KVCache` states its bounds where it slices), so this one compile serves every
-    # span and none is left for the measured steps. A new R, mode or batch 1 is a new runner.
+    # span and none is left for the measured steps (see the module's doc for what does compile).
     with torch.compiler.config.patch(unbacked_sources=_SPAN_SOURCE):
         step(torch.zeros(cache.batch, dtype=torch.long, device=device))  # compiles
     _sync(device)
