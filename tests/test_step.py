@@ -72,10 +72,13 @@ class _Compiles:
     compiled step, the key length of each attention call: the cache slots it reads."""
 
     def __init__(self):
-        self.compiles, self.keys_read = 0, []
+        self.compiles, self.keys_read, self.unbacked = 0, [], []
 
     def __call__(self, gm, example_inputs):
+        from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
         self.compiles += 1
+        self.unbacked.append(bool(free_unbacked_symbols(example_inputs)))  # the span's kind
         for node in gm.graph.nodes:
             if node.target is F.scaled_dot_product_attention:
                 node.target = self._attend
@@ -106,6 +109,7 @@ def test_compiled_step_reads_the_span_and_never_recompiles_as_the_length_grows()
     backend = _Compiles()
     step, _ = make_decode_step(model, cache, "compile", backend=backend)
     assert backend.compiles == 1 and cache.length == prefix  # set-up compiled, then put back
+    assert backend.unbacked == [True]
     out = [step(ids[:, t]) for t in range(prefix, T)]
     assert backend.compiles == 1
     read = [max(keys) for keys in backend.keys_read[1:]]  # [0]: the set-up step
@@ -160,6 +164,30 @@ def test_one_runner_serves_a_cache_reset_and_refilled_and_refuses_a_full_one():
     with pytest.raises(LooptuneError, match="the cache is full"):
         make_decode_step(model, cache, "compile", backend=backend)  # set-up steps too
     assert cache.length == T
+
+
+def test_a_runner_set_up_without_a_count_compiles_once_more_when_it_gets_one():
+    """A runner set up on a cache whose count is unknown (the whole cache read under a mask)
+    and later refilled compiles the exact step once, its span unbacked too: not a constant
+    span that recompiles again as the length grows."""
+    torch._dynamo.reset()
+    model = tiny_model(num_hidden_layers=1)
+    T = 12
+    ids = torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(19))
+    with torch.no_grad():
+        full = model(ids, loops=2, window=4)
+        cache = model.new_cache(2, T, loops=2, window=4)
+        model(ids[:, :3], loops=2, window=4, cache=cache)
+    cache.length = None  # as after a compiled `decode_step`
+    backend = _Compiles()
+    step, _ = make_decode_step(model, cache, "compile", backend=backend)
+    whole = [step(ids[:, t]).clone() for t in range(3, 6)]
+    cache.reset()
+    with torch.no_grad():
+        model(ids[:, :6], loops=2, window=4, cache=cache)
+    exact = [step(ids[:, t]).clone() for t in range(6, T)]
+    assert backend.compiles == 2 and backend.unbacked == [True, True]
+    torch.testing.assert_close(torch.stack(whole + exact, 1), full[:, 3:], atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow  # three compiles, 6 s; one runner's single compile is in the fast run
