@@ -164,6 +164,12 @@ def test_one_runner_serves_a_cache_reset_and_refilled_and_refuses_a_full_one():
     with pytest.raises(LooptuneError, match="the cache is full"):
         make_decode_step(model, cache, "compile", backend=backend)  # set-up steps too
     assert cache.length == T
+    cache.reset()  # one id for a batch of 3 would be broadcast by the compiled step's copy
+    for runner in (step, eager):
+        for wrong in (ids[:1, 0], ids[:2, 0], ids[:, :2]):
+            with pytest.raises(LooptuneError, match=r"one id per sequence, shape \(3,\)"):
+                runner(wrong)
+    assert cache.length == 0 and backend.compiles == 1
 
 
 def test_a_runner_set_up_without_a_count_compiles_once_more_when_it_gets_one():

@@ -80,7 +80,7 @@ def make_decode_step(
         )
     model.fuse()
     if how == "eager":
-        return _no_grad(lambda token_ids: model.decode_step(token_ids, cache)), 0.0
+        return _no_grad(lambda ids: model.decode_step(_one_per_sequence(ids, cache), cache)), 0.0
     cache.check_room()  # set-up runs a step at the cache's position
     if how == "graphs":
         return _graphed(model, cache)
@@ -93,6 +93,17 @@ def _no_grad(fn):
             return fn(token_ids)
 
     return step
+
+
+def _one_per_sequence(token_ids, cache: KVCache):
+    """The ids, checked to be one per sequence: graphs and compile copy them into a buffer of
+    the cache's batch, where one id would be broadcast to every sequence without an error."""
+    if tuple(token_ids.shape) != (cache.batch,):
+        raise LooptuneError(
+            f"token_ids must hold one id per sequence, shape ({cache.batch},); "
+            f"got {tuple(token_ids.shape)}"
+        )
+    return token_ids
 
 
 def _sync(device):
@@ -144,7 +155,7 @@ def _graphed(model, cache: KVCache):
         cache.check_room()
         need = cache.span()  # below the first captured span only after a new prefill
         graph, logits = graphs.get(need) or graphs[spans[0]]
-        tokens.copy_(token_ids)
+        tokens.copy_(_one_per_sequence(token_ids, cache))
         graph.replay()
         cache.stepped()
         return logits
@@ -168,13 +179,14 @@ def _compiled(model, cache: KVCache, backend: str):
 
     def raw(token_ids):
         cache.check_room()
+        tokens.copy_(_one_per_sequence(token_ids, cache))
         exact = cache.length is not None  # known: read exactly what is held, with no mask
         span = cache.length + 1 if exact else cache.max_len
         if exact in traced:  # no config patch on the hot path (it costs ~60 us a call)
-            logits = fn(tokens.copy_(token_ids), cache, span, exact)
+            logits = fn(tokens, cache, span, exact)
         else:  # the first call of a variant compiles it
             with torch.compiler.config.patch(unbacked_sources=_SPAN_SOURCE):
-                logits = fn(tokens.copy_(token_ids), cache, span, exact)
+                logits = fn(tokens, cache, span, exact)
             traced.add(exact)
         cache.stepped()
         return logits
