@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
+from looptune.errors import LooptuneError
 from looptune.model import MODES, generate, kv_bytes
 from looptune.model.generate import sample
 
@@ -267,3 +268,12 @@ def test_state_dict_names_are_the_checkpoint_names(gate):
     assert not [k for k in keys if "wqkv" in k or "w_gate_up" in k]
     per_layer = len([k for k in keys if k.startswith("model.layers.0.")])
     assert len(keys) == 2 + 2 * per_layer  # embeddings, final norm (the head is tied)
+
+
+def test_a_prompt_of_no_tokens_is_one_clear_error():
+    model = tiny_model()
+    ids = torch.zeros((2, 0), dtype=torch.long)
+    with pytest.raises(LooptuneError, match="no tokens"):
+        model(ids, loops=2, cache=model.new_cache(2, 8, loops=2))
+    with pytest.raises(LooptuneError, match="no tokens"):
+        model(ids, loops=2)

@@ -363,9 +363,10 @@ class PLTForCausalLM(nn.Module):
     ):
         """Logits `[B, T, vocab]`; with `return_hidden`, also every loop's output `[R][B, T, d]`.
 
-        With `cache` (empty, sized for at least T), this is the prefill: the cache is left
-        holding what incremental decode needs to continue at position T.
-        """
+        With `cache` (empty, sized for at least T >= 1), this is the prefill: the cache then
+        holds what incremental decode needs to continue at T (no prefill: decode from 0)."""
+        if input_ids.shape[-1] == 0:
+            raise LooptuneError("input_ids holds no tokens (to start from none, decode at 0)")
         R, mode, W = self.knobs(loops, mode, window)
         h, loop1_kv = self.first_loop(input_ids, W)
         kvs, hidden = loop1_kv, [h]
