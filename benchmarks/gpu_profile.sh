@@ -38,8 +38,8 @@ stage "profile" 420 $LT profile "$CKPT" --loops 1,2,3,4 --mode plt,sequential --
 tail -30 "$OUT/profile.txt" | tee -a "$LOG"
 
 if [ "${PARETO:-0}" = 1 ]; then
-    stage "pareto" 900 $LT pareto "$CKPT" --budget-ms "${BUDGET_MS:-12}" --device "$DEVICE" $LENGTHS \
-        --out "$OUT/pareto.yaml" --json >"$OUT/pareto.json" 2>"$OUT/pareto.txt"
+    stage "pareto" 900 $LT pareto "$CKPT" --budget-ms "${BUDGET_MS:-12}" --device "$DEVICE" \
+        $LENGTHS --out "$OUT/pareto.yaml" --json >"$OUT/pareto.json" 2>"$OUT/pareto.txt"
     tail -30 "$OUT/pareto.txt" | tee -a "$LOG"
 fi
 log "gpu_profile: done"

@@ -4,9 +4,10 @@ the gate tensors, and everything else shared with the original.
 Shards with no tensor to rename are hard links to the original (copies across file systems),
 as are the tokenizer and remote-code files; only a shard holding a renamed tensor is
 rewritten. A later save of the original replaces its files, so the copy keeps its bytes; a tool
-that rewrites an original file in place (not looptune) would change the copy's too. Every file is staged under a temporary name and put in place only when all are
-written, config.json last (looptune.model.save.StagedFiles): a copy interrupted half-way leaves
-the directory as it was, an earlier copy still loadable. A copy goes only into a new or empty
+that rewrites an original file in place (not looptune) would change the copy's too. Every file
+is staged under a temporary name and put in place only when all are written, config.json last
+(looptune.model.save.StagedFiles): a copy interrupted half-way leaves the directory as it was,
+an earlier copy still loadable. A copy goes only into a new or empty
 directory or an earlier copy (marked by MARK, which lists the files the copy wrote): it removes
 the earlier copy's files that the new one does not write, never another model's or the user's.
 """
