@@ -270,6 +270,16 @@ class ResultCache:
         return True
 
 
+def flock_waiting(fd: int, on_wait: Callable[[], None]) -> None:
+    """Take an exclusive flock on `fd`, calling `on_wait()` first when another process holds
+    it (then waiting; Ctrl-C stops the wait)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        on_wait()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
 @contextlib.contextmanager
 def device_lock(name: str, on_wait: Callable[[str], None] | None = None):
     """Hold an exclusive lock `cache_root()/locks/NAME.lock` between processes (flock; released
@@ -285,13 +295,13 @@ def device_lock(name: str, on_wait: Callable[[str], None] | None = None):
         return
     start = time.perf_counter()
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+
+        def say_holder():
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
             if on_wait:
                 on_wait(f"waiting for {name}, held by {holder}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+
+        flock_waiting(fd, say_holder)
         waited = time.perf_counter() - start
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)

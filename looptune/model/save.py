@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
@@ -40,7 +39,7 @@ from safetensors.torch import save_file
 from looptune.errors import Interrupted, LooptuneError
 from looptune.model.arch import ARCHITECTURES, from_canonical
 from looptune.model.config import to_hf_dict
-from looptune.store import warn, write_beside
+from looptune.store import flock_waiting, warn, write_beside
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -160,11 +159,8 @@ def _lock(directory: Path) -> int | None:
     descriptor that holds it, or None where the file system has no flock."""
     fd = os.open(directory, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            warn(f"{directory}: another save into it is under way; waiting for it to end")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        said = f"{directory}: another save into it is under way; waiting for it to end"
+        flock_waiting(fd, lambda: warn(said))
     except OSError as e:
         os.close(fd)
         if e.errno in (errno.ENOLCK, errno.EBADF, errno.ENOTSUP, errno.EINVAL):
