@@ -692,6 +692,20 @@ def test_the_cpu_limit_stops_a_loop(kind):
     assert r.status == "timeout" and "CPU" in r.detail and r.seconds < 8, r
 
 
+@pytest.mark.parametrize(
+    "handler, body",
+    [
+        ("signal.SIG_IGN", "while True:\n    pass"),  # the hard limit kills it a second later
+        ("lambda *a: 1 / 0", "while True:\n    pass"),  # it answers with the handler's error
+        ("signal.SIG_IGN", "import time\nwhile time.process_time() < 1.4:\n    pass"),  # late
+    ],
+)
+def test_a_program_that_ignores_or_handles_sigxcpu_still_runs_out_of_time(kind, handler, body):
+    program = f"import signal\nsignal.signal(signal.SIGXCPU, {handler})\n" + fn(body)
+    r = check(program, kind, limits=Limits(timeout_s=10.0, cpu_s=1))
+    assert (r.status, r.detail) == ("timeout", "time limit (1 s CPU)"), r
+
+
 def test_the_wall_clock_limit_stops_a_sleep(kind):
     r = check(fn("import time\ntime.sleep(60)"), kind, limits=Limits(timeout_s=1.0, cpu_s=5))
     assert r.status == "timeout" and "wall" in r.detail and r.seconds < 8, r

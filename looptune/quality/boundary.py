@@ -30,7 +30,7 @@ Besides the namespaces, these holes are closed where the machine allows it:
 
 The tmpfs caps bytes, not files, and bubblewrap cannot set its nr_inodes: the files,
 directories and symlinks a candidate makes (about 1 KiB of kernel memory each, some 150,000 a
-second) are counted from outside instead (`sandbox._FileCount`).
+second) are counted from outside instead (`sandbox_watch`).
 
 What the probe finds still open (an old bubblewrap, a kernel that refuses the prepared
 namespace) is named in `Boundary.gaps`, which every result's `sandbox` description carries.

@@ -66,6 +66,7 @@ from typing import Self
 
 from looptune.errors import LooptuneError
 from looptune.quality.boundary import SCRUBBED_ENV, Boundary, base_python, probe
+from looptune.quality.sandbox_watch import EVERY_S, Watch
 
 KINDS = ("auto", "boundary", "tripwire")
 ENV_VAR = "LOOPTUNE_SANDBOX"
@@ -79,7 +80,7 @@ class Limits:
     file_bytes: int = 1 << 20  # RLIMIT_FSIZE: the largest file it may write, its output included
     open_files: int = 64  # RLIMIT_NOFILE
     disk_bytes: int = 16 << 20  # all it may write (the boundary's tmpfs)
-    files: int = 10_000  # the files, directories and links it may make there (`_FileCount`)
+    files: int = 10_000  # the files, directories and links it may make there (`sandbox_watch`)
 
 
 @dataclass(frozen=True)
@@ -232,8 +233,12 @@ class Sandbox:
                 os.close(to_read)
                 os.close(from_write)
             job = {"program": program, "tests": tests, "entry_point": entry_point, "call": call}
-            watch = _FileCount(candidate.pid, limits) if self.boundary else None
+            files = limits.files if self.boundary else None
+            watch = Watch(candidate.pid, files, limits.disk_bytes)
+            # its input is held open here too: having answered, it waits, its CPU time in /proc
+            stack.callback(os.close, os.dup(to_write))
             said = runner.run(nonce, job, log, to_write, from_read, limits.timeout_s, watch)
+            watch.check()  # what it used in all
             try:  # not reaped yet: its group id cannot have been reused
                 os.killpg(candidate.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -257,15 +262,17 @@ class Sandbox:
             return SandboxResult(
                 "timeout", f"time limit ({limits.timeout_s:g} s wall)", seconds, kind, output
             )
-        if said == "passed":
-            return SandboxResult("passed", "", seconds, kind, output)
-        if watch and watch.tripped:
-            return SandboxResult(
-                "failed", f"file limit ({limits.files} files)", seconds, kind, output
-            )
-        if candidate_rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):  # bwrap: 128 + the signal
+        # past its CPU limit, whether SIGXCPU ended it (bwrap: 128 + the signal) or it ignored
+        # or handled the signal and ran on, until the hard limit killed it or it answered
+        if watch.cpu_s >= limits.cpu_s or candidate_rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
             return SandboxResult(
                 "timeout", f"time limit ({limits.cpu_s} s CPU)", seconds, kind, output
+            )
+        if said == "passed":
+            return SandboxResult("passed", "", seconds, kind, output)
+        if watch.tripped:
+            return SandboxResult(
+                "failed", f"file limit ({limits.files} files)", seconds, kind, output
             )
         if out_bytes >= limits.file_bytes:
             detail = f"file size limit ({limits.file_bytes} bytes)"
@@ -316,11 +323,11 @@ class _Runner:
         to_candidate: int,
         from_candidate: int,
         timeout_s: float,
-        watch: _FileCount | None = None,
+        watch: Watch,
     ):
         """The runner's verdict on `job` ("passed" or "failed <why>"), None when it died
         without one, `_TIMED_OUT` after `timeout_s` (it is killed then). `watch` is checked
-        every `_FileCount.EVERY_S` while it waits."""
+        every `sandbox_watch.EVERY_S` while it waits."""
         job_read, job_write = os.pipe()
         try:
             socket.send_fds(
@@ -342,12 +349,12 @@ class _Runner:
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
-            self.socket.settimeout(max(min(left, _FileCount.EVERY_S) if watch else left, 1e-3))
+            self.socket.settimeout(max(min(left, EVERY_S), 1e-3))
             try:
                 said = self.socket.recv(4096).decode("utf-8", errors="replace")
                 break
             except TimeoutError:
-                if left <= _FileCount.EVERY_S or not watch:
+                if left <= EVERY_S:
                     self.kill()
                     return _TIMED_OUT
                 watch.check()
@@ -377,40 +384,6 @@ class _Runner:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-
-
-class _FileCount:
-    """Kills the candidate once its tmpfs holds more than `Limits.files` inodes: each costs
-    about 1 KiB of kernel memory that the tmpfs's size cap does not count (some 150,000 a
-    second), and bubblewrap cannot set the tmpfs's nr_inodes. Read from outside, through the
-    /proc entry of bubblewrap's child (the sandbox's pid 1), while the verdict is awaited."""
-
-    EVERY_S = 0.1
-
-    def __init__(self, bwrap_pid: int, limits: Limits):
-        self.bwrap_pid, self.limits = bwrap_pid, limits
-        self.where: str | None = None
-        self.tripped = False
-
-    def check(self) -> None:
-        if self.tripped:
-            return
-        try:
-            if self.where is None:
-                path = f"/proc/{self.bwrap_pid}/task/{self.bwrap_pid}/children"
-                with open(path) as f:
-                    self.where = f"/proc/{f.read().split()[0]}/root/sandbox"
-            fs = os.statvfs(self.where)
-        except (OSError, IndexError):  # not set up yet, or already gone
-            return
-        if fs.f_blocks * fs.f_frsize != self.limits.disk_bytes:  # not its tmpfs (yet)
-            return
-        if fs.f_files - fs.f_ffree > self.limits.files:
-            self.tripped = True
-            try:  # not reaped yet: its group id cannot have been reused
-                os.killpg(self.bwrap_pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 def _tail(f, n: int = 1000) -> str:
