@@ -191,6 +191,23 @@ def test_sglang_refuses_gated_loops_and_force_records_it(tmp_path):
     assert export(one, "--to", "sglang", "--out", tmp_path / "s1").exit_code == 0
 
 
+def test_a_refusal_names_the_way_past_it_as_the_caller_spells_it(tmp_path):
+    """The command speaks of its flags, the library of its parameters."""
+    from looptune.export.serving import ExportRefused, export_profile
+
+    ckpt, prof = loop_profile(tmp_path)
+    ckpt.rename(tmp_path / "elsewhere")  # moved: and so its context is unknown too
+    refused = export(prof, "--to", "vllm", "--out", tmp_path / "v")
+    assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert refused.stderr.rstrip().endswith("(and 1 more; --force writes anyway)")
+    forced = export(prof, "--to", "vllm", "--out", tmp_path / "v", "--force")
+    assert forced.exit_code == 0 and "unknown; give --max-model-len\n" in forced.stderr
+    with pytest.raises(ExportRefused, match=r"\(and 1 more; force writes anyway\)$"):
+        export_profile(read_profile(prof), prof, "vllm", tmp_path / "w")
+    done = export_profile(read_profile(prof), prof, "vllm", tmp_path / "w", force=True)
+    assert done.forced[1].endswith("unknown; give max_model_len")
+
+
 def test_the_bundled_profile_needs_the_plt_fork(tmp_path):
     """LoopCoder-V2 (IQuestPLTCoderForCausalLM) is registered only by the vLLM fork."""
     for engine in ("vllm", "sglang", "hf"):

@@ -152,6 +152,11 @@ def export(
         max_concurrency=max_concurrency,
         write_weights=write_weights,
         force=force,
+        names={
+            "force": "--force",
+            "write_weights": "--write-weights",
+            "max_model_len": "--max-model-len",
+        },
     )
     for problem in result.forced:
         console.print(f"forced past: {problem}", soft_wrap=True, highlight=False)

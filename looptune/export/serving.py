@@ -89,8 +89,11 @@ def export_profile(
     max_concurrency=None,
     write_weights: bool = False,
     force: bool = False,
+    names: dict[str, str] | None = None,
 ) -> Export:
-    """Write `to`'s config for `profile` into directory `out`; see the module docstring."""
+    """Write `to`'s config for `profile` into directory `out`; see the module docstring.
+    `names` says how the messages call the parameters (the CLI passes its flags)."""
+    said = _Names(names or {})
     if to not in TARGETS:
         raise LooptuneError(f"target must be one of {', '.join(TARGETS)}, got {to!r}")
     for name, value in (("max_model_len", max_model_len), ("max_concurrency", max_concurrency)):
@@ -106,11 +109,11 @@ def export_profile(
     except ProfileError as e:
         problems.append(str(e))
     keys = _check_target(result, profile, model, problems)
-    renames = _check_gates(result, profile, model, write_weights, problems)
-    _shape(result, profile, model, max_model_len, max_concurrency, problems)
+    renames = _check_gates(result, profile, model, write_weights, problems, said)
+    _shape(result, profile, model, max_model_len, max_concurrency, problems, said)
     if problems and not force:
         more = f"and {len(problems) - 1} more; " if len(problems) > 1 else ""
-        more = f" ({more}force writes anyway)"
+        more = f" ({more}{said['force']} writes anyway)"
         raise ExportRefused(problems[0] + more)
     result.forced = problems
     result.notes += list(result.target.caveats)
@@ -135,6 +138,13 @@ def export_profile(
             raise LooptuneError(f"{result.out}: cannot write the export ({reason})") from None
         raise
     return result
+
+
+class _Names(dict):
+    """A parameter's name as the caller spells it: its own unless the caller said otherwise."""
+
+    def __missing__(self, key: str) -> str:
+        return key
 
 
 def _first_missing(path: Path) -> Path | None:
@@ -189,7 +199,12 @@ def _check_target(result: Export, profile: Profile, model: _Model, problems: lis
 
 
 def _check_gates(
-    result: Export, profile: Profile, model: _Model, write_weights: bool, problems: list
+    result: Export,
+    profile: Profile,
+    model: _Model,
+    write_weights: bool,
+    problems: list,
+    said: _Names,
 ) -> dict:
     """Can the target load the stored gate tensors? Returns the renames that make it load them."""
     from looptune.model.arch import ARCHITECTURES, detect_spelling, from_canonical, to_canonical
@@ -221,8 +236,7 @@ def _check_gates(
         problems.append(
             f"{target.name}'s loader skips the gate tensors as stored "
             f"({stored.prefix.format(i=0)}.*); renaming them to "
-            f"{want.prefix.format(i=0)}.* is all it takes (write_weights, "
-            "--write-weights on the command line)"
+            f"{want.prefix.format(i=0)}.* is all it takes ({said['write_weights']})"
         )
     else:
         result.notes.append(
@@ -232,13 +246,20 @@ def _check_gates(
 
 
 def _shape(
-    result: Export, profile: Profile, model: _Model, max_model_len, max_concurrency, problems: list
+    result: Export,
+    profile: Profile,
+    model: _Model,
+    max_model_len,
+    max_concurrency,
+    problems: list,
+    said: _Names,
 ) -> None:
     """The deployment's context and concurrency (never the benchmark's prompt length)."""
     limit = model.cfg.max_position_embeddings if model.cfg is not None else None
     if max_model_len is not None and limit is not None and max_model_len > limit:
         raise LooptuneError(
-            f"max_model_len {max_model_len} exceeds the model's max_position_embeddings ({limit})"
+            f"{said['max_model_len']} {max_model_len} exceeds the model's "
+            f"max_position_embeddings ({limit})"
         )
     if max_model_len is not None:
         result.context, result.context_from = max_model_len, "as given"
@@ -247,7 +268,7 @@ def _shape(
     else:
         problems.append(
             f"{model.path}: the model is not there, so its context length is "
-            "unknown; give max_model_len"
+            f"unknown; give {said['max_model_len']}"
         )
     result.concurrency = max_concurrency or profile.knobs.batch
 
