@@ -191,6 +191,46 @@ def test_interrupted_trial_is_not_a_result_and_a_rerun_measures_exactly_the_rest
     assert len(rerun) == 4 and len(set(rerun)) == 4 and interrupted in rerun
 
 
+def test_an_interrupt_is_no_attempt_however_often_a_setting_is_interrupted(db):
+    """Ctrl-C during one setting, run after run: every rerun measures it again (never given up
+    as failed), keeps what was measured, and the first uninterrupted run completes the grid."""
+    bad, stop = Knobs("a", 2, 16, "float32"), [True]
+    evaluate = Counting(fail=lambda k: KeyboardInterrupt() if k == bad and stop[0] else None)
+    for run in range(1, MAX_ATTEMPTS + 2):
+        with pytest.raises(Interrupted):
+            run_study(SMALL, evaluate, 100, db, "ctrl-c-again")
+        assert evaluate.calls.count(bad) == run
+    assert len(set(evaluate.calls)) == 8  # the other seven were measured once, and kept
+    stop[0] = False
+    record = run_study(SMALL, evaluate, 100, db, "ctrl-c-again")
+    assert len(record.outcomes) == 8 and not record.failed
+    assert len(evaluate.calls) == 7 + MAX_ATTEMPTS + 2
+
+
+def test_an_interrupt_while_the_trial_is_stored_is_no_attempt_either(db, monkeypatch):
+    """Ctrl-C after the measurement, while Optuna writes the trial: it is failed as interrupted
+    (not left running for the next run to take for a dead worker's, which counts)."""
+    from optuna.storages import RDBStorage
+
+    evaluate, tell = Counting(), RDBStorage.set_trial_state_values
+
+    def interrupted_on_the_third(self, trial_id, state, values=None):
+        if state == TrialState.COMPLETE and len(evaluate.calls) == 3:
+            raise KeyboardInterrupt
+        return tell(self, trial_id, state, values)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RDBStorage, "set_trial_state_values", interrupted_on_the_third)
+        with pytest.raises(Interrupted):
+            run_study(SMALL, evaluate, 100, db, "ctrl-c-tell")
+    study = optuna.load_study(study_name="ctrl-c-tell", storage=db)
+    (failed,) = study.get_trials(states=[TrialState.FAIL])
+    assert failed.user_attrs["failure"] == trials.INTERRUPTED
+    assert not study.get_trials(states=[TrialState.RUNNING])
+    record = run_study(SMALL, evaluate, 100, db, "ctrl-c-tell")
+    assert len(record.outcomes) == 8 and not record.failed and len(evaluate.calls) == 9
+
+
 def test_a_full_disk_under_the_study_is_one_line_and_a_rerun_resumes(db, monkeypatch):
     import sqlite3
 

@@ -40,6 +40,7 @@ from looptune.search.choice import Knobs, Outcome
 from looptune.search.identity import describe_change, plain
 from looptune.search.storage import one_line, open_storage, storage_error
 from looptune.search.trials import (
+    INTERRUPTED,
     StudyRecord,
     collect,
     fail_abandoned,
@@ -177,10 +178,12 @@ def run_study(
         study = open_study(storage, name, space, trials, seed, identity, fresh)
         heartbeat = isinstance(storage, RDBStorage)
         target = min(trials, space.size)
+        worker = _Worker(study, space, evaluate, target, on_trial, heartbeat)
         try:
-            _Worker(study, space, evaluate, target, on_trial, heartbeat).run()
+            worker.run()
             return collect(study)
         except KeyboardInterrupt:  # say what is kept, not what one measurement had done
+            _fail_interrupted(study, worker.trial)
             raise Interrupted(_kept(study, target)) from None
         except Exception as e:
             cause = storage_error(e)
@@ -192,12 +195,35 @@ def run_study(
             ) from None
 
 
+def _fail_interrupted(study, trial) -> None:
+    """Fail this worker's trial as interrupted if the interrupt left it running (it came while
+    Optuna stored the trial, not while it was measured): an interrupt is never an attempt."""
+    if trial is None:
+        return
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, SQLAlchemyError):
+        if study._storage.get_trial(trial._trial_id).state != optuna.trial.TrialState.RUNNING:
+            return
+        study._storage.set_trial_user_attr(trial._trial_id, "failure", INTERRUPTED)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+
+
 def _kept(study, target: int) -> str:
     try:
         done = len(read_state(study).done)
     except (SQLAlchemyError, OSError):  # the storage went away too: the rerun will know
         return "a rerun measures what is missing"
     return f"{done} of {target} settings measured and kept; a rerun measures the rest"
+
+
+def _interrupt_behind(e: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the exceptions that led to `e`."""
+    seen = []
+    while e is not None and e not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.append(e)
+        e = e.__cause__ if e.__cause__ is not None or e.__suppress_context__ else e.__context__
+    return False
 
 
 class _Worker:
@@ -211,6 +237,7 @@ class _Worker:
         # A study made to be sampled that is now to cover its grid (a larger `trials`).
         self.unplanned = target == space.size and study.user_attrs.get("planned") != "grid"
         self.report: TrialReport | None = None
+        self.trial: optuna.Trial | None = None  # the trial this worker measures now
 
     def run(self):
         attempts = 10 * self.target + 50  # bounds a sampler that keeps repeating itself
@@ -247,10 +274,16 @@ class _Worker:
         self.report = None
         try:
             self.study.optimize(self._objective, n_trials=1, catch=())
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as e:
+        except Exception as e:
+            if _interrupt_behind(e):
+                # A Ctrl-C while Optuna stored the trial: Optuna 5.0's `_run_trial` then fails
+                # in its `finally` on a variable the interrupt left unset (UnboundLocalError).
+                raise KeyboardInterrupt from None
             # Two workers popped one queued trial (SQLite cannot lock the row) and the other
             # finished it first: its result stands, and this worker goes on.
-            if isinstance(e, ValueError) and not str(e).startswith("Cannot tell a"):
+            if not isinstance(e, optuna.exceptions.UpdateFinishedTrialError) and not (
+                isinstance(e, ValueError) and str(e).startswith("Cannot tell a")
+            ):
                 raise
             return
         if self.on_trial and self.report:
@@ -258,7 +291,15 @@ class _Worker:
             self.on_trial(dataclasses.replace(self.report, measured=measured))
 
     def _objective(self, trial: optuna.Trial):
-        mark_worker(trial, self.run_id)
+        self.trial = trial
+        try:
+            mark_worker(trial, self.run_id)
+            return self._measure(trial)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM (the CLI turns it into one line, 130)
+            trial.set_user_attr("failure", INTERRUPTED)  # not an attempt: retried freely
+            raise
+
+    def _measure(self, trial: optuna.Trial):
         knobs = Knobs(**{k: trial.suggest_categorical(k, v) for k, v in self.space.grid().items()})
 
         def report(state, detail=""):
@@ -275,8 +316,7 @@ class _Worker:
             trial.set_user_attr("infeasible", str(e))
             report("infeasible", str(e))
             raise optuna.TrialPruned(str(e)) from None
-        except KeyboardInterrupt:  # Ctrl-C, SIGTERM (the CLI turns it into one line, 130)
-            trial.set_user_attr("failure", "interrupted")
+        except KeyboardInterrupt:
             raise
         except BaseException as e:
             trial.set_user_attr("failure", one_line(e))

@@ -1,8 +1,9 @@
 """A study's trials as plain data, and its queue: what is retried, re-measured or given up.
 
-- A setting whose trial failed (interrupted, crashed, its worker killed) is enqueued again by the
-  next plan, up to MAX_ATTEMPTS attempts; the reason of each failure is kept on its trial and a
-  setting that used up its attempts is reported, never dropped silently.
+- A setting whose trial failed (crashed, its worker killed) is enqueued again by the next plan,
+  up to MAX_ATTEMPTS attempts; the reason of each failure is kept on its trial and a setting
+  that used up its attempts is reported, never dropped silently. An interrupted trial (Ctrl-C,
+  SIGTERM) is no attempt: the setting did not fail, and it is enqueued again without limit.
 - A setting measured under interference is measured again by a later run, up to MAX_ATTEMPTS.
 - A running trial whose worker is gone is failed (and so retried) at once when the worker ran
   on this machine, or earlier in this process (its run ended when the storage failed); a worker
@@ -25,6 +26,8 @@ from optuna.trial import TrialState
 from looptune.search.choice import Knobs, Outcome
 
 MAX_ATTEMPTS = 3  # failed trials of one setting before the study gives it up
+INTERRUPTED = "interrupted"  # a failed trial's reason when it was stopped, not failing
+NO_HEARTBEAT = "its worker stopped (no heartbeat)"
 PROC = Path("/proc")
 _RUNS_HERE: set[str] = set()  # the runs of this process in progress (see `running_here`)
 
@@ -71,7 +74,7 @@ class Failure:
     """A setting not measured yet because its trials failed; retried while attempts remain."""
 
     knobs: Knobs
-    attempts: int
+    attempts: int  # failed trials, interrupted ones not counted
     reason: str  # of the last failure
     gave_up: bool  # MAX_ATTEMPTS used: it will not be retried
 
@@ -102,7 +105,7 @@ class StudyState:
     done: dict  # Knobs -> FrozenTrial (measured or infeasible)
     queued: set  # Knobs or partial-params tuples of WAITING trials
     running: dict  # Knobs (or partial params) -> FrozenTrial
-    failures: dict  # Knobs -> [reason, ...] of its FAIL trials, oldest first
+    failures: dict  # Knobs -> its FAIL trials, oldest first
     flagged: dict  # Knobs -> its complete trials measured under interference
 
 
@@ -128,14 +131,23 @@ def read_state(study) -> StudyState:
         elif (k := knobs_of(params)) is None:
             continue
         elif t.state == TrialState.FAIL:
-            reason = t.user_attrs.get("failure", "its worker stopped (no heartbeat)")
-            s.failures.setdefault(k, []).append(reason)
+            s.failures.setdefault(k, []).append(t)
         elif not t.user_attrs.get("repeat"):
             if flagged(t):
                 s.flagged.setdefault(k, []).append(t)
             if k not in s.done or flagged(s.done[k]):  # a clean measurement wins, else the last
                 s.done[k] = t
     return s
+
+
+def reason(t) -> str:
+    """Why the failed trial `t` failed."""
+    return t.user_attrs.get("failure", NO_HEARTBEAT)
+
+
+def attempts(failed: list) -> int:
+    """The failed trials that count against a setting: an interrupted one is no attempt."""
+    return sum(reason(t) != INTERRUPTED for t in failed)
 
 
 def flagged(t) -> bool:
@@ -219,13 +231,14 @@ def fail_abandoned(study, heartbeat: bool) -> None:
     this machine at once, another machine's once its heartbeat is stale. Without heartbeats (a
     memory storage, this process's own) a trial running between two trials is abandoned."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        reason = _abandoned(t) if heartbeat else "interrupted"
-        if reason is None:
+        why = _abandoned(t) if heartbeat else INTERRUPTED
+        if why is None:
             continue
-        try:
-            study._storage.set_trial_user_attr(t._trial_id, "failure", reason)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker failed it first
+        if t.user_attrs.get("failure") != INTERRUPTED:  # its worker said so before it ended
+            try:
+                study._storage.set_trial_user_attr(t._trial_id, "failure", why)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker failed it first
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
     if heartbeat:
         with warnings.catch_warnings():
@@ -242,10 +255,12 @@ def plan(study, settings: list[Knobs] | None, target: int, earlier: set[int]) ->
     state = read_state(study)
     busy = state.queued | set(state.running)
     for knobs in settings if settings is not None else list(state.failures):
-        tried = len(state.failures.get(knobs, []))
-        if knobs not in state.done and knobs not in busy and tried < MAX_ATTEMPTS:
-            study.enqueue_trial(vars(knobs).copy(), user_attrs={"attempt": tried + 1})
-            state.queued.add(knobs)
+        failed = state.failures.get(knobs, [])
+        tried = attempts(failed)
+        if knobs in state.done or knobs in busy or tried >= MAX_ATTEMPTS:
+            continue
+        replaces = f"retry:{failed[-1].number}" if failed else f"fill:{sorted(vars(knobs).items())}"
+        _enqueue(study, state, knobs, replaces, {"attempt": tried + 1})
     redo = {
         k
         for k, ts in state.flagged.items()
@@ -254,11 +269,16 @@ def plan(study, settings: list[Knobs] | None, target: int, earlier: set[int]) ->
         and all(t.number in earlier for t in ts)
     }
     for knobs in redo - busy - state.queued:
-        study.enqueue_trial(vars(knobs).copy(), user_attrs={"remeasure": True})
-        state.queued.add(knobs)
+        replaces = f"remeasure:{state.done[knobs].number}"
+        _enqueue(study, state, knobs, replaces, {"remeasure": True})
     if len(state.done) >= target and not redo & (state.queued | set(state.running)):
         return None
     return state
+
+
+def _enqueue(study, state: StudyState, knobs: Knobs, replaces: str, attrs: dict) -> None:
+    study.enqueue_trial(vars(knobs).copy(), user_attrs=attrs)
+    state.queued.add(knobs)
 
 
 def collect(study) -> StudyRecord:
@@ -274,8 +294,8 @@ def collect(study) -> StudyRecord:
                 {"knobs": vars(knobs).copy(), "reason": t.user_attrs.get("infeasible", "")}
             )
     failed = [
-        Failure(k, len(r), r[-1], len(r) >= MAX_ATTEMPTS)
-        for k, r in state.failures.items()
+        Failure(k, attempts(ts), reason(ts[-1]), attempts(ts) >= MAX_ATTEMPTS)
+        for k, ts in state.failures.items()
         if k not in state.done and k not in state.running
     ]
     return StudyRecord(
