@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from search_synthetic import SMALL, SPACE, synthetic
 
 from looptune.errors import Interrupted, LooptuneError
-from looptune.search import trials
+from looptune.search import storage, trials
 from looptune.search.choice import (
     Budgets,
     Knobs,
@@ -340,6 +340,67 @@ def test_a_worker_killed_alongside_another_has_its_trial_retried_at_once_by_it(d
     assert failed.user_attrs["failure"].startswith("its worker (process ")
 
 
+PLANNER = textwrap.dedent("""
+    import sys, time
+    import optuna
+    from looptune.search import storage, trials
+
+    read_state = trials.read_state
+
+    def slow_read(study):  # a storage far away: the read and the write are 0.3 s apart
+        state = read_state(study)
+        time.sleep(0.3)
+        return state
+
+    trials.read_state = slow_read
+    study = optuna.load_study(study_name=sys.argv[2], storage=sys.argv[1])
+    time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # all three plan at once
+    trials.fail_abandoned(study, heartbeat=True)
+    trials.plan(study, None, 8, set())
+""")
+
+
+def test_three_workers_queue_a_killed_workers_retry_exactly_once(db):
+    """Three live workers on one SQLite storage notice one killed worker's trial at the same
+    moment: each fails it, plans, and the retry is queued once (the claim is the database's)."""
+    script = KILLED.format(tests=str(Path(__file__).parent), url=db, nth=3, name="three")
+    killed = run_python(script)
+    assert killed.returncode == -9, killed.stderr
+    lost = Knobs(**json.loads(killed.stdout))
+    start = time.time() + 3  # after the three have imported optuna and loaded the study
+    planners = [
+        subprocess.Popen([sys.executable, "-c", PLANNER, db, "three", str(start)], text=True)
+        for _ in range(3)
+    ]
+    assert [p.wait(timeout=120) for p in planners] == [0, 0, 0]
+    study = optuna.load_study(study_name="three", storage=db)
+    same = [t for t in study.get_trials() if Knobs(**t.system_attrs["fixed_params"]) == lost]
+    assert sorted(t.state.name for t in same) == ["FAIL", "WAITING"]
+    (retry,) = [t for t in same if t.state == TrialState.WAITING]
+    assert retry.user_attrs["attempt"] == 2
+
+
+@pytest.mark.parametrize("claimer", ["gone", "alive"])
+def test_a_retry_claimed_by_a_worker_that_died_before_queuing_it_is_queued_by_another(db, claimer):
+    """The claim and the queueing are two writes: a worker killed between them leaves a claim
+    and no retry, which the next plan takes over; a live claimer's is left to it."""
+    bad = Knobs("a", 2, 16, "float32")
+    evaluate = Counting(fail=lambda k: RuntimeError("flaky") if k == bad else None)
+    with pytest.raises(RuntimeError):
+        run_study(SMALL, evaluate, 100, db, "orphan")
+    study = optuna.load_study(study_name="orphan", storage=db)
+    (failed,) = study.get_trials(states=[TrialState.FAIL])
+    parent = os.getppid()
+    pid, start = (dead_pid(), 1) if claimer == "gone" else (parent, trials.started(parent))
+    assert storage.claim(
+        study, f"looptune:retry:{failed.number}", {"process": [trials.MACHINE, pid, start]}
+    )
+    trials.plan(study, None, 8, set())
+    waiting = study.get_trials(states=[TrialState.WAITING])
+    retries = [t for t in waiting if Knobs(**t.system_attrs["fixed_params"]) == bad]
+    assert len(retries) == (1 if claimer == "gone" else 0)
+
+
 def running_trial(db, process):
     """A study whose one trial is RUNNING, said to be run by `process` (as `mark_worker` says)."""
     study = optuna.create_study(storage=db, directions=["minimize"] * 3)
@@ -394,7 +455,7 @@ def test_another_users_worker_hidden_from_proc_is_not_taken_for_gone(db, monkeyp
 FORKED = textwrap.dedent("""
     import multiprocessing, sys, time
     import optuna
-    from looptune.search import trials
+    from looptune.search import storage, trials
 
     def worker(url, ready):  # a pool's worker, forked: alive while its trial runs
         study = optuna.load_study(study_name="forked", storage=url)

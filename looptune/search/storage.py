@@ -7,6 +7,7 @@ heartbeat per running trial, so the trial of a worker killed on another machine 
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 
@@ -45,6 +46,33 @@ def open_storage(url: str | None, attempts: int = 5):
                 continue
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LooptuneError(f"cannot open study storage {redact(url)}: {first}") from None
+
+
+def claim(study, key: str, value) -> bool:
+    """Record `key` (with `value`) in the study unless some worker recorded it first: True for
+    exactly one caller however many workers race, on any machine. In a database it is a plain
+    INSERT into Optuna's study attributes, whose (study, key) pair is unique: the database lets
+    one through and refuses the rest (Optuna's own `set_study_system_attr` would overwrite, and
+    a read before the write cannot lock rows in SQLite). Memory storage serves one process."""
+    storage = study._storage
+    storage = getattr(storage, "_backend", storage)  # Optuna wraps RDBStorage in a cache
+    study_id = study._study_id
+    if not isinstance(storage, RDBStorage):
+        if key in storage.get_study_system_attrs(study_id):
+            return False
+        storage.set_study_system_attr(study_id, key, value)
+        return True
+    from optuna.storages._rdb.models import StudySystemAttributeModel
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    row = {"study_id": study_id, "key": key, "value_json": json.dumps(value)}
+    try:
+        with storage.engine.begin() as connection:
+            connection.execute(insert(StudySystemAttributeModel).values(**row))
+    except IntegrityError:
+        return False
+    return True
 
 
 def redact(url: str | None) -> str:

@@ -5,6 +5,8 @@
   that used up its attempts is reported, never dropped silently. An interrupted trial (Ctrl-C,
   SIGTERM) is no attempt: the setting did not fail, and it is enqueued again without limit.
 - A setting measured under interference is measured again by a later run, up to MAX_ATTEMPTS.
+- Every entry a plan adds to the queue is claimed first (`storage.claim`, keyed by the trial it
+  replaces), so however many workers plan at once, each retry is queued exactly once.
 - A running trial whose worker is gone is failed (and so retried) at once when the worker ran
   on this machine, or earlier in this process (its run ended when the storage failed); a worker
   on another machine is known to be gone only by its missing heartbeat (`storage.GRACE_S`).
@@ -24,6 +26,7 @@ import optuna
 from optuna.trial import TrialState
 
 from looptune.search.choice import Knobs, Outcome
+from looptune.search.storage import claim
 
 MAX_ATTEMPTS = 3  # failed trials of one setting before the study gives it up
 INTERRUPTED = "interrupted"  # a failed trial's reason when it was stopped, not failing
@@ -251,7 +254,8 @@ def plan(study, settings: list[Knobs] | None, target: int, earlier: set[int]) ->
     sampled before that now covers its grid) and the re-measurements of the settings measured
     under interference by the `earlier` trials (`measured_earlier` when this run began: a worker
     running alongside on this machine flags its results as this one would, and measuring them
-    again would only double the work); None when the study is complete."""
+    again would only double the work); None when the study is complete. Each is queued by the
+    one worker that claims it (`storage.claim`)."""
     state = read_state(study)
     busy = state.queued | set(state.running)
     for knobs in settings if settings is not None else list(state.failures):
@@ -277,8 +281,38 @@ def plan(study, settings: list[Knobs] | None, target: int, earlier: set[int]) ->
 
 
 def _enqueue(study, state: StudyState, knobs: Knobs, replaces: str, attrs: dict) -> None:
-    study.enqueue_trial(vars(knobs).copy(), user_attrs=attrs)
+    """Queue `knobs` unless another worker claimed `replaces` first (it queues them). A claim
+    whose worker died before it queued (it is gone, and nothing of `knobs` waits or runs) is
+    taken over under the next key, so a retry is never lost either."""
+    key, me = f"looptune:{replaces}", [MACHINE, *this_process()]
+    while not claim(study, key, {"process": me}):
+        holder = study._storage.get_study_system_attrs(study._study_id).get(key, {}).get("process")
+        if not _gone(holder) or _waiting_or_running(study, knobs):
+            break
+        key += "+"
+    else:
+        study.enqueue_trial(vars(knobs).copy(), user_attrs=attrs)
     state.queued.add(knobs)
+
+
+def _gone(process) -> bool:
+    """Whether `process` ([machine, pid, start], as `mark_worker` records it) is known to have
+    ended: a process of this machine that no longer runs, or this one (which claims and queues
+    in one go, so a claim of its own left unqueued is from a run that stopped)."""
+    if not isinstance(process, list) or len(process) != 3 or MACHINE is None:
+        return False
+    machine, pid, start = process
+    if machine != MACHINE or not isinstance(pid, int) or pid <= 0 or not isinstance(start, int):
+        return False
+    return (pid, start) == this_process() or not _runs(pid, start)
+
+
+def _waiting_or_running(study, knobs: Knobs) -> bool:
+    unfinished = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+    return any(
+        knobs_of({**t.system_attrs.get("fixed_params", {}), **t.params}) == knobs
+        for t in unfinished
+    )
 
 
 def collect(study) -> StudyRecord:
