@@ -1,6 +1,7 @@
 """Ctrl-C and SIGTERM: one line, exit 130, nothing interrupted kept (a real `looptune profile`
 in a subprocess, signalled while it measures), and the same ending for every command."""
 
+import json
 import os
 import signal
 import subprocess
@@ -177,3 +178,51 @@ def test_an_interrupt_while_the_arguments_are_parsed_is_one_line_and_130(monkeyp
     monkeypatch.setattr("typer.core.TyperGroup.parse_args", interrupted)
     result = runner.invoke(app, ["profile", "--loops", "1"])
     assert result.exit_code == 130 and result.stderr == "interrupted\n"
+
+
+ENDING = """
+import atexit, os, signal, sys, time
+import typer
+from looptune.cli import app, main
+from looptune.cli.app import emit_json
+
+
+def ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(2)  # interrupted long before this ends, or not at all
+
+
+class CtrlCWhenFreed:
+    def __del__(self):
+        ctrl_c()
+
+
+@app.command()
+def done(ctx: typer.Context):
+    emit_json({{"done": True}})
+    {point}
+
+
+sys.argv = ["looptune", "done"]
+main()
+"""
+AT_THE_END = {  # where, after the command's work, the Ctrl-C comes
+    "its output": "ctrl_c()",
+    "typer's ending": "ctx.find_root().call_on_close(ctrl_c)",
+    "an exit function": "atexit.register(ctrl_c)",  # as torch's are
+    # in the interpreter's teardown, where Python has handed SIGINT back to the kernel
+    "the teardown": "sys.modules['looptune'].freed_last = CtrlCWhenFreed()",
+}
+
+
+@pytest.mark.parametrize("point", list(AT_THE_END))
+def test_an_interrupt_after_the_command_is_one_line_and_130(point):
+    code = ENDING.format(point=AT_THE_END[point])
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert json.loads(proc.stdout) == {"done": True}  # written whole before the Ctrl-C
+    if point == "the teardown":  # never reached: the process ends before it, as it was
+        assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    else:
+        assert (proc.returncode, proc.stderr) == (130, "interrupted\n"), proc.stderr

@@ -4,6 +4,8 @@ Each module registers its commands on `app`; they are imported in the order `--h
 which follows the workflow: make or train a model, measure it, search, explain, deploy.
 """
 
+import atexit
+import os
 import signal
 import sys
 import threading
@@ -37,14 +39,52 @@ if _loading:
 
 
 def main():
-    from looptune.cli.app import raise_interrupt
+    from looptune.cli.app import INTERRUPT_SAID, raise_interrupt, say_interrupted
 
+    INTERRUPT_SAID.clear()
+    ending = {}
+    atexit.register(_end, ending)  # the first exit function, so the last to run
     signal.signal(signal.SIGTERM, raise_interrupt)  # from the start, as Ctrl-C is
     try:
-        app()
+        try:
+            app()
+        finally:  # the command is over: from here a Ctrl-C ends the process at once
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, _interrupted_at_the_end)
     except KeyboardInterrupt:  # outside a command (typer building it): as inside one
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        say_interrupted()
+        ending["code"] = 130
+    except SystemExit as e:
+        if e.code == 130 and not INTERRUPT_SAID.is_set():  # typer's, after the command
+            say_interrupted()
+        ending["code"] = e.code if isinstance(e.code, int) else int(e.code is not None)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    raise SystemExit(ending["code"])
+
+
+def _interrupted_at_the_end(signum, frame):
+    """A Ctrl-C or SIGTERM once the command is over (writing its output, or the exit functions
+    of the libraries it used): nothing of the command is left to stop, so one line, and 130."""
+    from looptune.cli.app import INTERRUPT_SAID
+
+    if not INTERRUPT_SAID.is_set():
+        os.write(2, b"interrupted\n")  # not print: the signal may come in the middle of one
+    os._exit(130)
+
+
+def _end(ending: dict) -> None:
+    """Exit once the other exit functions ran, skipping the interpreter's own teardown: in it
+    Python gives SIGINT back to the kernel's default, so a Ctrl-C there killed the process
+    (status -2) with no word, and torch's teardown takes a while."""
+    if "code" not in ending:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can go out
+            pass
+    os._exit(ending["code"])
 
 
 __all__ = ["app", "main"]

@@ -28,6 +28,15 @@ def raise_interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM ends a command exactly as Ctrl-C does
 
 
+INTERRUPT_SAID = threading.Event()  # `main` says it where typer ended with 130 alone
+
+
+def say_interrupted(detail: str = "") -> None:
+    """The one line an interrupt ends with."""
+    print(f"interrupted: {detail}" if detail else "interrupted", file=sys.stderr)
+    INTERRUPT_SAID.set()
+
+
 def _usage_error(e: UsageError):
     """A bad option or argument: one line and exit 2, not typer's boxed message."""
     where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
@@ -47,7 +56,7 @@ class _Group(TyperGroup):
         except UsageError as e:
             _usage_error(e)
         except KeyboardInterrupt:  # typer would end with 130 and not a word
-            print("interrupted", file=sys.stderr)
+            say_interrupted()
             raise typer.Exit(130) from None
 
     def invoke(self, ctx):
@@ -68,7 +77,7 @@ class _Group(TyperGroup):
             if main_thread:  # a second Ctrl-C must not turn the last line into a traceback
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+            say_interrupted(str(e))
             raise typer.Exit(130) from None
         finally:
             if main_thread:
