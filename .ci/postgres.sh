@@ -7,7 +7,9 @@ set -u
 bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 user=$(id -un)
 [ "$(id -u)" = 0 ] && user=postgres  # the server refuses to run as root
-as_user() { if [ "$user" = "$(id -un)" ]; then "$@"; else su -s /bin/sh "$user" -c "$(printf '%q ' "$@")"; fi; }
+as_user() {
+  if [ "$user" = "$(id -un)" ]; then "$@"; else su -s /bin/sh "$user" -c "$(printf '%q ' "$@")"; fi
+}
 
 if [ "${1:-}" = stop ]; then
   [ -n "$bin" ] && as_user "$bin/pg_ctl" -D "$2/db" -m fast stop >/dev/null 2>&1

@@ -275,6 +275,9 @@ def family_card(doc: dict, out: Path) -> str:
     )
     total_wall = sum(m_["wall_s"] for m_ in members.values())
     es = doc["eval_sample"]
+    each = train_command(out, 1, r["tokens"], 1)
+    each = each.replace("--loops 1", "--loops R").replace("plt-r1", "plt-rR")
+    # a line of the card ending in a backslash goes on in the next: one line of the card
     return f"""# The bundled PLT code-model family
 
 Four byte-level Parallel Loop Transformers trained by `looptune train` on the CPython standard
@@ -283,27 +286,38 @@ budget, schedule and seed). `plt-r2` is the default model of every looptune comm
 
 | | |
 |---|---|
-| shape (preset `{r["preset"]}`) | d={cfg.hidden_size}, layers={cfg.num_hidden_layers}, heads={cfg.num_attention_heads}/{cfg.num_key_value_heads} kv, d_h={cfg.head_dim}, mlp={cfg.intermediate_size}, G-SWA window W={cfg.window}, byte vocabulary, tied embeddings |
-| data | CPython {m.get("python")} `Lib/` `.py` files without test suites and generated files, split by file; manifest sha256 `{doc["manifest_sha256"]}` |
-| budget | {r["tokens"]:,} tokens each ({members["plt-r1"]["steps"]} steps of {r["batch_size"]} x {r["context"]} bytes) |
-| schedule | AdamW (0.9, 0.95), peak lr {r["lr"]}, 5% linear warm-up, cosine to 0.1 x lr, weight decay 0.1, grad clip 1.0, seed {r["seed"]} |
+| shape (preset `{r["preset"]}`) | d={cfg.hidden_size}, layers={cfg.num_hidden_layers}, \
+heads={cfg.num_attention_heads}/{cfg.num_key_value_heads} kv, d_h={cfg.head_dim}, \
+mlp={cfg.intermediate_size}, G-SWA window W={cfg.window}, byte vocabulary, tied embeddings |
+| data | CPython {m.get("python")} `Lib/` `.py` files without test suites and generated files, \
+split by file; manifest sha256 `{doc["manifest_sha256"]}` |
+| budget | {r["tokens"]:,} tokens each \
+({members["plt-r1"]["steps"]} steps of {r["batch_size"]} x {r["context"]} bytes) |
+| schedule | AdamW (0.9, 0.95), peak lr {r["lr"]}, 5% linear warm-up, cosine to 0.1 x lr, \
+weight decay 0.1, grad clip 1.0, seed {r["seed"]} |
 | loss | the `plt` forward, next-byte cross-entropy on the last loop only |
 | stored | bfloat16 safetensors |
-| machine | {m.get("cpu")}, {m.get("torch_threads")} torch threads, shared with other work, `nice -n 19`; torch {m.get("torch")} |
-| wall time | {total_wall / 60:.1f} min summed over the members (they ran side by side, one thread each) |
+| machine | {m.get("cpu")}, {m.get("torch_threads")} torch threads, shared with other work, \
+`nice -n 19`; torch {m.get("torch")} |
+| wall time | {total_wall / 60:.1f} min summed over the members \
+(they ran side by side, one thread each) |
 
 ## Held-out bits per byte
 
-Scored on the evaluation sample of the held-out files (`looptune/data/heldout/`, {es["heldout_bytes"]:,}
-bytes in all): whole lines from the middle of each of the {es["files"]} files, about {es["per_file"]} bytes
+Scored on the evaluation sample of the held-out files \
+(`looptune/data/heldout/`, {es["heldout_bytes"]:,}
+bytes in all): whole lines from the middle of each of the {es["files"]} files, \
+about {es["per_file"]} bytes
 each, {es["bytes"]:,} bytes in total (the full held-out set is too slow to score at R = 4 on
 a CPU sixteen times over). Windows of {doc["context"]} bytes (the training context), stride
 {doc["stride"]}; the weights as stored (bf16) loaded by `load_model` in float32. Columns R=1..4
 run each member at that loop count; the bold number is its trained R. The "full held-out"
 column scores every byte of all {es["files"]} held-out files, at the member's own R only
-(`bundle --full-heldout`; "-" where not run). The difference to the baseline is taken on the evaluation sample.
+(`bundle --full-heldout`; "-" where not run). The difference to the baseline is taken on the \
+evaluation sample.
 
-| member | trained R | at own R | full held-out, own R | R=1 | R=2 | R=3 | R=4 | beats n-gram order 3 (difference)? | train wall (min) |
+| member | trained R | at own R | full held-out, own R | R=1 | R=2 | R=3 | R=4 \
+| beats n-gram order 3 (difference)? | train wall (min) |
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
@@ -321,14 +335,17 @@ The order-3 model is the baseline this family must beat; order 5 is shown for sc
 ## Reproduce
 
 ```
-nice -n 19 python -m looptune.train.family train {out} --tokens {r["tokens"]} --loops 4,1 --threads 1 &
-nice -n 19 python -m looptune.train.family train {out} --tokens {r["tokens"]} --loops 3,2 --threads 1 &
+nice -n 19 python -m looptune.train.family train {out} \
+--tokens {r["tokens"]} --loops 4,1 --threads 1 &
+nice -n 19 python -m looptune.train.family train {out} \
+--tokens {r["tokens"]} --loops 3,2 --threads 1 &
 wait; python -m looptune.train.family bundle {out}
 ```
 
 Both are resumable: rerun the same lines after an interruption. Each member is
-`{train_command(out, 1, r["tokens"], 1).replace("--loops 1", "--loops R").replace("plt-r1", "plt-rR")}`.
-The tests check each member against `family.json` on the first {CHECK_FILES} files of the evaluation sample.
+`{each}`.
+The tests check each member against `family.json` on the first {CHECK_FILES} files of the \
+evaluation sample.
 """
 
 
