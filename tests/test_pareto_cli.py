@@ -219,21 +219,34 @@ def test_export_force_says_it_cannot_write_past_a_malformed_profile(family, tmp_
     assert "Never past a profile that cannot be read (a malformed knob)" in shown.output
 
 
-def test_interference_is_flagged_in_table_json_and_profile(family, tmp_path, monkeypatch):
+def test_a_busy_machine_is_said_once_and_recorded_in_table_json_and_profile(
+    family, tmp_path, monkeypatch
+):
+    """Every measurement flagged, run after run: one line says so (the second run, whose one
+    re-measurement was flagged again, that the machine is still busy), the choice says it was
+    measured under load, and the profile records it."""
     from looptune.measure.interference import Limits
 
     monkeypatch.setattr(Limits, "from_env", classmethod(lambda cls: cls(0.0, 0.0, 0.0, 0.0)))
-    table = pareto(family, tmp_path, "--budget-ms", "1000", loops="1", members=("plt-r1",))
-    assert table.exit_code == 0, table.stderr
-    assert "busy" in table.stderr and "measured under interference" in table.stderr
-    doc = json.loads(
-        pareto(
-            family, tmp_path, "--budget-ms", "1000", "--json", loops="1", members=("plt-r1",)
-        ).stdout
+    first = pareto(family, tmp_path, "--budget-ms", "1000", loops="1,2", members=("plt-r1",))
+    assert first.exit_code == 0, first.stderr
+    (said,) = [line for line in first.stderr.splitlines() if line.startswith("busy: ")]
+    assert said.startswith("busy: 2 of 2 settings were measured while the machine was busy")
+    (choice,) = [line for line in first.stderr.splitlines() if line.startswith("choice: ")]
+    assert "ms/token (measured under load); profile written to" in choice
+    again = pareto(
+        family, tmp_path, "--budget-ms", "1000", "--json", loops="1,2", members=("plt-r1",)
     )
+    (said,) = [line for line in again.stderr.splitlines() if line.startswith("busy: ")]
+    assert said.startswith("busy: the machine is still busy (")
+    doc = json.loads(again.stdout)
+    assert doc["measurements"]["latency"] == 1  # one setting measured again, not both
     assert doc["recommendation"]["interference"]
+    assert doc["measured_under_load"]["settings"] == 2 and doc["measured_under_load"]["still_busy"]
     profile = yaml.safe_load((tmp_path / "p.yaml").read_text())
-    assert profile["pareto_set"][0]["interference"] == doc["recommendation"]["interference"]
+    under_load = profile["study"]["measured_under_load"]
+    assert under_load["choice"] == doc["recommendation"]["interference"]
+    assert under_load["settings"] == under_load["of"] == 2
 
 
 def test_nothing_fits_exits_3(family, tmp_path):

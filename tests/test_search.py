@@ -585,6 +585,38 @@ def test_interference_flagged_setting_is_measured_again_by_the_next_run(db):
     assert clean.interference is None and clean.latency_ms == synthetic(busy).latency_ms
 
 
+def test_a_machine_busy_run_after_run_costs_one_measurement_a_run_not_the_whole_grid(db):
+    """Every result flagged, run after run: a rerun measures one setting again, finds it
+    flagged again, says the machine is still busy and stops (it re-measured all eight, three
+    runs running); each setting keeps its fastest flagged measurement; the first run on an
+    idle machine measures them all again."""
+    load = [True]
+
+    def evaluate(knobs):
+        o = synthetic(knobs)
+        if load[0]:  # the later, the busier: a slower latency each time
+            o.latency_ms, o.interference = o.latency_ms * (2 + len(calls)), "load"
+        calls.append(knobs)
+        return o
+
+    calls = []
+    first = run_study(SMALL, evaluate, 100, db, "always-busy")
+    assert len(calls) == 8 and not first.still_busy
+    assert all(o.interference == "load" for o in first.outcomes)
+    for run in (2, 3):
+        again = run_study(SMALL, evaluate, 100, db, "always-busy")
+        assert len(calls) == 8 + run - 1 and again.still_busy
+        assert {o.knobs: o.latency_ms for o in again.outcomes} == {
+            o.knobs: o.latency_ms for o in first.outcomes
+        }  # the fastest of each setting's flagged measurements
+    load[0] = False
+    idle = run_study(SMALL, evaluate, 100, db, "always-busy")
+    assert len(calls) == 10 + 8 and not idle.still_busy
+    assert {o.knobs: o.latency_ms for o in idle.outcomes} == {
+        k: synthetic(k).latency_ms for k in SMALL.settings()
+    }
+
+
 @pytest.mark.parametrize("url", ["study.log", "runs/study.db"])
 def test_a_storage_path_that_is_no_database_url_is_refused_saying_what_to_give(url):
     from looptune.search.storage import open_storage

@@ -168,6 +168,7 @@ def pareto(
     problem = write_outputs(result, budgets, work, out, plot, ("--out", "--plot"))
     if json_out:
         emit_json(result.to_dict())
+        _say_busy(result)
     else:
         _print(result, work)
     if problem:
@@ -212,6 +213,29 @@ def _progress():
         yield update
 
 
+def _say_busy(result):
+    """One line when latencies were measured under load (with --json too: it is a warning)."""
+    busy = result.under_load()
+    if not busy["settings"]:
+        return
+    if busy["still_busy"]:
+        said = (
+            f"the machine is still busy ({', '.join(busy['reasons'])}): a measurement taken "
+            f"again was flagged again, so {busy['settings']} of {busy['of']} settings keep"
+        )
+    else:
+        said = (
+            f"{busy['settings']} of {busy['of']} settings were measured while the machine "
+            f"was busy ({', '.join(busy['reasons'])}), and keep"
+        )
+    console.print(
+        f"[yellow]busy[/]: {said} latencies marked as measured under load (table, --json, "
+        "profile); a run on an idle machine measures them again",
+        highlight=False,
+        soft_wrap=True,  # one line, whatever the width
+    )
+
+
 def _name(knobs) -> str:
     return f"{Path(knobs.checkpoint).name} R={knobs.loops} W={knobs.window} {knobs.dtype}" + (
         " compiled" if knobs.compile else ""
@@ -251,13 +275,6 @@ def _print(result, work):
             mark,
         )
     console.print(table)
-    for o in result.front:
-        if o.interference:
-            console.print(
-                f"[yellow]busy[/]: {_name(o.knobs)} was measured under interference "
-                f"({o.interference}); the next run measures it again",
-                highlight=False,
-            )
     m = result.measured
     console.print(
         f"study {result.study_name!r} in {result.storage}: {result.trials} trials over a "
@@ -274,10 +291,14 @@ def _print(result, work):
             f"attempt(s), last: {f.reason}; {then}",
             highlight=False,
         )
+    _say_busy(result)
     if best is not None:
         console.print(
             f"[bold]choice[/]: {_name(best.knobs)} -> {best.quality:.4f} quality, "
-            f"{best.latency_ms:.3f} ms/token; profile "
+            f"{best.latency_ms:.3f} ms/token"
+            + (" (measured under load)" if best.interference else "")
+            + "; profile "
             + (f"written to {result.profile_path}" if result.profile_path else "not written"),
             highlight=False,
+            soft_wrap=True,
         )

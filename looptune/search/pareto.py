@@ -163,8 +163,23 @@ class ParetoResult:
     grid_size: int
     measured: dict
     failed: list[Failure] = field(default_factory=list)  # settings not measured (see study.py)
+    still_busy: bool = False  # this run measured again what was measured under load: so again
     profile: Profile | None = None  # the deployable profile of the choice
     profile_path: Path | None = None  # where it was written, if anywhere
+
+    def under_load(self) -> dict:
+        """How many of the outcomes were measured under interference, why, and whether this
+        run found the machine still busy; the choice's own flag is on the choice."""
+        flagged = [o for o in self.outcomes if o.interference]
+        reasons = sorted({r for o in flagged for r in o.interference.split(", ")})
+        best = self.choice.best
+        return {
+            "settings": len(flagged),
+            "of": len(self.outcomes),
+            "reasons": reasons,
+            "choice": best.interference if best else None,
+            "still_busy": self.still_busy,
+        }
 
     def to_dict(self) -> dict:
         best, miss = self.choice.best, self.choice.nearest_miss
@@ -176,6 +191,7 @@ class ParetoResult:
             "outcomes": [o.to_dict() for o in self.outcomes],
             "infeasible": self.infeasible,
             "failed": [f.to_dict() for f in self.failed],
+            "measured_under_load": self.under_load(),
             "study": self.study_name,
             "storage": self.storage,
             "trials": self.trials,
@@ -295,6 +311,7 @@ def run_pareto(
         space.size,
         getattr(evaluate, "measured", {}),
         record.failed,
+        record.still_busy,
     )
     if choice.best is not None:
         result.profile = build_profile(
@@ -391,6 +408,8 @@ def build_profile(
             "trials": result.trials,
             "grid_size": result.grid_size,
             "measurements": result.measured,
+            # Latencies taken while the machine was busy are never to pass for clean ones.
+            "measured_under_load": result.under_load(),
         },
     )
 

@@ -181,7 +181,7 @@ def run_study(
         worker = _Worker(study, space, evaluate, target, on_trial, heartbeat)
         try:
             worker.run()
-            return collect(study)
+            return dataclasses.replace(collect(study), still_busy=worker.still_busy)
         except KeyboardInterrupt:  # say what is kept, not what one measurement had done
             _fail_interrupted(study, worker.trial)
             raise Interrupted(_kept(study, target)) from None
@@ -238,6 +238,10 @@ class _Worker:
         self.unplanned = target == space.size and study.user_attrs.get("planned") != "grid"
         self.report: TrialReport | None = None
         self.trial: optuna.Trial | None = None  # the trial this worker measures now
+        # Whether this run's latest measurement was taken under interference (None: none yet),
+        # and whether a re-measurement of one so taken was too: the machine stays busy.
+        self.busy: bool | None = None
+        self.still_busy = False
 
     def run(self):
         attempts = 10 * self.target + 50  # bounds a sampler that keeps repeating itself
@@ -268,7 +272,11 @@ class _Worker:
         settings = self.space.settings() if self.unplanned else None
         if self.earlier is None:
             self.earlier = measured_earlier(self.study)
-        return plan(self.study, settings, self.target, self.earlier)
+        # Re-measure what earlier runs measured under load only while it helps: one first,
+        # the rest once a measurement of this run came out clean, none while they come out
+        # flagged (the machine is still busy: each would be flagged again, at full cost).
+        remeasure = {None: 1, False: None, True: 0}[self.busy]
+        return plan(self.study, settings, self.target, self.earlier, remeasure)
 
     def _one_trial(self):
         self.report = None
@@ -322,6 +330,8 @@ class _Worker:
             trial.set_user_attr("failure", one_line(e))
             raise
         outcome.trial = trial.number
+        self.busy = bool(outcome.interference)
+        self.still_busy |= self.busy and bool(trial.user_attrs.get("remeasure"))
         trial.set_user_attr("outcome", outcome.to_dict())
         report("measured", f"quality {outcome.quality:.4f}, {outcome.latency_ms:.3f} ms")
         return outcome.values

@@ -4,7 +4,9 @@
   up to MAX_ATTEMPTS attempts; the reason of each failure is kept on its trial and a setting
   that used up its attempts is reported, never dropped silently. An interrupted trial (Ctrl-C,
   SIGTERM) is no attempt: the setting did not fail, and it is enqueued again without limit.
-- A setting measured under interference is measured again by a later run, up to MAX_ATTEMPTS.
+- A setting measured under interference is measured again by a later run, not by the run that
+  measured it (`measured_earlier`), and only while re-measuring helps: a run whose own
+  measurements come out flagged too finds the machine still busy, and stops (see `plan`).
 - Every entry a plan adds to the queue is claimed first (`storage.claim`, keyed by the trial it
   replaces), so however many workers plan at once, each retry is queued exactly once.
 - A running trial whose worker is gone is failed (and so retried) at once when the worker ran
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import warnings
@@ -99,6 +102,7 @@ class StudyRecord:
     infeasible: list[dict]  # {"knobs", "reason"} of settings that cannot run
     failed: list[Failure] = field(default_factory=list)
     trials: int = 0  # trials in the storage, repeats and failures included
+    still_busy: bool = False  # this run measured again what was measured under load: so again
 
 
 @dataclass
@@ -138,7 +142,7 @@ def read_state(study) -> StudyState:
         elif not t.user_attrs.get("repeat"):
             if flagged(t):
                 s.flagged.setdefault(k, []).append(t)
-            if k not in s.done or flagged(s.done[k]):  # a clean measurement wins, else the last
+            if k not in s.done or _better(t, s.done[k]):
                 s.done[k] = t
     return s
 
@@ -151,6 +155,18 @@ def reason(t) -> str:
 def attempts(failed: list) -> int:
     """The failed trials that count against a setting: an interrupted one is no attempt."""
     return sum(reason(t) != INTERRUPTED for t in failed)
+
+
+def _better(t, than) -> bool:
+    """A clean measurement wins; else the fastest measured under interference (interference
+    only ever slows a run down, so the fastest is the nearest to the truth)."""
+    if not flagged(than):
+        return False
+    return not flagged(t) or _latency(t) < _latency(than)
+
+
+def _latency(t) -> float:
+    return t.user_attrs["outcome"]["latency_ms"]
 
 
 def flagged(t) -> bool:
@@ -242,20 +258,27 @@ def fail_abandoned(study, heartbeat: bool) -> None:
                 study._storage.set_trial_user_attr(t._trial_id, "failure", why)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker failed it first
-        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)  # or now
     if heartbeat:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
 
 
-def plan(study, settings: list[Knobs] | None, target: int, earlier: set[int]) -> StudyState | None:
+def plan(
+    study,
+    settings: list[Knobs] | None,
+    target: int,
+    earlier: set[int],
+    remeasure: int | None = None,
+) -> StudyState | None:
     """Queue the retries of failed settings (and every missing one of `settings`, for a study
-    sampled before that now covers its grid) and the re-measurements of the settings measured
-    under interference by the `earlier` trials (`measured_earlier` when this run began: a worker
-    running alongside on this machine flags its results as this one would, and measuring them
-    again would only double the work); None when the study is complete. Each is queued by the
-    one worker that claims it (`storage.claim`)."""
+    sampled before that now covers its grid) and up to `remeasure` (None: all) re-measurements
+    of the settings measured under interference by the `earlier` trials (`measured_earlier`
+    when this run began: a worker running alongside on this machine flags its results as this
+    one would, and measuring them again would only double the work); None when the study is
+    complete. Each is queued by the one worker that claims it (`storage.claim`)."""
     state = read_state(study)
     busy = state.queued | set(state.running)
     for knobs in settings if settings is not None else list(state.failures):
@@ -265,19 +288,22 @@ def plan(study, settings: list[Knobs] | None, target: int, earlier: set[int]) ->
             continue
         replaces = f"retry:{failed[-1].number}" if failed else f"fill:{sorted(vars(knobs).items())}"
         _enqueue(study, state, knobs, replaces, {"attempt": tried + 1})
-    redo = {
-        k
-        for k, ts in state.flagged.items()
-        if flagged(state.done[k])
-        and len(ts) < MAX_ATTEMPTS
-        and all(t.number in earlier for t in ts)
-    }
-    for knobs in redo - busy - state.queued:
-        replaces = f"remeasure:{state.done[knobs].number}"
+    redo = remeasurable(state, earlier)
+    for knobs in sorted(redo - busy - state.queued, key=str)[:remeasure]:
+        replaces = f"remeasure:{state.flagged[knobs][-1].number}"
         _enqueue(study, state, knobs, replaces, {"remeasure": True})
     if len(state.done) >= target and not redo & (state.queued | set(state.running)):
         return None
     return state
+
+
+def remeasurable(state: StudyState, earlier: set[int]) -> set[Knobs]:
+    """The settings whose every measurement was flagged, all taken by `earlier` trials."""
+    return {
+        k
+        for k, ts in state.flagged.items()
+        if flagged(state.done[k]) and all(t.number in earlier for t in ts)
+    }
 
 
 def _enqueue(study, state: StudyState, knobs: Knobs, replaces: str, attrs: dict) -> None:
