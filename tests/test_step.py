@@ -97,7 +97,8 @@ class _Compiles:
 
 def test_compiled_step_reads_the_span_and_never_recompiles_as_the_length_grows():
     """The compiled step costs what the length needs, not the cache size: it reads exactly
-    the tokens held plus the new one (6, 7, ..., 70), from one compile made in set-up."""
+    the tokens held plus the new one (6, 7, ..., 70) and the ring, from one compile made in
+    set-up."""
     torch._dynamo.reset()
     model = tiny_model(num_hidden_layers=1)  # one layer: the trace is what this test waits on
     T, prefix = 70, 5
@@ -113,7 +114,8 @@ def test_compiled_step_reads_the_span_and_never_recompiles_as_the_length_grows()
     out = [step(ids[:, t]) for t in range(prefix, T)]
     assert backend.compiles == 1
     read = [max(keys) for keys in backend.keys_read[1:]]  # [0]: the set-up step
-    assert read == list(range(prefix + 1, T + 1))
+    ring = 4  # the one ring of R = 2 (W = 4) is read in the same call, before loop 1's keys
+    assert read == [ring + n for n in range(prefix + 1, T + 1)]
     torch.testing.assert_close(torch.stack(out, 1), full[:, prefix:], atol=1e-5, rtol=0)
 
 

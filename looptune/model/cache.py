@@ -3,17 +3,20 @@
 Shapes are fixed at construction (gpt-fast style) and the position is a 0-d tensor, so a decode
 step can be captured by `torch.compile` or a CUDA graph without recompiling per position.
 
-- `full_k/v[layer][g]` `[B, H_kv, S, d_h]`: full-length caches, G = 1 group (loop 1, the shared
-  global cache of `plt` / `plt-noshift`) or G = R (`sequential`, one per loop).
-- `ring_k/v[layer]` `[B, H_kv, (R-1) W', d_h]`, W' = min(W, S): the local-branch keys of loops
-  2..R side by side, loop r's position p in slot (r-2) W' + p % W' (`plt` / `plt-noshift` only).
-  One block per layer lets all local rows of a step attend in one call under a block-diagonal
-  mask.
+- `k[layer][g]`, `v[layer][g]`: the keys and values of one layer, G = 1 group in `plt` /
+  `plt-noshift`, G = R in `sequential` (one full-length cache per loop).
+  - `plt` / `plt-noshift`: `[B, H_kv, (R-1) W' + S, d_h]`, W' = min(W, S). The local-branch
+    rings of loops 2..R come first, side by side (loop r's position p in slot
+    (r-2) W' + p % W'), then loop 1's full-length cache (position p in slot (R-1) W' + p), the
+    G-SWA global branch. So a step reads one prefix of one tensor, and a G-SWA row's global
+    and local branches are two query rows of one attention call, each under its own mask.
+  - `sequential`: `[B, H_kv, S, d_h]` per loop.
 - `carry` `[R-1, B, d]`: n(h_r) of the previous position for r < R (`plt` only, the CLP shift).
 
-Each layer (and group) has a tensor of its own, not a view into one: a compiled step then
-writes the new token in place, where a view of a shared tensor made inductor copy the whole
-cache at every step (functionalised writes into a view are not put back in place).
+Each layer (and group) has a tensor of its own, not a view into one, and writes go to that
+tensor by index: a compiled step then writes the new token in place, where a write into a view
+made inductor copy the whole cache at every step (functionalised writes into a view are not put
+back in place).
 
 A decode step calls `begin_step()` once; it makes the write indices and the additive attention
 masks (0 where a key may be seen, -inf where not) that every layer then reuses.
@@ -57,9 +60,10 @@ class KVCache:
     """The decode state of `batch` sequences; it owns the loop-to-slot mapping.
 
     Loops are numbered from 0 here (loop 0 is the architecture doc's loop 1). A decode step
-    asks for what a loop needs by loop number and never sees a slot index:
-    `write_full` / `full` for the rows that attend causally over a full-length cache (loop 0,
-    and every loop in `sequential`), `write_local` / `local` for the G-SWA rows' own window.
+    hands over the new token's keys of a pass's loops with `write` and gets what their rows
+    attend over with `keys`; it never sees a slot index. A pass's first `causal_rows(loops)`
+    rows attend causally over a full-length cache (loop 0, and every loop in `sequential`), the
+    rest are G-SWA rows, which `keys` expects twice: once for each branch.
     """
 
     def __init__(
@@ -79,21 +83,25 @@ class KVCache:
                 f"max_position_embeddings ({cfg.max_position_embeddings})"
             )
         self.mode, self.loops, self.window = mode, loops, window
+        # The step reads R as this tuple's length: dynamo makes an int that changed between
+        # compiles a symbol, but keeps a tuple's length a constant, so each R keeps a compile
+        # of its own (its rows, passes and masks are Python structure).
+        self.loop_ids = tuple(range(loops))
         self.batch, self.max_len = batch, max_len
         L, H_kv, d_h = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         self.dtype = dtype
+        self.heads_per_kv = cfg.num_attention_heads // H_kv
         groups = loops if mode == "sequential" else 1
         rings = self.rings = loops - 1 if mode != "sequential" else 0
         self.ring_len = W = min(window, max_len)
+        self.full_at = off = rings * W  # slot of position 0 in the full-length cache
 
         def zeros(*shape):
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        full, ring = (batch, H_kv, max_len, d_h), (batch, H_kv, rings * W, d_h)
-        self.full_k = [[zeros(*full) for _ in range(groups)] for _ in range(L)]
-        self.full_v = [[zeros(*full) for _ in range(groups)] for _ in range(L)]
-        self.ring_k = [zeros(*ring) for _ in range(L)]
-        self.ring_v = [zeros(*ring) for _ in range(L)]
+        shape = (batch, H_kv, off + max_len, d_h)
+        self.k = [[zeros(*shape) for _ in range(groups)] for _ in range(L)]
+        self.v = [[zeros(*shape) for _ in range(groups)] for _ in range(L)]
         carries = loops - 1 if mode == "plt" else 0
         self.carry = zeros(carries, batch, cfg.hidden_size)
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # next position to write
@@ -101,17 +109,40 @@ class KVCache:
         # when unknown (after a compiled `decode_step`): steps then read the whole cache.
         # Kept by `filled`, `reset`, `PLTForCausalLM.decode_step` and the runners in step.py.
         self.length: int | None = 0
-        self._full_slots = torch.arange(max_len, device=device)
-        self._ring_slots = torch.arange(rings * W, device=device) % W  # position mod W' per slot
-        self._ring_base = torch.arange(rings, device=device) * W  # first slot of each loop's block
-        block = torch.arange(rings * W, device=device) // W
-        self._ring_blocks = torch.arange(rings, device=device)[:, None] == block  # [R-1, (R-1) W']
+        slots = torch.arange(off + max_len, device=device)
+        self._slots = slots
+        # the position a slot holds once written, mod W' in the rings: written iff <= pos
+        self._slot_pos = torch.where(slots < off, slots % W, slots - off)
+        self._ring_base = torch.arange(rings, device=device) * W  # first slot of each ring
+        self._pass_mask = self._pass_masks()
         self.begin_step()
 
+    def _pass_masks(self) -> dict[int, torch.Tensor]:
+        """Per pass with G-SWA rows (by its first loop), the additive mask of which slots each
+        query row may see once they are written: its global rows (every loop of the pass) see
+        loop 0's full-length cache, then its local rows each their own ring. Stacked per head
+        as `attend_step` stacks the rows, `[H / H_kv * rows, slots]`, and allocated with the
+        row stride a multiple of 16 (the alignment CUDA's masked attention kernels want)."""
+        if not self.rings:
+            return {}
+        starts = [0] if self.mode == "plt" else range(1, self.loops)  # plt: all R in one pass
+        slots, out = self._slots, {}
+        width = -(-len(slots) // 16) * 16
+        for start in starts:
+            stop = self.loops if self.mode == "plt" else start + 1
+            local = range(max(start, 1), stop)
+            lo = [self.full_at] * (stop - start) + [(r - 1) * self.ring_len for r in local]
+            hi = [len(slots)] * (stop - start) + [r * self.ring_len for r in local]
+            lo, hi = (torch.tensor(x, device=slots.device)[:, None] for x in (lo, hi))
+            mask = torch.full((len(lo), width), float("-inf"), dtype=self.dtype)
+            mask = mask.to(slots.device).repeat(self.heads_per_kv, 1)[:, : len(slots)]
+            mask.masked_fill_(((slots >= lo) & (slots < hi)).repeat(self.heads_per_kv, 1), 0)
+            out[start] = mask
+        return out
+
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor of decode state: the full caches, the rings and the carry."""
-        full = [t for per_layer in self.full_k + self.full_v for t in per_layer]
-        return full + self.ring_k + self.ring_v + [self.carry]
+        """Every tensor of decode state: the keys and values of every layer, and the carry."""
+        return [t for per_layer in self.k + self.v for t in per_layer] + [self.carry]
 
     def nbytes(self) -> int:
         """Bytes this cache really holds (`tensors()`; not the position counter)."""
@@ -146,13 +177,14 @@ class KVCache:
     def mark_dynamic(self):
         """Tell `torch.compile` that batch and length vary, so one compile serves every cache
         of this mode, R and window (`maybe_`: a size of 1 stays specialised, without an error)."""
-        for t in self.tensors()[:-1]:  # [B, H_kv, S or (R-1) W', d_h]
+        for t in self.tensors()[:-1]:  # [B, H_kv, (R-1) W' + S, d_h]
             torch._dynamo.maybe_mark_dynamic(t, 0)
-        for per_layer in self.full_k + self.full_v:
-            for t in per_layer:
-                torch._dynamo.maybe_mark_dynamic(t, 2)
+            torch._dynamo.maybe_mark_dynamic(t, 2)
         torch._dynamo.maybe_mark_dynamic(self.carry, 1)
-        torch._dynamo.maybe_mark_dynamic(self._full_slots, 0)
+        torch._dynamo.maybe_mark_dynamic(self._slots, 0)
+        torch._dynamo.maybe_mark_dynamic(self._slot_pos, 0)
+        for mask in self._pass_mask.values():
+            torch._dynamo.maybe_mark_dynamic(mask, 1)
 
     # ----- decode-time access, position = self.pos -----
 
@@ -161,25 +193,40 @@ class KVCache:
         masks (0 where a key may be seen, -inf where not). Shapes never depend on `pos`.
 
         The full caches are read over their first `span` slots (None: all). `exact`: they end at
-        the new token (span = tokens held + 1, known on the host: the eager step), so every key
-        may be seen and no mask is made; fixed-shape steps read a longer span under a mask.
+        the new token (span = tokens held + 1, known on the host: the eager step), so a pass
+        with no G-SWA rows needs no mask; fixed-shape steps read a longer span under a mask.
         """
-        zero = torch.zeros((), dtype=self.dtype, device=self.pos.device)
-        blocked = torch.full((), float("-inf"), dtype=self.dtype, device=self.pos.device)
         self._span = span
+        end = None if span is None else self.full_at + span  # slots read: [0, end)
         if span is not None and torch.compiler.is_compiling():
-            torch._check(span >= 1)  # (and below span <= S): see `_first`
-            torch._check(span <= self._full_slots.shape[0])
-        self._full_at = self.pos.view(1)
-        self._full_mask = None
+            torch._check(span >= 1)  # (and below end <= slots): see `_read`
+            torch._check(self.full_at >= 0)  # a symbol too, once windows share a compile
+            torch._check(end <= self._slot_pos.shape[0])
+        full_at = self.full_at + self.pos.view(1)
+        self._write_at, self._mask, self._full_mask = {0: full_at}, {}, None
+        # The eager step knows the position (span - 1): its span ends at the new token, and
+        # past the first W' tokens every ring slot is written too; then no mask needs an update.
+        written = exact and (
+            not self._pass_mask or (not torch.compiler.is_compiling() and span >= self.ring_len)
+        )
+        unwritten = None  # [end]: -inf at the slots not written yet (the new token's is)
+        if not written:
+            zero = torch.zeros((), dtype=self.dtype, device=self.pos.device)
+            blocked = torch.full((), float("-inf"), dtype=self.dtype, device=self.pos.device)
+            unwritten = torch.where(self._slot_pos[:end] <= self.pos, zero, blocked)
         if not exact:
-            seen = self._full_slots[:span] <= self.pos
-            self._full_mask = torch.where(seen, zero, blocked)[None]  # [1, span]
-        if self.rings:
-            self._ring_at = self._ring_base + self.pos % self.ring_len  # [R-1]
-            # loop r sees its own block, and there only the slots written so far
-            seen = self._ring_blocks & (self._ring_slots <= self.pos)
-            self._ring_mask = torch.where(seen, zero, blocked)  # [R-1, (R-1) W']
+            self._full_mask = unwritten[None, self.full_at :]  # [1, span]
+        if not self._pass_mask:  # (not `rings`: an int may turn symbolic when compiled)
+            return
+        ring_at = self._ring_base + self.pos % self.ring_len  # [R-1]
+        for start, mask in self._pass_mask.items():
+            if span is not None and torch.compiler.is_compiling():
+                torch._check(end <= mask.shape[1])
+            mask = mask[:, :end]  # [H / H_kv * rows, end]
+            self._mask[start] = mask if written else mask + unwritten
+            self._write_at[start] = (
+                ring_at[start - 1 : start] if start else torch.cat((full_at, ring_at))
+            )
 
     def causal_rows(self, loops: range) -> int:
         """How many of `loops` (the rows of one step, in order) attend causally over a full
@@ -191,43 +238,36 @@ class KVCache:
     def _group(self, loop: int) -> int:
         return loop if self.mode == "sequential" else 0
 
-    def write_full(self, layer: int, loop: int, k, v):  # k [B, H_kv, 1, d_h]
-        """Store loop `loop`'s keys and values of the new token in its full-length cache."""
-        g = self._group(loop)
-        self.full_k[layer][g].index_copy_(2, self._full_at, k)
-        self.full_v[layer][g].index_copy_(2, self._full_at, v)
+    def write(self, layer: int, loops: range, k, v):  # k [B, H_kv, len(loops), d_h]
+        """Store the new token's keys and values of one pass's loops: each causal row in its
+        full-length cache, each G-SWA row in its ring."""
+        g = self._group(loops.start)
+        at = self._write_at[0 if self.mode == "sequential" else loops.start]
+        self.k[layer][g].index_copy_(2, at, k)
+        self.v[layer][g].index_copy_(2, at, v)
 
-    def full(self, layer: int, loop: int):
-        """(k, v, mask) of loop `loop`'s full cache over the step's span, every position up to
-        and including the new token (in `plt` / `plt-noshift`, loop 0's: the global branch);
-        the mask is None when the span ends at the new token."""
-        g = self._group(loop)
-        k, v = self.full_k[layer][g], self.full_v[layer][g]
-        return self._first(k), self._first(v), self._full_mask
+    def keys(self, layer: int, loops: range):
+        """(k, v, mask) that one pass's query rows attend over, every position up to and
+        including the new token. A pass of causal rows only: the full-length cache, the mask
+        `[1, span]` or None when the span ends at the new token. A pass with G-SWA rows: the
+        rings and loop 0's cache, for its rows of `loops` (global branch, or plain causal for
+        loop 0) and then one more row per G-SWA loop (local branch: its own last W positions);
+        the mask is `[H / H_kv * rows, slots]`, rows stacked per head as `attend_step` does."""
+        g = self._group(loops.start)
+        k, v = self.k[layer][g], self.v[layer][g]
+        if self.causal_rows(loops) == len(loops):
+            return self._read(k, self.full_at), self._read(v, self.full_at), self._full_mask
+        return self._read(k, 0), self._read(v, 0), self._mask[loops.start]
 
-    def _first(self, t):  # t [B, H_kv, S, d_h] -> its first `span` slots
-        if self._span is not None and torch.compiler.is_compiling():
+    def _read(self, t, first: int):  # t [B, H_kv, slots, d_h] -> slots [first, end of span)
+        if self._span is None:
+            return t[:, :, first:]
+        end = self.full_at + self._span
+        if torch.compiler.is_compiling():
             # the compiled step's span is unbacked (step.py), so dynamo never guards on its
             # value; stating its bound lets the slice be traced without a guard either
-            torch._check(self._span <= t.shape[2])
-        return t[:, :, : self._span]
-
-    def write_local(self, layer: int, loops: range, k, v):  # k [B, H_kv, len(loops), d_h]
-        """Push the new token's keys and values of G-SWA loops `loops` (>= 1) into their rings."""
-        at = self._ring_at[loops.start - 1 : loops.stop - 1]
-        self.ring_k[layer].index_copy_(2, at, k)
-        self.ring_v[layer].index_copy_(2, at, v)
-
-    def local(self, layer: int, loops: range):
-        """(k, v, mask) of the local branch for G-SWA loops `loops`, all in one attention
-        call: keys `[B, H_kv, len(loops) W', d_h]`, a block-diagonal mask `[len(loops), ...]`
-        letting each loop see its own last W positions, the new token included."""
-        W, lo, hi = self.ring_len, loops.start - 1, loops.stop - 1
-        return (
-            self.ring_k[layer][:, :, lo * W : hi * W],
-            self.ring_v[layer][:, :, lo * W : hi * W],
-            self._ring_mask[lo:hi, lo * W : hi * W],
-        )
+            torch._check(end <= t.shape[2])
+        return t[:, :, first:end]
 
     # ----- prefill -----
 
@@ -236,16 +276,16 @@ class KVCache:
         T = k.shape[2]
         if T > self.max_len:
             raise LooptuneError(f"prompt of {T} tokens does not fit a cache of {self.max_len}")
+        g = self._group(loop)
         if self.causal_rows(range(loop, loop + 1)):
-            g = self._group(loop)
-            self.full_k[layer][g][:, :, :T] = k
-            self.full_v[layer][g][:, :, :T] = v
-            return
-        keep = min(T, self.ring_len)
-        positions = torch.arange(T - keep, T, device=k.device)
-        slots = (loop - 1) * self.ring_len + positions % self.ring_len
-        self.ring_k[layer].index_copy_(2, slots, k[:, :, T - keep :])
-        self.ring_v[layer].index_copy_(2, slots, v[:, :, T - keep :])
+            slots = torch.arange(self.full_at, self.full_at + T, device=k.device)
+            keep = T
+        else:
+            keep = min(T, self.ring_len)
+            positions = torch.arange(T - keep, T, device=k.device)
+            slots = (loop - 1) * self.ring_len + positions % self.ring_len
+        self.k[layer][g].index_copy_(2, slots, k[:, :, T - keep :])
+        self.v[layer][g].index_copy_(2, slots, v[:, :, T - keep :])
 
     def filled(self, length: int):
         """Mark the prompt's `length` tokens as held (after `fill` of every loop and layer)."""

@@ -66,15 +66,13 @@ def attend(q, k, v, mask=None, causal=False):
 
 
 def attend_step(q, k, v, mask):
-    """Decode-time attention, q `[B, H, n, d_h]` over cached k, v `[B, H_kv, S, d_h]`; `mask`
-    `[n or 1, S]` is additive (0 where a key may be seen, -inf where not), or None when every
-    key may be. The H / H_kv query heads that share a key head are folded into the query axis,
-    so keys are read as they are, never repeated per head, by kernels that take no GQA."""
+    """Decode-time attention, q `[B, H, n, d_h]` over cached k, v `[B, H_kv, S, d_h]`. The
+    H / H_kv query heads that share a key head are stacked on the query axis (head
+    h = kv * g + i gives rows i * n .. i * n + n - 1), so keys are read as they are, never
+    repeated per head, by kernels that take no GQA. `mask` is additive (0 where a key may be
+    seen, -inf where not), `[1, S]`, or `[g n, S]` in that stacked order; None: every key."""
     B, H, n, d_h = q.shape
-    g = H // k.shape[1]
-    q = q.reshape(B, k.shape[1], g * n, d_h)  # head h = kv * g + i -> rows i * n .. i * n + n
-    if mask is not None and mask.shape[0] > 1:
-        mask = mask.repeat(g, 1)  # [g n, S]
+    q = q.reshape(B, k.shape[1], H // k.shape[1] * n, d_h)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, n, d_h)
 
 
@@ -89,8 +87,9 @@ def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
 
 
 def gswa_mix(g, y_global, y_local):
-    """The G-SWA output: `g * Attn(q, K_1, V_1) + (1 - g) * Attn(q, K_r, V_r, window W)`."""
-    return g * y_global + (1 - g) * y_local
+    """The G-SWA output: `g * Attn(q, K_1, V_1) + (1 - g) * Attn(q, K_r, V_r, window W)`, as
+    one op."""
+    return torch.lerp(y_local, y_global, g)
 
 
 class HiddenGate(nn.Module):
@@ -207,23 +206,22 @@ class DecoderLayer(nn.Module):
 
         All rows share one weight read: this is the batched pass that makes PLT decode cheap.
         The first rows take the plain path (causal over a full cache: loop 1, or any loop of
-        `sequential`); the rest the G-SWA path, whose global branch is the same attention call
-        over loop 1's cache, so `K_1, V_1` are read once for all R rows.
+        `sequential`); the rest the G-SWA path. Its two branches are two query rows of the
+        plain path's attention call (the cache masks each), so `K_1, V_1` are read once for all
+        R rows and a step makes one attention call per layer.
         """
         attn = self.self_attn
         # rows / rms(rows) once: the input norm and the hidden gate's norm share it (same eps)
         unit = self.input_layernorm.unit(rows)
         q, k, v = attn.qkv(self.input_layernorm.weight * unit, cos, sin)  # q [B, H, n, d_h]
-        m = cache.causal_rows(loops)
-        if m:  # plain path: append this loop's k, v to its full cache
-            cache.write_full(layer, loops.start, k[:, :, :m], v[:, :, :m])
-        y = attend_step(q, *cache.full(layer, loops.start))  # G-SWA rows: the global branch
-        if m < len(loops):  # G-SWA path: push k, v into the rings, mix in the local branch
-            local = range(loops.start + m, loops.stop)
-            q_r = q[:, :, m:]  # [B, H, n - m, d_h]
-            cache.write_local(layer, local, k[:, :, m:], v[:, :, m:])
-            y_local = attend_step(q_r, *cache.local(layer, local))
-            y_mixed = gswa_mix(attn.gate(rows[:, m:], q_r, unit[:, m:]), y[:, :, m:], y_local)
+        n, m = len(loops), cache.causal_rows(loops)
+        cache.write(layer, loops, k, v)
+        if m < n:  # G-SWA rows ask twice in one call: global (with the rest), then local
+            q = torch.cat((q, q[:, :, m:]), dim=2)  # [B, H, 2n - m, d_h]
+        y = attend_step(q, *cache.keys(layer, loops))
+        if m < n:
+            g = attn.gate(rows[:, m:], q[:, :, m:n], unit[:, m:])
+            y_mixed = gswa_mix(g, y[:, :, m:n], y[:, :, n:])
             y = torch.cat((y[:, :, :m], y_mixed), dim=2) if m else y_mixed
         rows = rows + attn.out(y)
         return rows + self.mlp(self.post_attention_layernorm(rows))
@@ -416,7 +414,8 @@ class PLTForCausalLM(nn.Module):
         shapes fixed by the cache and `span` (the full-cache slots read, None: all; see
         `KVCache.begin_step` for `exact`), no host sync, no Python state; `cache.length` is
         the caller's to advance."""
-        R, cfg = cache.loops, self.config
+        R, cfg = len(cache.loop_ids), self.config  # (R from a tuple's length: see KVCache)
+        loops = range(R)
         cache.begin_step(span, exact)
         emb = self.model.embed_tokens(token_ids)[:, None]  # [B, 1, d]
         cos, sin = rope_tables(cache.pos.view(1), cfg.head_dim, cfg.rope_theta, emb.dtype)
@@ -424,12 +423,12 @@ class PLTForCausalLM(nn.Module):
             rows = emb
             if R > 1:  # rows r >= 2: a * E + c * carry[r-1]
                 rows = torch.cat((emb, self.loop_input(emb, cache.carry.transpose(0, 1))), dim=1)
-            rows = self._step_layers(rows, cos, sin, range(R), cache)  # [B, R, d]
+            rows = self._step_layers(rows, cos, sin, loops, cache)  # [B, R, d]
             if R > 1:
                 cache.carry.copy_(self.carried(rows[:, :-1]).transpose(0, 1))
         else:  # loop r needs loop r-1 of the same token: one pass per loop
             rows = emb
-            for r in range(R):
+            for r in loops:
                 if r > 0:
                     rows = self.loop_input(emb, self.carried(rows))
                 rows = self._step_layers(rows, cos, sin, range(r, r + 1), cache)
