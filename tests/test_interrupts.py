@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from looptune.cli import app
+from looptune.errors import LooptuneError
 from looptune.model.checkpoint import init_checkpoint
 
 runner = CliRunner()
@@ -136,6 +137,24 @@ def test_sigterm_is_a_keyboard_interrupt_only_while_a_command_runs(monkeypatch):
     result = runner.invoke(app, ["profile"])
     assert result.exit_code == 130 and result.stderr == "interrupted\n"
     assert seen[0] is not before and signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("made", [ValueError, LooptuneError])
+def test_an_interrupt_a_library_made_an_error_of_its_own_is_still_the_interrupt(monkeypatch, made):
+    """safetensors' get_tensor, interrupted in the torch code it calls, raises a ValueError;
+    looptune's reading of it then says the file is corrupt."""
+
+    def swallowing(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # interrupted long before this ends
+        except KeyboardInterrupt:
+            raise made("could not determine the shape of object type") from None
+        raise AssertionError("SIGINT did not interrupt")
+
+    monkeypatch.setattr("looptune.bundled.resolve_checkpoints", swallowing)
+    result = runner.invoke(app, ["score"])
+    assert (result.exit_code, result.stderr, result.stdout) == (130, "interrupted\n", "")
 
 
 STARTING = """

@@ -61,28 +61,43 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx):
         main_thread = threading.current_thread() is threading.main_thread()
+        signals = []  # the Ctrl-Cs and SIGTERMs that came while the command ran
+
+        def interrupt(signum, frame):
+            signals.append(signum)
+            raise KeyboardInterrupt
+
         if main_thread:
             previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, raise_interrupt)
+            signal.signal(signal.SIGINT, interrupt)
+            signal.signal(signal.SIGTERM, interrupt)
         try:
             return super().invoke(ctx)
-        except NoArgsIsHelpError:
+        except (NoArgsIsHelpError, typer.Exit, typer.Abort):
             raise
-        except UsageError as e:
-            _usage_error(e)
-        except LooptuneError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(e.exit_code) from None
+        except Exception as e:
+            if signals:  # a library made the interrupt an error of its own (safetensors'
+                self._interrupted(main_thread, "")  # get_tensor a ValueError): still one
+            if isinstance(e, UsageError):
+                _usage_error(e)
+            if isinstance(e, LooptuneError):
+                print(f"error: {e}", file=sys.stderr)
+                raise typer.Exit(e.exit_code) from None
+            raise
         except KeyboardInterrupt as e:
-            if main_thread:  # a second Ctrl-C must not turn the last line into a traceback
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            say_interrupted(str(e))
-            raise typer.Exit(130) from None
+            self._interrupted(main_thread, str(e))
         finally:
             if main_thread:
                 signal.signal(signal.SIGINT, previous[0])
                 signal.signal(signal.SIGTERM, previous[1])
+
+    @staticmethod
+    def _interrupted(main_thread: bool, detail: str):
+        if main_thread:  # a second Ctrl-C must not turn the last line into a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        say_interrupted(detail)
+        raise typer.Exit(130) from None
 
 
 app = typer.Typer(
