@@ -424,6 +424,27 @@ def test_an_unwritable_full_or_interrupted_output_is_one_line_and_leaves_nothing
     assert result.exit_code == 130 and not (tmp_path / "new").exists()
 
 
+def test_a_copy_onto_a_full_disk_names_where_it_was_writing(tmp_path, monkeypatch):
+    """Across file systems the weights are copied (shutil's sendfile path), whose error names
+    the file read first: the message names both, so the full disk's is there."""
+    import errno
+    import shutil
+
+    _, prof = loop_profile(tmp_path)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", lambda *a, **k: full())  # another file system
+    monkeypatch.setattr(os, "sendfile", full)
+    monkeypatch.setattr(shutil, "_USE_CP_SENDFILE", True)
+    result = export(prof, "--to", "hf", "--out", tmp_path / "hf")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    reason = result.stderr.partition("(No space left on device: ")[2]
+    assert reason.startswith(f"{tmp_path / 'loop' / 'model.safetensors'} -> {tmp_path / 'hf'}")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_copy_never_replaces_another_checkpoint_nor_keeps_a_stale_index(tmp_path):
     other = tmp_path / "other"
     init_checkpoint(other, "tiny", arch="plt", shard_bytes=4096)

@@ -135,6 +135,8 @@ def export_profile(
             shutil.rmtree(made, ignore_errors=True)
         if isinstance(e, (OSError, SafetensorError)):
             reason = f"{e.strerror}: {e.filename}" if getattr(e, "strerror", None) else str(e)
+            if getattr(e, "filename2", None):  # a copy's: from filename to filename2
+                reason += f" -> {e.filename2}"
             raise LooptuneError(f"{result.out}: cannot write the export ({reason})") from None
         raise
     return result
