@@ -87,6 +87,46 @@ def test_wrong_schema_and_foreign_files_are_refused(made_profile, tmp_path):
     assert result.exit_code == 2 and "not valid YAML" in result.stderr
 
 
+def test_a_profile_that_cannot_be_read_is_one_line_for_every_command(tmp_path, monkeypatch):
+    """Missing, a directory, a pipe (reading it would wait for ever), truncated, not text, or
+    unreadable (its rights, or the disk)."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "dir.yaml").mkdir()
+    text = SHIPPED.read_text()
+    (tmp_path / "cut.yaml").write_text(text[: text.index("created: '") + 15])  # in a quote
+    (tmp_path / "bytes.yaml").write_bytes(b"\x86\xff" * 50)
+    (tmp_path / "locked.yaml").write_text(text)
+    real_read = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self.name == "locked.yaml":  # chmod 000 would not stop root
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    says = {
+        "gone.yaml": "no such profile",
+        "dir.yaml": "not a file, so not a profile",
+        "pipe.yaml": "not a file, so not a profile",
+        "cut.yaml": "not valid YAML",
+        "bytes.yaml": "not valid YAML ('utf-8' codec can't decode byte 0x86",
+        "locked.yaml": "cannot read the profile (Permission denied)",
+    }
+    for name, said in says.items():
+        path = tmp_path / name
+        for argv in (
+            ["show", path],
+            ["export", path],
+            ["generate", "--profile", path, "--prompt", "x"],
+        ):
+            result = runner.invoke(app, list(map(str, argv)))
+            assert result.exit_code == 2, (argv, result.output)
+            assert result.stderr.startswith(f"error: {path}: {said}"), (argv, result.stderr)
+            assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
+
+
 def test_a_changed_model_no_longer_matches(made_profile):
     out, _, _ = made_profile
     config = Path(yaml.safe_load(out.read_text())["model"]["path"]) / "config.json"

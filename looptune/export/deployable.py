@@ -374,11 +374,19 @@ def write_profile(path, profile: Profile) -> Path:
 
 def read_profile(path) -> Profile:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ProfileError(f"{path}: no such profile")
+    if not path.is_file():  # a directory, or a pipe whose reading could wait for ever
+        raise ProfileError(f"{path}: not a file, so not a profile")
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        text = path.read_text()
+    except OSError as e:  # unreadable: its rights, or the disk
+        raise ProfileError(f"{path}: cannot read the profile ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{path}: not valid YAML ({e})") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ProfileError(f"{path}: not valid YAML ({first})") from None
     return Profile.from_dict(doc, path)
