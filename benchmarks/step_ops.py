@@ -19,6 +19,8 @@ import json
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from looptune.model.config import preset_config
@@ -30,18 +32,38 @@ class OpCounter(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.ops = Counter()
+        self.ops, self.paused = Counter(), False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
+        if not func.is_view and not self.paused:
             self.ops[func.__name__] += 1
         return func(*args, **(kwargs or {}))
+
+
+class AttentionAsOne(TorchFunctionMode):
+    """SDPA counted as the one fused kernel it is on a GPU or CPU: on the meta device it runs
+    its math decomposition (matmuls, softmax), whose operators are not counted."""
+
+    def __init__(self, counter: OpCounter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        self.counter.ops["scaled_dot_product_attention"] += 1
+        self.counter.paused = True
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.counter.paused = False
 
 
 def step_ops(model, mode: str, R: int, window: int, context: int) -> Counter:
     cache = model.new_cache(1, context + 1, R, mode, window, device="meta")
     cache.filled(context)
-    with torch.no_grad(), OpCounter() as counter:
+    counter = OpCounter()
+    with torch.no_grad(), counter, AttentionAsOne(counter):
         model.decode_step(torch.zeros(1, dtype=torch.long, device="meta"), cache)
     return counter.ops
 

@@ -2,11 +2,13 @@
 causality, and the cache holds exactly what the formula says."""
 
 import math
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from looptune.errors import LooptuneError
 from looptune.model import MODES, generate, kv_bytes
@@ -277,3 +279,32 @@ def test_a_prompt_of_no_tokens_is_one_clear_error():
         model(ids, loops=2, cache=model.new_cache(2, 8, loops=2))
     with pytest.raises(LooptuneError, match="no tokens"):
         model(ids, loops=2)
+
+
+def test_plt_step_makes_one_attention_call_per_layer_whatever_R():
+    """What keeps PLT's extra loops cheap where launches cost (eager on a GPU): the G-SWA
+    rows' global and local branches share the loop-1 rows' attention call, and R = 3, 4 add no
+    operator over R = 2."""
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.ops[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model(num_hidden_layers=3).fuse()
+    counts = {}
+    for R in (1, 2, 3, 4):
+        cache = model.new_cache(1, 40, loops=R, window=8)
+        cache.filled(20)
+        with torch.no_grad(), Ops() as ops:
+            model.decode_step(torch.zeros(1, dtype=torch.long), cache)
+        attention = sum(n for op, n in ops.ops.items() if "scaled_dot_product" in op)
+        assert attention == 3  # one per layer
+        counts[R] = sum(ops.ops.values())
+    assert counts[2] == counts[3] == counts[4]
+    assert counts[2] < 1.3 * counts[1]
