@@ -263,6 +263,44 @@ def test_a_full_disk_under_the_study_is_one_line_and_a_rerun_resumes(db, monkeyp
     assert failed[0].user_attrs["failure"] == "its run stopped before it ended"
 
 
+def damage(db, value_json):
+    """Overwrite the stored outcome of the study's first trial, as a damaged disk would."""
+    import sqlite3
+
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as con:
+        con.execute(
+            "update trial_user_attributes set value_json = ? where key = 'outcome' and trial_id"
+            " = (select min(trial_id) from trial_user_attributes where key = 'outcome')",
+            (value_json,),
+        )
+
+
+@pytest.mark.parametrize("stored", ['{"knobs": {"checkpoint": "a"}}', "null", '{"bad": 1}'])
+def test_a_damaged_result_in_the_storage_is_measured_again_never_used(db, stored):
+    evaluate = Counting()
+    run_study(SMALL, evaluate, 100, db, "damaged")
+    first = evaluate.calls[0]
+    damage(db, stored)
+    record = run_study(SMALL, evaluate, 100, db, "damaged")
+    assert evaluate.calls[8:] == [first]  # measured again, the rest kept
+    assert {o.knobs: o.values for o in record.outcomes} == {
+        k: synthetic(k).values for k in SMALL.settings()
+    }
+
+
+def test_a_damaged_storage_is_one_line_saying_what_to_do(db, tmp_path):
+    from looptune.search.storage import open_storage
+
+    run_study(SMALL, synthetic, 100, db, "damaged")
+    damage(db, "not json")
+    with pytest.raises(LooptuneError, match="^the study storage is damaged: .* not JSON") as e:
+        run_study(SMALL, synthetic, 100, db, "damaged")
+    assert "\n" not in str(e.value) and "give another storage" in str(e.value)
+    (tmp_path / "junk.db").write_bytes(b"this is not a database\n" * 100)
+    with pytest.raises(LooptuneError, match="file is not a database.*the file is damaged"):
+        open_storage(f"sqlite:///{tmp_path / 'junk.db'}")
+
+
 def run_python(script):
     """A worker in its own process (to be killed, or to crash), its output captured."""
     return subprocess.run(

@@ -45,6 +45,8 @@ def open_storage(url: str | None, attempts: int = 5):
                 time.sleep(0.5 * (attempt + 1))
                 continue
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if any(m in first for m in ("malformed", "not a database")):
+                first += "; the file is damaged: move it away or give another storage"
             raise LooptuneError(f"cannot open study storage {redact(url)}: {first}") from None
 
 

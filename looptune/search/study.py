@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import time
 import uuid
@@ -175,24 +176,43 @@ def run_study(
     identity = identity if identity is not None else {"space": space.grid()}
     storage = open_storage(storage_url)
     with _quiet_optuna():
-        study = open_study(storage, name, space, trials, seed, identity, fresh)
-        heartbeat = isinstance(storage, RDBStorage)
-        target = min(trials, space.size)
-        worker = _Worker(study, space, evaluate, target, on_trial, heartbeat)
         try:
-            worker.run()
-            return dataclasses.replace(collect(study), still_busy=worker.still_busy)
-        except KeyboardInterrupt:  # say what is kept, not what one measurement had done
-            _fail_interrupted(study, worker.trial)
-            raise Interrupted(_kept(study, target)) from None
+            study = open_study(storage, name, space, trials, seed, identity, fresh)
+            target = min(trials, space.size)
+            worker = _Worker(
+                study, space, evaluate, target, on_trial, isinstance(storage, RDBStorage)
+            )
+            try:
+                worker.run()
+                return dataclasses.replace(collect(study), still_busy=worker.still_busy)
+            except KeyboardInterrupt:  # say what is kept, not what one measurement had done
+                _fail_interrupted(study, worker.trial)
+                raise Interrupted(_kept(study, target)) from None
         except Exception as e:
-            cause = storage_error(e)
-            if cause is None:
+            failure = _storage_failure(e)
+            if failure is None:
                 raise
-            raise LooptuneError(
-                f"the study storage failed: {cause}; what was measured is cached and kept, "
-                "a rerun resumes"
-            ) from None
+            raise failure from None
+
+
+def _storage_failure(e: Exception) -> LooptuneError | None:
+    """The one-line error for a storage that failed or holds damaged data; None for another
+    error (a bug, or the evaluation's own)."""
+    if isinstance(e, LooptuneError):  # said already (its context may hold a storage error)
+        return None
+    if isinstance(e, json.JSONDecodeError):  # Optuna keeps attributes as JSON text
+        cause = f"it holds a value that is not JSON ({e})"
+    elif (cause := storage_error(e)) is None:
+        return None
+    elif not any(m in cause for m in ("malformed", "not a database")):
+        return LooptuneError(
+            f"the study storage failed: {cause}; what was measured is cached and kept, "
+            "a rerun resumes"
+        )
+    return LooptuneError(
+        f"the study storage is damaged: {cause}; move it away or give another storage "
+        "(what was measured is cached: a new study does not measure it again)"
+    )
 
 
 def _fail_interrupted(study, trial) -> None:
@@ -210,7 +230,7 @@ def _fail_interrupted(study, trial) -> None:
 def _kept(study, target: int) -> str:
     try:
         done = len(read_state(study).done)
-    except (SQLAlchemyError, OSError):  # the storage went away too: the rerun will know
+    except (SQLAlchemyError, OSError, ValueError):  # the storage failed too: a rerun will say
         return "a rerun measures what is missing"
     return f"{done} of {target} settings measured and kept; a rerun measures the rest"
 

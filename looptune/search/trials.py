@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import warnings
@@ -34,6 +35,7 @@ from looptune.search.storage import claim
 MAX_ATTEMPTS = 3  # failed trials of one setting before the study gives it up
 INTERRUPTED = "interrupted"  # a failed trial's reason when it was stopped, not failing
 NO_HEARTBEAT = "its worker stopped (no heartbeat)"
+UNREADABLE = "its stored result is unreadable (the study storage was damaged)"
 PROC = Path("/proc")
 _RUNS_HERE: set[str] = set()  # the runs of this process in progress (see `running_here`)
 
@@ -114,6 +116,7 @@ class StudyState:
     running: dict  # Knobs (or partial params) -> FrozenTrial
     failures: dict  # Knobs -> its FAIL trials, oldest first
     flagged: dict  # Knobs -> its complete trials measured under interference
+    outcomes: dict = field(default_factory=dict)  # trial number -> its Outcome (complete ones)
 
 
 def knobs_of(params: dict) -> Knobs | None:
@@ -137,9 +140,13 @@ def read_state(study) -> StudyState:
                 s.running[key] = t
         elif (k := knobs_of(params)) is None:
             continue
-        elif t.state == TrialState.FAIL:
+        elif t.state == TrialState.FAIL or (
+            t.state == TrialState.COMPLETE and (o := _outcome(t, k)) is None
+        ):  # a result that cannot be read back is no result: the setting is measured again
             s.failures.setdefault(k, []).append(t)
         elif not t.user_attrs.get("repeat"):
+            if t.state == TrialState.COMPLETE:
+                s.outcomes[t.number] = o
             if flagged(t):
                 s.flagged.setdefault(k, []).append(t)
             if k not in s.done or _better(t, s.done[k]):
@@ -147,8 +154,23 @@ def read_state(study) -> StudyState:
     return s
 
 
+def _outcome(t, knobs: Knobs) -> Outcome | None:
+    """The outcome complete trial `t` stored for `knobs`; None when it is not one (a damaged
+    storage, or one edited by hand)."""
+    try:
+        o = Outcome.from_dict(t.user_attrs["outcome"])
+        numbers = (o.quality, o.latency_ms, *o.quality_ci, *o.latency_ci, o.ttft_ms, o.kv_bytes)
+        good = all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    ok = o.knobs == knobs and good and o.latency_ms > 0 and o.kv_bytes >= 0
+    return o if ok and (o.interference is None or isinstance(o.interference, str)) else None
+
+
 def reason(t) -> str:
-    """Why the failed trial `t` failed."""
+    """Why the failed trial `t` failed (or why a complete one counts as failed)."""
+    if t.state == TrialState.COMPLETE:
+        return UNREADABLE
     return t.user_attrs.get("failure", NO_HEARTBEAT)
 
 
@@ -348,7 +370,7 @@ def collect(study) -> StudyRecord:
     outcomes, infeasible = [], []
     for knobs, t in state.done.items():
         if t.state == TrialState.COMPLETE:
-            outcomes.append(Outcome.from_dict(t.user_attrs["outcome"]))
+            outcomes.append(state.outcomes[t.number])
         else:
             infeasible.append(
                 {"knobs": vars(knobs).copy(), "reason": t.user_attrs.get("infeasible", "")}
