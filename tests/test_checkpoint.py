@@ -657,3 +657,74 @@ def test_a_re_export_waiting_for_another_removes_what_that_one_wrote(tmp_path, c
     later.join()
     assert not (out / "generation_config.json").exists()
     assert_loads_as(out, second)
+
+
+KILLED_SWITCH = """
+import os, signal, sys
+import torch
+from looptune.model import save
+from looptune.model.checkpoint import build_model
+from looptune.model.config import preset_config
+
+real = os.replace
+def replace(src, dst):
+    if os.path.basename(dst) in ("model.safetensors", "model.safetensors.index.json"):
+        real(src, dst)  # the new weights are in, their config not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+save.os.replace = replace
+model = build_model(preset_config("tiny", window=5), "cpu", torch.float32, seed=1)
+save.save_checkpoint(model, sys.argv[1], max_shard_bytes=int(sys.argv[2]) or None)
+"""
+
+
+@pytest.mark.slow  # a second Python with torch per case (4 s each)
+@pytest.mark.parametrize("shards", [None, 4096])
+def test_a_save_killed_between_weights_and_config_never_loads_as_a_mix(tmp_path, shards):
+    """SIGKILL after the new weights went in and before their config: what is left must not
+    load as the new weights under the old config (window 32 read as 5's weights, silently),
+    but fail in one line that says a save was stopped; the next save makes it whole."""
+    ck, _, new, _ = old_and_new(tmp_path, shards, shards)
+    cmd = [sys.executable, "-c", KILLED_SWITCH, str(ck), str(shards or 0)]
+    assert subprocess.run(cmd, check=False).returncode == -9
+    with pytest.raises(LooptuneError, match="save into this directory was stopped"):
+        load_model(ck, device="cpu")
+    save_checkpoint(new, ck, max_shard_bytes=shards)
+    assert_loads_as(ck, new)
+
+
+KILLED_RE_EXPORT = """
+import json, os, signal, sys
+from looptune.export import weights
+from looptune.model import save
+
+real = os.replace
+def replace(src, dst):
+    real(src, dst)
+    if os.path.basename(dst).startswith("model-00001"):  # one shard of the new copy is in
+        os.kill(os.getpid(), signal.SIGKILL)
+save.os.replace = replace
+source, target = sys.argv[1], sys.argv[2]
+config = json.load(open(os.path.join(source, "config.json"))) | {"looptune_export": ["b"]}
+weights.write_model_dir(source, target, {}, config)
+"""
+
+
+@pytest.mark.slow  # a second Python with torch (4 s)
+def test_a_re_export_killed_among_its_shards_never_loads_as_a_mix(tmp_path):
+    """The copy's shards keep the source's names, so a re-export replaces the earlier copy's
+    shards one by one: killed after the first, the copy must not load as shard 1 of the new
+    checkpoint beside shard 2 of the old under the old config, but fail in one line."""
+    from looptune.export import weights
+
+    for name, seed in (("a", 0), ("b", 1)):
+        save_checkpoint(tiny_model(seed=seed), tmp_path / name, max_shard_bytes=4096)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    weights.write_model_dir(tmp_path / "a", tmp_path / "out", {}, config | {"looptune_export": []})
+    cmd = [sys.executable, "-c", KILLED_RE_EXPORT, str(tmp_path / "b"), str(tmp_path / "out")]
+    assert subprocess.run(cmd, check=False).returncode == -9
+    with pytest.raises(LooptuneError, match="save into this directory was stopped"):
+        load_model(tmp_path / "out", device="cpu")
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    weights.write_model_dir(tmp_path / "b", tmp_path / "out", {}, config | {"looptune_export": []})
+    assert_loads_as(tmp_path / "out", tiny_model(seed=1))

@@ -53,6 +53,8 @@ def write_model_dir(source: Path, target: Path, renames: dict[str, str], config:
     linked, rewritten = [], []
     with StagedFiles(target, flush=(target / "config.json").exists()) as staged:
         earlier = _written_before(target)  # read under the lock: a copy made meanwhile counts
+        if (target / "config.json").exists():  # the earlier copy's shards have the same names:
+            staged.remove("config.json")  # killed among their renames, no config, not a mix
         for shard in shards:
             with safe_open(str(shard), framework="pt") as handle:
                 names = list(handle.keys())

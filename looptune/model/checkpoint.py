@@ -25,7 +25,7 @@ from looptune.model.arch import (
 )
 from looptune.model.config import PLTConfig, from_hf_dict
 from looptune.model.plt import PLTForCausalLM
-from looptune.model.save import INDEX, SINGLE, save_checkpoint
+from looptune.model.save import INDEX, SINGLE, STAGING, save_checkpoint
 from looptune.model.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,6 +72,11 @@ def read_config(directory: Path) -> tuple[PLTConfig, dict]:
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     path = directory / "config.json"
     if not path.exists():
+        if any(directory.glob(f"{STAGING}*")):  # left by a save that was killed
+            raise CheckpointError(
+                f"{path}: missing: a save into this directory was stopped while putting its "
+                "files in place (or is doing so now); save the checkpoint again"
+            )
         raise CheckpointError(f"{path}: missing (a checkpoint needs config.json)")
     try:
         raw = json.loads(path.read_text())

@@ -13,7 +13,10 @@ two saves into one directory run one after the other.
 
 The renames themselves are not one atomic step (POSIX has none for several files), so the
 order matters: callers put a checkpoint's weights (shards under new names first, then the index
-or model.safetensors) before its config.json.
+or model.safetensors) before its config.json, and a new config removes the old one just before
+the weights it describes are replaced. SIGKILL in those few renames leaves either the old
+checkpoint or no config.json, which the loader names as an interrupted save; never new weights
+under an old config.
 """
 
 from __future__ import annotations
@@ -246,13 +249,17 @@ def save_checkpoint(
     existed = directory.is_dir()
     staged = StagedFiles(directory, flush=(directory / "config.json").exists())
     kept = "the directory keeps what it held before" if existed else "nothing was kept"
+    old = directory / "config.json"
+    new_config = not (old.is_file() and old.read_bytes() == config_bytes)  # else weights only
     try:
         with staged:
-            weights = _stage_weights(staged, shards, state)
+            # A new config: the old one goes just before the first weight file it does not
+            # describe, so a save killed from there on leaves no config.json (a clear error
+            # on load, naming the interrupted save), never new weights under the old config.
+            weights = _stage_weights(staged, shards, state, new_config and old.is_file())
             if tokenizer_json is not None:
                 staged.write_bytes("tokenizer.json", Path(tokenizer_json).read_bytes())
-            old = directory / "config.json"
-            if not (old.is_file() and old.read_bytes() == config_bytes):  # else weights only
+            if new_config:
                 staged.write_bytes("config.json", config_bytes)
             for name in sorted(_old_weights(directory) - weights):
                 staged.remove(name)  # the old checkpoint's, no longer named by anything
@@ -269,10 +276,16 @@ def save_checkpoint(
     return directory
 
 
-def _stage_weights(staged: StagedFiles, shards: list[dict], state: dict) -> set[str]:
-    """Stage the weight files and the index (or its removal); returns the weight file names."""
+def _stage_weights(
+    staged: StagedFiles, shards: list[dict], state: dict, old_config: bool
+) -> set[str]:
+    """Stage the weight files and the index (or its removal); returns the weight file names.
+    `old_config`: remove config.json before the first step that replaces what it describes
+    (model.safetensors, or the index; new shards go in under unused names before it)."""
     directory = staged.directory
     if len(shards) == 1:
+        if old_config:
+            staged.remove("config.json")
         staged.write(SINGLE, partial(save_file, shards[0], metadata=PT))
         staged.remove(INDEX)  # an old index would still win over model.safetensors
         return {SINGLE}
@@ -283,6 +296,8 @@ def _stage_weights(staged: StagedFiles, shards: list[dict], state: dict) -> set[
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    if old_config:
+        staged.remove("config.json")
     staged.write_bytes(INDEX, json.dumps(index, indent=2).encode())
     return set(weight_map.values())
 
