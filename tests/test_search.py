@@ -301,6 +301,17 @@ def test_a_damaged_storage_is_one_line_saying_what_to_do(db, tmp_path):
         open_storage(f"sqlite:///{tmp_path / 'junk.db'}")
 
 
+def test_a_read_only_storage_is_one_line_that_a_rerun_would_not_mend(db):
+    run_study(SMALL, synthetic, 100, db, "read-only")
+    read_only = f"sqlite:///file:{db.removeprefix('sqlite:///')}?mode=ro&uri=true"
+    with pytest.raises(LooptuneError) as e:
+        run_study(SMALL, synthetic, 100, read_only, "read-only")
+    assert str(e.value) == (
+        "cannot write to the study storage: (sqlite3.OperationalError) attempt to write a "
+        "readonly database; give a writable one"
+    )
+
+
 def run_python(script):
     """A worker in its own process (to be killed, or to crash), its output captured."""
     return subprocess.run(

@@ -204,6 +204,8 @@ def _storage_failure(e: Exception) -> LooptuneError | None:
         cause = f"it holds a value that is not JSON ({e})"
     elif (cause := storage_error(e)) is None:
         return None
+    elif "readonly database" in cause:  # a rerun would fail the same way
+        return LooptuneError(f"cannot write to the study storage: {cause}; give a writable one")
     elif not any(m in cause for m in ("malformed", "not a database")):
         return LooptuneError(
             f"the study storage failed: {cause}; what was measured is cached and kept, "
