@@ -728,3 +728,31 @@ def test_a_re_export_killed_among_its_shards_never_loads_as_a_mix(tmp_path):
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     weights.write_model_dir(tmp_path / "b", tmp_path / "out", {}, config | {"looptune_export": []})
     assert_loads_as(tmp_path / "out", tiny_model(seed=1))
+
+
+@pytest.mark.parametrize("shards", [None, 4096])
+def test_a_load_that_a_save_overtakes_reads_one_checkpoint_not_a_mix(tmp_path, monkeypatch, shards):
+    """Another process saves into the directory while it is loaded, between config.json and
+    the weights: what loads is the new checkpoint whole (it was the old config with the new
+    weights), and a save that keeps overtaking is one line."""
+    from looptune.model import checkpoint
+
+    ck, _, new, _ = old_and_new(tmp_path, shards, shards)
+    real, saves = checkpoint.read_layout, []
+
+    def overtaken(*args, **kwargs):
+        if len(saves) < 1:
+            saves.append(save_checkpoint(new, ck, max_shard_bytes=shards))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "read_layout", overtaken)
+    assert_loads_as(ck, new)
+
+    def always(*args, **kwargs):  # each read overtaken by another save
+        save_checkpoint(tiny_model(window=10 + len(saves)), ck, max_shard_bytes=shards)
+        saves.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "read_layout", always)
+    with pytest.raises(LooptuneError, match="changed by a save while it was read, 3 times"):
+        load_model(ck, device="cpu")

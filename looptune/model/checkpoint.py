@@ -204,8 +204,44 @@ def load_model(path, device="auto", dtype="auto", eval_mode: bool = True):
     before the next one. So the weights exist once, on the target device, plus one tensor in
     flight and the open shard's mapped pages; the CPU never holds a full copy of a GPU-bound
     model.
+
+    A save into the directory while it is read (another process's) that changes config.json
+    or the index makes the read start again, so what loads is one checkpoint, never the config
+    of one and the weights of the next.
     """
     directory = Path(path)
+    for _ in range(_READS):
+        before = _stamp(directory)
+        try:
+            loaded = _load(directory, device, dtype, eval_mode)
+        except CheckpointError:
+            if _stamp(directory) == before:
+                raise
+            continue  # a file went while it was read: the save's, read the new checkpoint
+        if _stamp(directory) == before:
+            return loaded
+    raise CheckpointError(
+        f"{directory}: changed by a save while it was read, {_READS} times; load it again "
+        "when the save is done"
+    )
+
+
+_READS = 3
+
+
+def _stamp(directory: Path) -> list[bytes | None]:
+    """What a save changes when it puts another checkpoint in place: config.json and the index,
+    by content (small files; a file's inode and mtime can repeat when saves come quickly)."""
+    stamp = []
+    for name in ("config.json", INDEX):
+        try:
+            stamp.append((directory / name).read_bytes())
+        except OSError:
+            stamp.append(None)
+    return stamp
+
+
+def _load(directory: Path, device, dtype, eval_mode: bool):
     cfg, _ = read_config(directory)
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     files = weight_files(directory)
