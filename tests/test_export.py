@@ -445,6 +445,49 @@ def test_a_copy_onto_a_full_disk_names_where_it_was_writing(tmp_path, monkeypatc
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_failed_export_removes_only_what_it_made(tmp_path, monkeypatch):
+    """Two exports into new directories under one new parent: the one that fails removes its
+    own directory, and the parent only when nothing else is in it."""
+    import errno
+
+    from looptune.export import serving
+
+    _, prof = loop_profile(tmp_path)
+    other = tmp_path / "new" / "b" / "vllm.yaml"
+
+    def full_once_the_other_wrote(path, text):
+        other.parent.mkdir(parents=True)
+        other.write_text("written by the other export\n")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(serving, "atomic_write_text", full_once_the_other_wrote)
+    result = export(prof, "--to", "vllm", "--out", tmp_path / "new" / "a", "--write-weights")
+    assert result.exit_code == 2 and "No space left on device" in result.stderr
+    assert not (tmp_path / "new" / "a").exists()
+    assert other.read_text() == "written by the other export\n"
+
+
+def test_a_second_export_into_a_directory_waits_for_the_first(tmp_path, monkeypatch):
+    """The first may fail and remove the directory it made, with the second's files in it."""
+    import threading
+
+    from looptune.export import serving
+
+    _, prof = loop_profile(tmp_path)
+    out = (tmp_path / "v").resolve()
+    waiting = threading.Event()
+    monkeypatch.setattr(serving, "warn", lambda message: waiting.set())
+    with serving.one_export_into(out):  # as another process's export holds it
+        second = threading.Thread(
+            target=serving.export_profile, args=(read_profile(prof), prof, "vllm", out)
+        )
+        second.start()
+        assert waiting.wait(30), "the second export did not wait"
+        assert not out.exists()
+    second.join(30)
+    assert (out / "vllm.yaml").is_file()
+
+
 def test_a_copy_never_replaces_another_checkpoint_nor_keeps_a_stale_index(tmp_path):
     other = tmp_path / "other"
     init_checkpoint(other, "tiny", arch="plt", shard_bytes=4096)

@@ -10,11 +10,17 @@ Before writing, the profile is checked like `generate` checks it (model content 
 were validated on reading) and the target like a deployment would meet it: does it register the
 architecture, run it in the measured mode, load the checkpoint's gate tensors, read head_dim as
 stored. Each failure is one line; `force` writes anyway and records every one in the file.
+
+Exports into one directory run one at a time between processes; one that fails removes what
+it made and nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import shlex
 import shutil
 from dataclasses import dataclass, field
@@ -26,7 +32,7 @@ from safetensors import SafetensorError
 from looptune.errors import LooptuneError
 from looptune.export.deployable import Profile, ProfileError, check_model, model_path
 from looptune.export.engines import CONCURRENCY, TARGETS, LoopKeys, Target, window_value
-from looptune.store import atomic_write_text
+from looptune.store import atomic_write_text, cache_root, flock_waiting, warn
 
 CONVENTIONS = {
     "keys": "W keys, the token included",
@@ -127,19 +133,54 @@ def export_profile(
         keys.loops: profile.knobs.loops,
         keys.window: window_value(keys.convention, profile.knobs.window),
     }
-    made = _first_missing(result.out)
-    try:
-        _write(result, profile, profile_path, model, keys, renames, write_weights)
-    except BaseException as e:  # a full or unwritable disk, Ctrl-C: keep nothing half-made
-        if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
-        if isinstance(e, (OSError, SafetensorError)):
-            reason = f"{e.strerror}: {e.filename}" if getattr(e, "strerror", None) else str(e)
-            if getattr(e, "filename2", None):  # a copy's: from filename to filename2
-                reason += f" -> {e.filename2}"
-            raise LooptuneError(f"{result.out}: cannot write the export ({reason})") from None
-        raise
+    with one_export_into(result.out):
+        made = _first_missing(result.out)
+        try:
+            _write(result, profile, profile_path, model, keys, renames, write_weights)
+        except BaseException as e:  # a full or unwritable disk, Ctrl-C: keep nothing half-made
+            if made is not None:
+                _remove_made(result.out, made)
+            if isinstance(e, (OSError, SafetensorError)):
+                reason = f"{e.strerror}: {e.filename}" if getattr(e, "strerror", None) else str(e)
+                if getattr(e, "filename2", None):  # a copy's: from filename to filename2
+                    reason += f" -> {e.filename2}"
+                raise LooptuneError(f"{result.out}: cannot write the export ({reason})") from None
+            raise
     return result
+
+
+@contextlib.contextmanager
+def one_export_into(out: Path):
+    """Exports into one directory one at a time, between processes: one that fails removes the
+    directory it made, which would hold a second one's files."""
+    digest = hashlib.sha256(str(out).encode()).hexdigest()[:16]
+    path = cache_root() / "locks" / f"export-{digest}.lock"  # flock: the kernel frees it
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        warn(f"cannot use the lock {path} ({e.strerror or e}); exporting without it")
+        yield
+        return
+    try:
+        said = f"{out}: another export into it is under way; waiting for it to end"
+        flock_waiting(fd, lambda: warn(said))
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_made(out: Path, made: Path) -> None:
+    """Remove `out` (no other export writes there meanwhile), then the directories above it
+    that this export made, each only while empty: another export may be writing beside it."""
+    shutil.rmtree(out, ignore_errors=True)
+    for directory in out.parents:
+        if directory == made.parent:
+            break
+        try:
+            directory.rmdir()
+        except OSError:  # not empty: not ours alone
+            break
 
 
 class _Names(dict):
