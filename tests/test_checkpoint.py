@@ -756,3 +756,20 @@ def test_a_load_that_a_save_overtakes_reads_one_checkpoint_not_a_mix(tmp_path, m
     monkeypatch.setattr(checkpoint, "read_layout", always)
     with pytest.raises(LooptuneError, match="changed by a save while it was read, 3 times"):
         load_model(ck, device="cpu")
+
+
+def test_content_hash_follows_a_file_rewritten_with_its_size_and_mtime_kept(tmp_path):
+    """The hash labels every measurement: weights changed in place with the size and mtime
+    kept (`cp -p` of another checkpoint of the same shape) must not reuse the old hash."""
+    import os
+
+    from looptune.model.checkpoint import content_hash
+
+    save_checkpoint(tiny_model(seed=0), tmp_path / "a")
+    save_checkpoint(tiny_model(seed=1), tmp_path / "b")
+    weights = tmp_path / "a" / "model.safetensors"
+    first, st = content_hash(tmp_path / "a"), weights.stat()
+    weights.write_bytes((tmp_path / "b" / "model.safetensors").read_bytes())  # same inode
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size
+    assert content_hash(tmp_path / "a") == content_hash(tmp_path / "b") != first

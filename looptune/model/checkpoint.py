@@ -292,19 +292,43 @@ _HASHES: dict[tuple, str] = {}
 
 def content_hash(path) -> str:
     """sha256 over config.json and the weight files, in name order (memoised per process on
-    size and mtime). Caches and profiles key on it, so a changed model never reuses results."""
+    each file's identity, size and times). Caches and profiles key on it, so a changed model
+    never reuses results. A save into the directory while it is hashed makes it start again:
+    the hash is of one checkpoint, never of a mix."""
     directory = Path(path)
-    files = [directory / "config.json"] + weight_files(directory)
-    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    if key not in _HASHES:
+    for _ in range(_READS):
+        try:
+            files, key = _file_stamps(directory)
+        except FileNotFoundError:  # config.json missing says why; a weight file: a save's
+            read_config(directory)
+            continue
+        if key in _HASHES:
+            return _HASHES[key]
         h = hashlib.sha256()
-        for f in files:
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
+        try:
+            for f in files:
+                h.update(f.name.encode())
+                with open(f, "rb") as fh:
+                    for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                        h.update(block)
+        except FileNotFoundError:  # removed by a save under way
+            continue
+        if _file_stamps(directory)[1] == key:
+            _HASHES[key] = h.hexdigest()
+            return _HASHES[key]
+    raise CheckpointError(
+        f"{directory}: changed by a save while it was read, {_READS} times; try again when "
+        "the save is done"
+    )
+
+
+def _file_stamps(directory: Path) -> tuple[list[Path], tuple]:
+    """The files `content_hash` reads, and what tells a file replaced or rewritten: inode,
+    size, mtime and ctime (a copy that keeps the mtime, `cp -p`, still moves the ctime)."""
+    files = [directory / "config.json"] + weight_files(directory)
+    stats = [(str(f), f.stat()) for f in files]
+    key = tuple((n, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for n, s in stats)
+    return files, key
 
 
 INIT_ARCHS = {a.init_name: a for a in ARCHITECTURES.values()}  # `looptune init --arch`
