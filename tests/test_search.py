@@ -231,6 +231,37 @@ def test_an_interrupt_while_the_trial_is_stored_is_no_attempt_either(db, monkeyp
     assert len(record.outcomes) == 8 and not record.failed and len(evaluate.calls) == 9
 
 
+@pytest.mark.parametrize("where", ["identity", "plan"])
+def test_an_interrupt_while_the_study_is_created_leaves_one_that_a_rerun_completes(
+    db, monkeypatch, where
+):
+    """Ctrl-C right after the study was created, before its identity or amid its plan: the
+    rerun takes it over (it said the study was not made by looptune, for good) and queues
+    each missing setting once."""
+    set_attr, enqueue, calls = optuna.Study.set_user_attr, optuna.Study.enqueue_trial, []
+
+    def stop_once(real, wanted):
+        def call(self, *args, **kwargs):
+            calls.append(args[0])
+            if wanted(args[0]) and calls.count(args[0]) == 1:
+                raise KeyboardInterrupt
+            return real(self, *args, **kwargs)
+
+        return call
+
+    with monkeypatch.context() as patch:
+        if where == "identity":
+            patch.setattr(optuna.Study, "set_user_attr", stop_once(set_attr, "identity".__eq__))
+        else:
+            third = vars(SMALL.settings()[2])
+            patch.setattr(optuna.Study, "enqueue_trial", stop_once(enqueue, third.__eq__))
+        with pytest.raises(KeyboardInterrupt):
+            run_study(SMALL, synthetic, 100, db, "created")
+    monkeypatch.setattr("looptune.search.study.time.sleep", lambda s: None)
+    record = run_study(SMALL, synthetic, 100, db, "created")
+    assert len(record.outcomes) == 8 and record.trials == 8
+
+
 def test_a_full_disk_under_the_study_is_one_line_and_a_rerun_resumes(db, monkeypatch):
     import sqlite3
 

@@ -15,7 +15,8 @@ finished trial.
   (`trials.py`).
 - Several workers running the same command against one storage and study name share the work:
   whichever creates the study enqueues the plan (creation is atomic in the database), the others
-  take trials from the queue, and a killed worker's trial is failed and retried.
+  take trials from the queue, and a killed worker's trial is failed and retried. A plan its
+  creator did not finish (interrupted, killed) is finished by the next worker, each entry once.
 - The study's identity (what decides its numbers) is stored with it; opening a study of the
   same name for another identity is refused with what changed (`identity.describe_change`).
 """
@@ -39,12 +40,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from looptune.errors import Interrupted, LooptuneError
 from looptune.search.choice import Knobs, Outcome
 from looptune.search.identity import describe_change, plain
-from looptune.search.storage import one_line, open_storage, storage_error
+from looptune.search.storage import claim, one_line, open_storage, storage_error
 from looptune.search.trials import (
     INTERRUPTED,
     StudyRecord,
     collect,
+    enqueue_once,
     fail_abandoned,
+    fill_key,
     mark_worker,
     measured_earlier,
     plan,
@@ -105,7 +108,9 @@ def _sampler(space: Space, trials: int, seed: int):
 def open_study(
     storage, name: str, space: Space, trials: int, seed: int, identity: dict, fresh: bool = False
 ):
-    """Create the study and enqueue its plan, or join it if another worker made it."""
+    """Create the study and enqueue its plan, or join it if another worker made it. The identity
+    is stored first and every plan entry is claimed (`storage.claim`), so a plan that its
+    creator did not finish (interrupted, killed) is finished by the next worker, once."""
     sampler = _sampler(space, trials, seed)
     if fresh:
         with contextlib.suppress(KeyError):
@@ -114,35 +119,50 @@ def open_study(
         study = optuna.create_study(
             storage=storage, study_name=name, sampler=sampler, directions=["minimize"] * 3
         )
+        study.set_user_attr("identity", plain(identity))
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
-        for _ in range(20):  # the worker that created it may not have stored its identity yet
-            stored = study.user_attrs.get("identity")
-            if stored is not None:
-                break
-            time.sleep(0.25)
-        if stored is None:
-            raise LooptuneError(
-                f"study {name!r} in this storage was not made by this version of "
-                f"looptune; give another study name"
-            ) from None
-        change = describe_change(stored, plain(identity))
+        change = describe_change(_stored_identity(study, identity), plain(identity))
         if change:
             raise LooptuneError(
                 f"study {name!r} was measured for another question ({change}); "
                 f"give another study name, or none to have one named after "
                 f"the settings"
             ) from None
-        return study
+    if study.user_attrs.get("planned") is None:
+        _enqueue_plan(study, space, trials)
+    return study
+
+
+def _stored_identity(study, identity: dict) -> dict:
+    """The identity stored with `study`. A study left without one (its creator stopped right
+    after creating it) and without trials is taken over; one with trials and none was made
+    by another program."""
+    for attempt in range(41):  # the worker creating it may not have stored its identity yet
+        stored = study.user_attrs.get("identity")
+        if stored is not None:
+            return stored
+        taken = attempt % 20 == 19 and not study.get_trials(deepcopy=False)
+        if taken and claim(study, "looptune:identity", plain(identity)):
+            study.set_user_attr("identity", plain(identity))
+            return plain(identity)
+        time.sleep(0.25)
+    raise LooptuneError(
+        f"study {study.study_name!r} in this storage was not made by this version of "
+        f"looptune; give another study name"
+    )
+
+
+def _enqueue_plan(study, space: Space, trials: int) -> None:
+    """Enqueue every setting (the grid fits in `trials`), or `trials` entries that cover the
+    loop axis round-robin while the sampler picks the other knobs; each entry once."""
     if space.size <= trials:
         for knobs in space.settings():
-            study.enqueue_trial(vars(knobs).copy())
-        study.set_user_attr("planned", "grid")
+            enqueue_once(study, vars(knobs).copy(), fill_key(knobs))
     else:
         for i in range(trials):  # the loop axis is small: cover it round-robin
-            study.enqueue_trial({"loops": space.loops[i % len(space.loops)]})
-    study.set_user_attr("identity", plain(identity))  # last: joiners wait for it, plan complete
-    return study
+            enqueue_once(study, {"loops": space.loops[i % len(space.loops)]}, f"plan:{i}")
+    study.set_user_attr("planned", "grid" if space.size <= trials else "sampled")
 
 
 @contextlib.contextmanager

@@ -308,7 +308,7 @@ def plan(
         tried = attempts(failed)
         if knobs in state.done or knobs in busy or tried >= MAX_ATTEMPTS:
             continue
-        replaces = f"retry:{failed[-1].number}" if failed else f"fill:{sorted(vars(knobs).items())}"
+        replaces = f"retry:{failed[-1].number}" if failed else fill_key(knobs)
         _enqueue(study, state, knobs, replaces, {"attempt": tried + 1})
     redo = remeasurable(state, earlier)
     for knobs in sorted(redo - busy - state.queued, key=str)[:remeasure]:
@@ -328,19 +328,27 @@ def remeasurable(state: StudyState, earlier: set[int]) -> set[Knobs]:
     }
 
 
+def fill_key(knobs: Knobs) -> str:
+    """The claim of a setting's first trial (the plan's, or a grid's missing one)."""
+    return f"fill:{sorted(vars(knobs).items())}"
+
+
 def _enqueue(study, state: StudyState, knobs: Knobs, replaces: str, attrs: dict) -> None:
-    """Queue `knobs` unless another worker claimed `replaces` first (it queues them). A claim
-    whose worker died before it queued (it is gone, and nothing of `knobs` waits or runs) is
-    taken over under the next key, so a retry is never lost either."""
-    key, me = f"looptune:{replaces}", [MACHINE, *this_process()]
-    while not claim(study, key, {"process": me}):
-        holder = study._storage.get_study_system_attrs(study._study_id).get(key, {}).get("process")
-        if not _gone(holder) or _waiting_or_running(study, knobs):
-            break
-        key += "+"
-    else:
-        study.enqueue_trial(vars(knobs).copy(), user_attrs=attrs)
+    enqueue_once(study, vars(knobs).copy(), replaces, attrs)
     state.queued.add(knobs)
+
+
+def enqueue_once(study, params: dict, replaces: str, attrs: dict | None = None) -> None:
+    """Queue a trial of `params` unless another worker claimed `replaces` first (it queues
+    it). A claim whose worker stopped before it queued (it is gone, and no trial of `params`
+    waits or runs) is taken over under the next key, so an entry is never lost either."""
+    key, me = f"looptune:{replaces}", {"process": [MACHINE, *this_process()]}
+    while not claim(study, key, me):
+        holder = study._storage.get_study_system_attrs(study._study_id).get(key, {})
+        if not _gone(holder.get("process")) or _waiting_or_running(study, params):
+            return
+        key += "+"
+    study.enqueue_trial(params, user_attrs=attrs)
 
 
 def _gone(process) -> bool:
@@ -355,10 +363,10 @@ def _gone(process) -> bool:
     return (pid, start) == this_process() or not _runs(pid, start)
 
 
-def _waiting_or_running(study, knobs: Knobs) -> bool:
+def _waiting_or_running(study, params: dict) -> bool:
     unfinished = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
     return any(
-        knobs_of({**t.system_attrs.get("fixed_params", {}), **t.params}) == knobs
+        params.items() <= {**t.system_attrs.get("fixed_params", {}), **t.params}.items()
         for t in unfinished
     )
 
