@@ -460,10 +460,11 @@ def test_three_workers_queue_a_killed_workers_retry_exactly_once(db):
     assert retry.user_attrs["attempt"] == 2
 
 
-@pytest.mark.parametrize("claimer", ["gone", "alive"])
+@pytest.mark.parametrize("claimer", ["gone", "alive", "gone, retried since"])
 def test_a_retry_claimed_by_a_worker_that_died_before_queuing_it_is_queued_by_another(db, claimer):
     """The claim and the queueing are two writes: a worker killed between them leaves a claim
-    and no retry, which the next plan takes over; a live claimer's is left to it."""
+    and no retry, which the next plan takes over; a live claimer's is left to it, and so is a
+    gone claimer's whose retry exists (a plan that read the study before it was queued)."""
     bad = Knobs("a", 2, 16, "float32")
     evaluate = Counting(fail=lambda k: RuntimeError("flaky") if k == bad else None)
     with pytest.raises(RuntimeError):
@@ -471,11 +472,16 @@ def test_a_retry_claimed_by_a_worker_that_died_before_queuing_it_is_queued_by_an
     study = optuna.load_study(study_name="orphan", storage=db)
     (failed,) = study.get_trials(states=[TrialState.FAIL])
     parent = os.getppid()
-    pid, start = (dead_pid(), 1) if claimer == "gone" else (parent, trials.started(parent))
-    assert storage.claim(
-        study, f"looptune:retry:{failed.number}", {"process": [trials.MACHINE, pid, start]}
-    )
-    trials.plan(study, None, 8, set())
+    pid, start = (parent, trials.started(parent)) if claimer == "alive" else (dead_pid(), 1)
+    key = f"looptune:retry:{failed.number}"
+    assert storage.claim(study, key, {"process": [trials.MACHINE, pid, start]})
+    if claimer == "gone, retried since":
+        grid = {k: optuna.distributions.CategoricalDistribution(v) for k, v in SMALL.grid().items()}
+        retried = optuna.trial.create_trial(  # the retry, failed already
+            state=TrialState.FAIL, params=vars(bad).copy(), distributions=grid
+        )
+        study.add_trial(retried)
+    trials.enqueue_once(study, vars(bad).copy(), key.removeprefix("looptune:"), since=failed.number)
     waiting = study.get_trials(states=[TrialState.WAITING])
     retries = [t for t in waiting if Knobs(**t.system_attrs["fixed_params"]) == bad]
     assert len(retries) == (1 if claimer == "gone" else 0)

@@ -309,11 +309,12 @@ def plan(
         if knobs in state.done or knobs in busy or tried >= MAX_ATTEMPTS:
             continue
         replaces = f"retry:{failed[-1].number}" if failed else fill_key(knobs)
-        _enqueue(study, state, knobs, replaces, {"attempt": tried + 1})
+        since = failed[-1].number if failed else None
+        _enqueue(study, state, knobs, replaces, {"attempt": tried + 1}, since)
     redo = remeasurable(state, earlier)
     for knobs in sorted(redo - busy - state.queued, key=str)[:remeasure]:
-        replaces = f"remeasure:{state.flagged[knobs][-1].number}"
-        _enqueue(study, state, knobs, replaces, {"remeasure": True})
+        last = state.flagged[knobs][-1].number
+        _enqueue(study, state, knobs, f"remeasure:{last}", {"remeasure": True}, last)
     if len(state.done) >= target and not redo & (state.queued | set(state.running)):
         return None
     return state
@@ -333,19 +334,22 @@ def fill_key(knobs: Knobs) -> str:
     return f"fill:{sorted(vars(knobs).items())}"
 
 
-def _enqueue(study, state: StudyState, knobs: Knobs, replaces: str, attrs: dict) -> None:
-    enqueue_once(study, vars(knobs).copy(), replaces, attrs)
+def _enqueue(study, state: StudyState, knobs: Knobs, replaces: str, attrs: dict, since=None):
+    enqueue_once(study, vars(knobs).copy(), replaces, attrs, since)
     state.queued.add(knobs)
 
 
-def enqueue_once(study, params: dict, replaces: str, attrs: dict | None = None) -> None:
+def enqueue_once(
+    study, params: dict, replaces: str, attrs: dict | None = None, since: int | None = None
+) -> None:
     """Queue a trial of `params` unless another worker claimed `replaces` first (it queues
     it). A claim whose worker stopped before it queued (it is gone, and no trial of `params`
-    waits or runs) is taken over under the next key, so an entry is never lost either."""
+    waits, runs or came after trial `since`) is taken over under the next key, so an entry is
+    never lost either."""
     key, me = f"looptune:{replaces}", {"process": [MACHINE, *this_process()]}
     while not claim(study, key, me):
         holder = study._storage.get_study_system_attrs(study._study_id).get(key, {})
-        if not _gone(holder.get("process")) or _waiting_or_running(study, params):
+        if not _gone(holder.get("process")) or _superseded(study, params, since):
             return
         key += "+"
     study.enqueue_trial(params, user_attrs=attrs)
@@ -363,12 +367,14 @@ def _gone(process) -> bool:
     return (pid, start) == this_process() or not _runs(pid, start)
 
 
-def _waiting_or_running(study, params: dict) -> bool:
-    unfinished = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
-    return any(
-        params.items() <= {**t.system_attrs.get("fixed_params", {}), **t.params}.items()
-        for t in unfinished
-    )
+def _superseded(study, params: dict, since: int | None) -> bool:
+    """Whether a trial of `params` waits or runs, or came after trial `since` (any, for None)."""
+    for t in study.get_trials(deepcopy=False):
+        if params.items() <= {**t.system_attrs.get("fixed_params", {}), **t.params}.items():
+            unfinished = t.state in (TrialState.WAITING, TrialState.RUNNING)
+            if unfinished or since is None or t.number > since:
+                return True
+    return False
 
 
 def collect(study) -> StudyRecord:
