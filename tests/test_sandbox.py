@@ -846,3 +846,44 @@ def test_all_canonical_solutions_pass(kind):
     problems = load_set("humaneval").items
     results = run_tests(problems, [p.text for p in problems], sandbox=kind)
     assert [(p.id, r.detail) for p, r in zip(problems, results) if not r.passed] == []
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------
+
+LOOPS_FOR_EVER = "def f():\n    while True:\n        pass\n"
+
+
+def _candidates_left(memory_bytes: int) -> list[int]:
+    """The candidate processes still running with this (unusual) memory limit in their argv."""
+    mark = f'"memory_bytes": {memory_bytes},'.encode()
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if mark in f.read():
+                    left.append(int(pid))
+        except OSError:  # gone
+            pass
+    return left
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_ends_the_checks_under_way_and_their_candidates(kind, workers):
+    """At once, not when the checks would have timed out, and no candidate is left to burn its
+    CPU limit (a timeout far longer than the test's)."""
+    import signal
+    import threading
+    import time
+
+    from looptune.quality.sets import Item
+
+    memory = (1 << 30) + 4096 * (secrets.randbelow(1 << 20) + 1)
+    limits = Limits(timeout_s=60.0, cpu_s=60, memory_bytes=memory)
+    items = [Item(f"loop{i}", "", "", RETURNS_ONE, "f") for i in range(workers)]
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_tests(items, [LOOPS_FOR_EVER] * workers, limits, workers=workers, sandbox=kind)
+    assert time.monotonic() - start < 30  # the checks' own limits are 60 s
+    time.sleep(0.2)  # a SIGKILL is delivered at once, but its process may take a moment to go
+    assert _candidates_left(memory) == []

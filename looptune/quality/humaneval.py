@@ -96,5 +96,9 @@ def run_tests(
         pool = ThreadPoolExecutor(max_workers=workers)
         try:
             return list(pool.map(lambda ic: run_test(*ic, limits, box), zip(items, completions)))
-        finally:  # on Ctrl-C, only the checks already running are waited for
-            pool.shutdown(cancel_futures=True)
+        except BaseException:  # Ctrl-C: end the checks under way, not wait for their limits
+            pool.shutdown(wait=False, cancel_futures=True)
+            box.abort()
+            raise
+        finally:
+            pool.shutdown()

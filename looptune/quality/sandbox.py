@@ -144,16 +144,28 @@ class Sandbox:
         # each result's `sandbox`: the kind, and what the boundary leaves open here
         self.description = self.boundary.description if self.boundary else self.kind
         self._idle: list[_Runner] = []
+        self._busy: set[_Runner] = set()
+        self._aborted = False
         self._lock = threading.Lock()
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
+        if kind is not None:  # Ctrl-C: the checks other threads run end now too
+            self.abort()
         with self._lock:
             idle, self._idle = self._idle, []
         for runner in idle:
             runner.close()
+
+    def abort(self) -> None:
+        """End the checks under way at once (each then ends with its candidate killed, and no
+        verdict) and refuse new ones: for Ctrl-C, rather than wait for their time limits."""
+        with self._lock:
+            self._aborted, busy = True, list(self._busy)
+        for runner in busy:
+            runner.hang_up()
 
     def check(
         self,
@@ -167,14 +179,21 @@ class Sandbox:
         (which define `call`, called with the entry point); see the module docstring. Never
         raises for anything the program does."""
         with self._lock:
+            if self._aborted:
+                raise LooptuneError("the sandbox was stopped (interrupted)")
             runner = self._idle.pop() if self._idle else None
         runner = runner or _Runner(non_dumpable=self.kind == "tripwire")
+        with self._lock:
+            self._busy.add(runner)
         try:
             return self._check(runner, program, tests, entry_point, limits, call)
         finally:
-            if runner.alive:
-                with self._lock:
+            with self._lock:
+                self._busy.discard(runner)
+                if runner.alive and not self._aborted:
                     self._idle.append(runner)
+            if runner.alive and self._aborted:
+                runner.kill()
 
     def _check(self, runner, program, tests, entry_point, limits, call) -> SandboxResult:
         kind, nonce = self.description, secrets.token_hex(16)
@@ -237,13 +256,18 @@ class Sandbox:
             watch = Watch(candidate.pid, files, limits.disk_bytes)
             # its input is held open here too: having answered, it waits, its CPU time in /proc
             stack.callback(os.close, os.dup(to_write))
-            said = runner.run(nonce, job, log, to_write, from_read, limits.timeout_s, watch)
-            watch.check()  # what it used in all
-            try:  # not reaped yet: its group id cannot have been reused
-                os.killpg(candidate.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            candidate_rc = candidate.wait()
+            try:
+                said = runner.run(nonce, job, log, to_write, from_read, limits.timeout_s, watch)
+                watch.check()  # what it used in all
+            except BaseException:  # Ctrl-C: the runner is mid-check, waiting on the candidate
+                runner.kill()
+                raise
+            finally:
+                try:  # not reaped yet: its group id cannot have been reused
+                    os.killpg(candidate.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                candidate_rc = candidate.wait()
             if runner.broken is not None:
                 raise LooptuneError(
                     f"the sandbox's test runner exited at its start (status "
@@ -366,6 +390,13 @@ class _Runner:
             return None
         self.verdicts += 1
         return said[len(nonce) + 1 :]
+
+    def hang_up(self) -> None:
+        """From another thread: the check `run` waits on ends now, without a verdict."""
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:  # closed meanwhile: that check is over anyway
+            pass
 
     def kill(self) -> None:
         try:  # not reaped before this: its group id cannot have been reused
