@@ -440,20 +440,22 @@ PLANNER = textwrap.dedent("""
 """)
 
 
-def test_three_workers_queue_a_killed_workers_retry_exactly_once(db):
-    """Three live workers on one SQLite storage notice one killed worker's trial at the same
-    moment: each fails it, plans, and the retry is queued once (the claim is the database's)."""
-    script = KILLED.format(tests=str(Path(__file__).parent), url=db, nth=3, name="three")
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_three_workers_queue_a_killed_workers_retry_exactly_once(db, kind):
+    """Three live workers on one storage notice one killed worker's trial at the same moment:
+    each fails it, plans, and the retry is queued once (the claim is the database's)."""
+    db, name = storage_url(kind, db), f"three-{uuid.uuid4().hex[:8]}"
+    script = KILLED.format(tests=str(Path(__file__).parent), url=db, nth=3, name=name)
     killed = run_python(script)
     assert killed.returncode == -9, killed.stderr
     lost = Knobs(**json.loads(killed.stdout))
     start = time.time() + 3  # after the three have imported optuna and loaded the study
     planners = [
-        subprocess.Popen([sys.executable, "-c", PLANNER, db, "three", str(start)], text=True)
+        subprocess.Popen([sys.executable, "-c", PLANNER, db, name, str(start)], text=True)
         for _ in range(3)
     ]
     assert [p.wait(timeout=120) for p in planners] == [0, 0, 0]
-    study = optuna.load_study(study_name="three", storage=db)
+    study = optuna.load_study(study_name=name, storage=db)
     same = [t for t in study.get_trials() if Knobs(**t.system_attrs["fixed_params"]) == lost]
     assert sorted(t.state.name for t in same) == ["FAIL", "WAITING"]
     (retry,) = [t for t in same if t.state == TrialState.WAITING]

@@ -19,6 +19,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import socket
@@ -330,8 +332,10 @@ def remeasurable(state: StudyState, earlier: set[int]) -> set[Knobs]:
 
 
 def fill_key(knobs: Knobs) -> str:
-    """The claim of a setting's first trial (the plan's, or a grid's missing one)."""
-    return f"fill:{sorted(vars(knobs).items())}"
+    """The claim of a setting's first trial (the plan's, or a grid's missing one): hashed, as
+    a checkpoint's path may be longer than the 512 characters a database key column holds."""
+    text = json.dumps(vars(knobs), sort_keys=True)
+    return f"fill:{hashlib.sha256(text.encode()).hexdigest()[:24]}"
 
 
 def _enqueue(study, state: StudyState, knobs: Knobs, replaces: str, attrs: dict, since=None):
