@@ -291,6 +291,34 @@ def test_candidates_are_interleaved(ckpt):
     assert runs == [a, b, b, a, a, b, b, a]  # never all of A, then all of B
 
 
+def test_r1_is_measured_once_and_shown_under_every_mode(ckpt):
+    """R = 1 is one plain decoder whatever the mode: a profile of several modes runs it once
+    (at 7B, one compile and one measurement fewer per extra mode) and reports it under each."""
+    runs = []
+
+    def progress(message):
+        if ": run " in message:
+            runs.append(message.split(":")[0])
+
+    ms = profile_candidates(
+        [ckpt], loops=[1, 2], modes=["sequential", "plt"], fresh=True, progress=progress, **FAST
+    )
+    assert [(m.mode, m.loops) for m in ms] == [
+        ("sequential", 1),
+        ("sequential", 2),
+        ("plt", 1),
+        ("plt", 2),
+    ]
+    assert {r.split(" ", 1)[1] for r in runs} == {
+        "sequential R=1 B=1",
+        "sequential R=2 B=1",
+        "plt R=2 B=1",
+    }
+    seq1, plt1 = ms[0], ms[2]
+    assert plt1.tpot_ms_p50 == seq1.tpot_ms_p50 and plt1.kv_bytes == seq1.kv_bytes
+    assert plt1.label == seq1.label.replace("sequential", "plt")
+
+
 def test_ctrl_c_caches_only_finished_candidates_and_raises(ckpt):
     seen = []
 

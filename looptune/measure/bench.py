@@ -57,6 +57,8 @@ class Candidate:
     cache: object = None  # kept between runs by a built step (fixed shapes and addresses)
     ttft: list[float] = field(default_factory=list)
     tpot: list[list[float]] = field(default_factory=list)
+    # R = 1 in a second mode: the same step as this candidate's, whose Measurement it takes
+    same_as: Candidate | None = None
     growth: int = 0
     finished: bool = False
 

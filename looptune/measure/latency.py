@@ -27,6 +27,7 @@ objective); it returns one `Measurement` (`measurement.py`) per candidate. How i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -123,6 +124,7 @@ def profile_candidates(
                     "threads_chosen": how_chosen,
                 }
             env = envs[dtype_name, n]
+            plain = None  # R = 1, as measured in the first mode asked
             for mode in modes if modes is not None else [cfg.mode]:
                 for R in loops:
                     m = Measurement(
@@ -157,10 +159,14 @@ def profile_candidates(
                         "warmup": warmup,
                         "seed": seed,
                     }
-                    cands.append(Candidate(m, path, cfg, key))
+                    cands.append(Candidate(m, path, cfg, key, same_as=plain if R == 1 else None))
+                    if R == 1:
+                        plain = plain or cands[-1]
 
     todo = []
     for c in cands:
+        if c.same_as:
+            continue
         hit = None if fresh else _cached(store, c)
         if hit is not None:
             c.m = hit
@@ -169,6 +175,9 @@ def profile_candidates(
             todo.append(c)
     if todo:
         _measure(todo, dev, Plan(how, min_repeats, min_time_s, warmup, seed, limits), store, say)
+    for c in cands:  # R = 1 is one plain decoder in every mode: the same step, measured once
+        if c.same_as:
+            c.m = dataclasses.replace(c.same_as.m, mode=c.m.mode)
     return [c.m for c in cands]
 
 
