@@ -76,7 +76,8 @@ def profile(
     """Measure latency and memory per loop count, mode and batch on the target device.
 
     For every combination of checkpoint, mode, loops and batch: TTFT, per-token decode latency
-    (p50/p90/p99), tokens/s, KV bytes (measured and analytic) and peak memory.
+    (p50/p90/p99), tokens/s, KV bytes (measured and analytic) and peak memory. R = 1 is the
+    same plain decoder in every mode: it is measured once and shown under each mode asked.
 
     Candidates are run interleaved (A B C, C B A, ...) after a warm-up, each until both
     --min-repeats runs and --min-time seconds are reached; measurements on one device are
