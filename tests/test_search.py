@@ -207,6 +207,32 @@ def test_an_interrupt_is_no_attempt_however_often_a_setting_is_interrupted(db):
     assert len(evaluate.calls) == 7 + MAX_ATTEMPTS + 2
 
 
+def test_an_interrupt_a_library_turned_into_its_own_error_is_no_attempt_either(db):
+    """safetensors' get_tensor, interrupted, raises a ValueError: the trial is still an
+    interrupted one (it was a failure, and three such Ctrl-Cs gave the setting up)."""
+    import signal
+
+    bad = Knobs("a", 2, 16, "float32")
+
+    def evaluate(knobs):
+        if knobs == bad:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # interrupted long before this ends
+            except KeyboardInterrupt:
+                raise ValueError("could not determine the shape of object type") from None
+        return synthetic(knobs)
+
+    for _ in range(MAX_ATTEMPTS + 1):
+        with pytest.raises(Interrupted):
+            run_study(SMALL, evaluate, 100, db, "swallowed")
+    study = optuna.load_study(study_name="swallowed", storage=db)
+    failed = study.get_trials(states=[TrialState.FAIL])
+    assert [t.user_attrs["failure"] for t in failed] == [trials.INTERRUPTED] * (MAX_ATTEMPTS + 1)
+    (failure,) = trials.collect(study).failed
+    assert (failure.knobs, failure.attempts, failure.gave_up) == (bad, 0, False)
+
+
 def test_an_interrupt_while_the_trial_is_stored_is_no_attempt_either(db, monkeypatch):
     """Ctrl-C after the measurement, while Optuna writes the trial: it is failed as interrupted
     (not left running for the next run to take for a dead worker's, which counts)."""

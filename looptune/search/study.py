@@ -28,6 +28,8 @@ import dataclasses
 import itertools
 import json
 import logging
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -203,7 +205,8 @@ def run_study(
                 study, space, evaluate, target, on_trial, isinstance(storage, RDBStorage)
             )
             try:
-                worker.run()
+                with worker.interrupts:
+                    worker.run()
                 return dataclasses.replace(collect(study), still_busy=worker.still_busy)
             except KeyboardInterrupt:  # say what is kept, not what one measurement had done
                 _fail_interrupted(study, worker.trial)
@@ -268,6 +271,34 @@ def _interrupt_behind(e: BaseException) -> bool:
     return False
 
 
+class _Interrupts:
+    """Counts the Ctrl-Cs and SIGTERMs that come while a study runs, calling the handlers in
+    place, so a trial whose interrupt a library turned into an error of its own (safetensors'
+    get_tensor makes a ValueError of it) is still known to be interrupted, not failed."""
+
+    def __init__(self):
+        self.count = 0
+        self.handlers = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(sig)
+                if callable(handler):  # Python's (KeyboardInterrupt) or the CLI's; not SIG_DFL
+                    self.handlers[sig] = handler
+                    signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.count += 1
+        return self.handlers[signum](signum, frame)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        self.handlers = {}
+
+
 class _Worker:
     """One process's share of a study: plan what is missing, measure one trial at a time."""
 
@@ -280,6 +311,7 @@ class _Worker:
         self.unplanned = target == space.size and study.user_attrs.get("planned") != "grid"
         self.report: TrialReport | None = None
         self.trial: optuna.Trial | None = None  # the trial this worker measures now
+        self.interrupts = _Interrupts()
         # Whether this run's latest measurement was taken under interference (None: none yet),
         # and whether a re-measurement of one so taken was too: the machine stays busy.
         self.busy: bool | None = None
@@ -341,13 +373,20 @@ class _Worker:
             self.on_trial(dataclasses.replace(self.report, measured=measured))
 
     def _objective(self, trial: optuna.Trial):
-        self.trial = trial
+        self.trial, interrupts = trial, self.interrupts.count
         try:
             mark_worker(trial, self.run_id)
             return self._measure(trial)
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM (the CLI turns it into one line, 130)
             trial.set_user_attr("failure", INTERRUPTED)  # not an attempt: retried freely
             raise
+        except optuna.TrialPruned:
+            raise
+        except BaseException as e:
+            if self.interrupts.count == interrupts:
+                raise
+            trial.set_user_attr("failure", INTERRUPTED)  # an interrupt in another guise
+            raise KeyboardInterrupt from e
 
     def _measure(self, trial: optuna.Trial):
         knobs = Knobs(**{k: trial.suggest_categorical(k, v) for k, v in self.space.grid().items()})
