@@ -731,6 +731,24 @@ def test_a_machine_busy_run_after_run_costs_one_measurement_a_run_not_the_whole_
     }
 
 
+def test_a_probe_of_a_busy_machine_is_one_setting_however_often_the_worker_plans(db):
+    """A plan before each trial: while the one re-measurement waits (or a trial of this run
+    measured nothing, a repeat), the next plan queues no second one."""
+
+    def busy(knobs):
+        o = synthetic(knobs)
+        o.interference = "load"
+        return o
+
+    run_study(SMALL, busy, 100, db, "probe")
+    study = optuna.load_study(study_name="probe", storage=db)
+    earlier = trials.measured_earlier(study)
+    for _ in range(3):
+        trials.plan(study, None, 8, earlier, remeasure=1)
+    (probe,) = study.get_trials(states=[TrialState.WAITING])
+    assert probe.user_attrs["remeasure"]
+
+
 @pytest.mark.parametrize("url", ["study.log", "runs/study.db"])
 def test_a_storage_path_that_is_no_database_url_is_refused_saying_what_to_give(url):
     from looptune.search.storage import open_storage

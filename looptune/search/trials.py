@@ -298,11 +298,12 @@ def plan(
     remeasure: int | None = None,
 ) -> StudyState | None:
     """Queue the retries of failed settings (and every missing one of `settings`, for a study
-    sampled before that now covers its grid) and up to `remeasure` (None: all) re-measurements
-    of the settings measured under interference by the `earlier` trials (`measured_earlier`
-    when this run began: a worker running alongside on this machine flags its results as this
-    one would, and measuring them again would only double the work); None when the study is
-    complete. Each is queued by the one worker that claims it (`storage.claim`)."""
+    sampled before that now covers its grid) and the re-measurements of the settings measured
+    under interference by the `earlier` trials, up to `remeasure` of them waiting or running at
+    once (None: all). `earlier` is `measured_earlier` when this run began: a worker running
+    alongside on this machine flags its results as this one would, and measuring them again
+    would only double the work. None when the study is complete. Each is queued by the one
+    worker that claims it (`storage.claim`)."""
     state = read_state(study)
     busy = state.queued | set(state.running)
     for knobs in settings if settings is not None else list(state.failures):
@@ -314,7 +315,8 @@ def plan(
         since = failed[-1].number if failed else None
         _enqueue(study, state, knobs, replaces, {"attempt": tried + 1}, since)
     redo = remeasurable(state, earlier)
-    for knobs in sorted(redo - busy - state.queued, key=str)[:remeasure]:
+    room = None if remeasure is None else max(0, remeasure - len(redo & busy))
+    for knobs in sorted(redo - busy - state.queued, key=str)[:room]:
         last = state.flagged[knobs][-1].number
         _enqueue(study, state, knobs, f"remeasure:{last}", {"remeasure": True}, last)
     if len(state.done) >= target and not redo & (state.queued | set(state.running)):
