@@ -192,9 +192,10 @@ def run_study(
 ) -> StudyRecord:
     """Run (or resume, or join) the study until it holds `trials` distinct settings (the whole
     grid when that is smaller), then read it back. `evaluate` raises `Infeasible` for a setting
-    that cannot run; any other exception (KeyboardInterrupt included) fails the trial, keeps its
-    reason for the next run's retry, and propagates. `fresh` deletes a stored study of this
-    name first."""
+    that cannot run; any other exception fails the trial, keeps its reason for the next run's
+    retry (one of MAX_ATTEMPTS), and propagates. A KeyboardInterrupt (Ctrl-C, SIGTERM) fails it
+    as interrupted, which is no attempt, and is raised as `Interrupted`. A storage that fails or
+    holds damaged data is one LooptuneError. `fresh` deletes a stored study of this name first."""
     identity = identity if identity is not None else {"space": space.grid()}
     storage = open_storage(storage_url)
     with _quiet_optuna():
