@@ -4,6 +4,7 @@ resume and shared workers.
 These use a deterministic stand-in for the measurements (a function of the knobs) so that the
 Optuna side is tested exactly; tests/test_pareto_cli.py runs the real measurements."""
 
+import copy
 import json
 import os
 import shutil
@@ -460,12 +461,30 @@ PLANNER = textwrap.dedent("""
 
     trials.read_state = slow_read
     study = optuna.load_study(study_name=sys.argv[2], storage=sys.argv[1])
-    time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # all three plan at once
+    print("ready", flush=True)
+    sys.stdin.readline()  # all three plan at once
     trials.fail_abandoned(study, heartbeat=True)
     trials.plan(study, None, 8, set())
 """)
 
 
+def test_plans_that_read_the_study_at_once_queue_a_retry_once(db, monkeypatch):
+    """Three plans that all read the study before any of them queued (as workers that notice a
+    failed trial together do): the retry is queued by one of them."""
+    bad = Knobs("a", 2, 16, "float32")
+    evaluate = Counting(fail=lambda k: RuntimeError("flaky") if k == bad else None)
+    with pytest.raises(RuntimeError):
+        run_study(SMALL, evaluate, 100, db, "at-once")
+    study = optuna.load_study(study_name="at-once", storage=db)
+    stale = trials.read_state(study)
+    monkeypatch.setattr(trials, "read_state", lambda s: copy.deepcopy(stale))
+    for _ in range(3):
+        trials.plan(study, None, 8, set())
+    waiting = study.get_trials(states=[TrialState.WAITING])
+    assert [Knobs(**t.system_attrs["fixed_params"]) for t in waiting].count(bad) == 1
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_three_workers_queue_a_killed_workers_retry_exactly_once(db, kind):
     """Three live workers on one storage notice one killed worker's trial at the same moment:
@@ -475,11 +494,19 @@ def test_three_workers_queue_a_killed_workers_retry_exactly_once(db, kind):
     killed = run_python(script)
     assert killed.returncode == -9, killed.stderr
     lost = Knobs(**json.loads(killed.stdout))
-    start = time.time() + 3  # after the three have imported optuna and loaded the study
     planners = [
-        subprocess.Popen([sys.executable, "-c", PLANNER, db, name, str(start)], text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", PLANNER, db, name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(3)
     ]
+    assert [p.stdout.readline() for p in planners] == ["ready\n"] * 3
+    for p in planners:
+        p.stdin.write("go\n")
+        p.stdin.flush()
     assert [p.wait(timeout=120) for p in planners] == [0, 0, 0]
     study = optuna.load_study(study_name=name, storage=db)
     same = [t for t in study.get_trials() if Knobs(**t.system_attrs["fixed_params"]) == lost]
