@@ -60,6 +60,7 @@ def main():
         ending["code"] = e.code if isinstance(e.code, int) else int(e.code is not None)
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
+    _flush()  # its output goes out whole before the teardown, which a Ctrl-C ends at once
     raise SystemExit(ending["code"])
 
 
@@ -77,14 +78,17 @@ def _end(ending: dict) -> None:
     """Exit once the other exit functions ran, skipping the interpreter's own teardown: in it
     Python gives SIGINT back to the kernel's default, so a Ctrl-C there killed the process
     (status -2) with no word, and torch's teardown takes a while."""
-    if "code" not in ending:
-        return
+    if "code" in ending:
+        _flush()
+        os._exit(ending["code"])
+
+
+def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe or stream: nothing more can go out
             pass
-    os._exit(ending["code"])
 
 
 __all__ = ["app", "main"]
