@@ -179,12 +179,15 @@ class Sandbox:
         (which define `call`, called with the entry point); see the module docstring. Never
         raises for anything the program does."""
         with self._lock:
-            if self._aborted:
-                raise LooptuneError("the sandbox was stopped (interrupted)")
-            runner = self._idle.pop() if self._idle else None
+            runner = self._idle.pop() if self._idle and not self._aborted else None
         runner = runner or _Runner(non_dumpable=self.kind == "tripwire")
-        with self._lock:
-            self._busy.add(runner)
+        with self._lock:  # from here `abort` reaches it
+            aborted = self._aborted
+            if not aborted:
+                self._busy.add(runner)
+        if aborted:
+            runner.close()
+            raise LooptuneError("the sandbox was stopped (interrupted)")
         try:
             return self._check(runner, program, tests, entry_point, limits, call)
         finally:
