@@ -776,6 +776,43 @@ def test_a_probe_of_a_busy_machine_is_one_setting_however_often_the_worker_plans
     assert probe.user_attrs["remeasure"]
 
 
+@pytest.mark.parametrize("worker", ["alive", "gone"])
+def test_fresh_is_refused_while_another_worker_measures_in_the_study(db, worker):
+    """Deleting the study under a live worker would end it with an error (and could put its
+    results into the new study); a gone worker's trial does not hold it."""
+    study = optuna.create_study(storage=db, study_name="fresh", directions=["minimize"] * 3)
+    parent = os.getppid()
+    pid, start = (parent, trials.started(parent)) if worker == "alive" else (dead_pid(), 1)
+    running = study.ask()
+    running.set_user_attr("worker", f"elsewhere:{pid}")
+    running.set_user_attr("process", [trials.MACHINE, pid, start])
+    if worker == "alive":
+        with pytest.raises(LooptuneError, match=f"by another worker \\(elsewhere:{pid}\\)"):
+            run_study(SMALL, synthetic, 100, db, "fresh", fresh=True)
+        assert len(optuna.load_study(study_name="fresh", storage=db).trials) == 1
+    else:
+        assert len(run_study(SMALL, synthetic, 100, db, "fresh", fresh=True).outcomes) == 8
+
+
+def test_a_study_started_over_under_a_worker_ends_it_in_one_line(db):
+    """Another process deletes the study (`optuna delete-study`, or fresh between two trials of
+    this worker) and measures it again while this worker measures: this worker ends with one
+    line, and the new study keeps only its own results."""
+    calls = []
+
+    def evaluate(knobs):
+        calls.append(knobs)
+        if len(calls) == 3:  # another process, meanwhile
+            optuna.delete_study(study_name="under", storage=db)
+            run_study(SMALL, synthetic, 100, db, "under")
+        return synthetic(knobs)
+
+    with pytest.raises(LooptuneError, match="^study 'under' was deleted or started over"):
+        run_study(SMALL, evaluate, 100, db, "under")
+    study = optuna.load_study(study_name="under", storage=db)
+    assert len(study.trials) == 8 and all(t.state == TrialState.COMPLETE for t in study.trials)
+
+
 @pytest.mark.parametrize("url", ["study.log", "runs/study.db"])
 def test_a_storage_path_that_is_no_database_url_is_refused_saying_what_to_give(url):
     from looptune.search.storage import open_storage

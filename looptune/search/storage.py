@@ -95,6 +95,35 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
 
+def storage_failure(e: Exception) -> LooptuneError | None:
+    """The one-line error for a storage that failed or holds damaged data; None for another
+    error (a bug, or the evaluation's own)."""
+    if isinstance(e, json.JSONDecodeError):  # Optuna keeps attributes as JSON text
+        cause = f"it holds a value that is not JSON ({e})"
+    elif (cause := storage_error(e)) is None:
+        return None
+    elif "readonly database" in cause:  # a rerun would fail the same way
+        return LooptuneError(f"cannot write to the study storage: {cause}; give a writable one")
+    elif not any(m in cause for m in ("malformed", "not a database")):
+        return LooptuneError(
+            f"the study storage failed: {cause}; what was measured is cached and kept, "
+            "a rerun resumes"
+        )
+    return LooptuneError(
+        f"the study storage is damaged: {cause}; move it away or give another storage "
+        "(what was measured is cached: a new study does not measure it again)"
+    )
+
+
+def replaced(study, instance: str | None) -> bool:
+    """Whether `study`, opened as `instance` (its "instance" attribute then), was deleted, or
+    deleted and made again, since (a database may give the new study the old one's ids)."""
+    try:
+        return study._storage.get_study_user_attrs(study._study_id).get("instance") != instance
+    except KeyError:
+        return True
+
+
 def storage_error(e: BaseException | None) -> str | None:
     """The first line of the database error behind `e` (a full disk, a server gone), which
     Optuna may hide behind its own errors; None when `e` is not one."""

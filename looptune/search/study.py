@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import logging
 import signal
 import threading
@@ -42,7 +41,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from looptune.errors import Interrupted, LooptuneError
 from looptune.search.choice import Knobs, Outcome
 from looptune.search.identity import describe_change, plain
-from looptune.search.storage import claim, one_line, open_storage, storage_error
+from looptune.search.storage import (
+    claim,
+    one_line,
+    open_storage,
+    replaced,
+    storage_failure,
+)
 from looptune.search.trials import (
     INTERRUPTED,
     StudyRecord,
@@ -115,12 +120,12 @@ def open_study(
     creator did not finish (interrupted, killed) is finished by the next worker, once."""
     sampler = _sampler(space, trials, seed)
     if fresh:
-        with contextlib.suppress(KeyError):
-            optuna.delete_study(study_name=name, storage=storage)
+        _start_over(storage, name, sampler)
     try:
         study = optuna.create_study(
             storage=storage, study_name=name, sampler=sampler, directions=["minimize"] * 3
         )
+        study.set_user_attr("instance", uuid.uuid4().hex)  # tells it from a study made again
         study.set_user_attr("identity", plain(identity))
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
@@ -134,6 +139,24 @@ def open_study(
     if study.user_attrs.get("planned") is None:
         _enqueue_plan(study, space, trials)
     return study
+
+
+def _start_over(storage, name: str, sampler) -> None:
+    """Delete the stored study `name`, unless another worker is measuring in it (deleting it
+    from under that worker would end it with an error, and its results in the new study)."""
+    try:
+        study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
+    except KeyError:
+        return
+    fail_abandoned(study, isinstance(storage, RDBStorage))
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if running:
+        who = running[0].user_attrs.get("worker", "unknown")
+        raise LooptuneError(
+            f"study {name!r} is being measured by another worker ({who}); fresh would start it "
+            "over under it: wait for it to end, or stop it first"
+        )
+    optuna.delete_study(study_name=name, storage=storage)
 
 
 def _stored_identity(study, identity: dict) -> dict:
@@ -198,9 +221,11 @@ def run_study(
     holds damaged data is one LooptuneError. `fresh` deletes a stored study of this name first."""
     identity = identity if identity is not None else {"space": space.grid()}
     storage = open_storage(storage_url)
+    study = None
     with _quiet_optuna():
         try:
             study = open_study(storage, name, space, trials, seed, identity, fresh)
+            instance = study.user_attrs.get("instance")
             target = min(trials, space.size)
             worker = _Worker(
                 study, space, evaluate, target, on_trial, isinstance(storage, RDBStorage)
@@ -212,32 +237,21 @@ def run_study(
             except KeyboardInterrupt:  # say what is kept, not what one measurement had done
                 _fail_interrupted(study, worker.trial)
                 raise Interrupted(_kept(study, target)) from None
+        except LooptuneError:
+            raise
         except Exception as e:
-            failure = _storage_failure(e)
+            failure = storage_failure(e)
+            if failure is None and study is not None and replaced(study, instance):
+                failure = _started_over(name)
             if failure is None:
                 raise
             raise failure from None
 
 
-def _storage_failure(e: Exception) -> LooptuneError | None:
-    """The one-line error for a storage that failed or holds damaged data; None for another
-    error (a bug, or the evaluation's own)."""
-    if isinstance(e, LooptuneError):  # said already (its context may hold a storage error)
-        return None
-    if isinstance(e, json.JSONDecodeError):  # Optuna keeps attributes as JSON text
-        cause = f"it holds a value that is not JSON ({e})"
-    elif (cause := storage_error(e)) is None:
-        return None
-    elif "readonly database" in cause:  # a rerun would fail the same way
-        return LooptuneError(f"cannot write to the study storage: {cause}; give a writable one")
-    elif not any(m in cause for m in ("malformed", "not a database")):
-        return LooptuneError(
-            f"the study storage failed: {cause}; what was measured is cached and kept, "
-            "a rerun resumes"
-        )
+def _started_over(name: str) -> LooptuneError:
     return LooptuneError(
-        f"the study storage is damaged: {cause}; move it away or give another storage "
-        "(what was measured is cached: a new study does not measure it again)"
+        f"study {name!r} was deleted or started over (fresh) by another process while this "
+        "one measured; what it measured is cached: run it again"
     )
 
 
@@ -310,6 +324,7 @@ class _Worker:
         self.earlier: set[int] | None = None  # trials of finished workers, when this run began
         # A study made to be sampled that is now to cover its grid (a larger `trials`).
         self.unplanned = target == space.size and study.user_attrs.get("planned") != "grid"
+        self.instance = study.user_attrs.get("instance")
         self.report: TrialReport | None = None
         self.trial: optuna.Trial | None = None  # the trial this worker measures now
         self.interrupts = _Interrupts()
@@ -343,6 +358,8 @@ class _Worker:
     def _plan(self):
         """Fail the trials of workers that are gone, queue what is missing (`trials.plan`);
         None when the study is complete."""
+        if replaced(self.study, self.instance):  # its trial numbers are another study's now
+            raise _started_over(self.study.study_name)
         fail_abandoned(self.study, self.heartbeat)
         settings = self.space.settings() if self.unplanned else None
         if self.earlier is None:
