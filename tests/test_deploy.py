@@ -271,3 +271,21 @@ def test_a_broken_front_member_is_named(tmp_path):
     result = runner.invoke(app, ["show", str(bad)])
     assert result.exit_code == 2
     assert "pareto_set[1].knobs.loops must be an integer >= 1, got 0" in result.stderr
+
+
+def test_a_completion_that_stops_inside_a_character_keeps_it_as_a_replacement():
+    """Streaming never splits a UTF-8 character, so a completion whose last token ends inside
+    one held those bytes back; at the end they come out (as U+FFFD), never silently lost."""
+    from looptune.export.runtime import _TextStream
+
+    class Bytes:  # the byte tokenizer's interface: one id per byte
+        def token_bytes(self, token_id):
+            return bytes([token_id])
+
+    pieces = []
+    text = _TextStream(Bytes(), pieces.append)
+    for b in "aé".encode()[:-1]:  # "a", then the first byte of "é"
+        text.push(b)
+    assert pieces == ["a"]
+    text.end()
+    assert pieces == ["a", "\ufffd"]

@@ -69,6 +69,7 @@ class ProfiledModel:
             stop_id=eos,
             on_token=lambda t: None if int(t[0]) == eos else text.push(int(t[0])),
         )
+        text.end()
         return "".join(pieces)
 
 
@@ -81,6 +82,13 @@ class _TextStream:
 
     def push(self, token_id: int):
         piece = self.decoder.decode(self.tokenizer.token_bytes(token_id))
+        if piece:
+            self.emit(piece)
+
+    def end(self):
+        """The bytes of a character the completion stopped inside of, as U+FFFD (they were
+        dropped)."""
+        piece = self.decoder.decode(b"", final=True)
         if piece:
             self.emit(piece)
 
