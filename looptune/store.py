@@ -99,8 +99,8 @@ def write_beside(path, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(
         prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
     )
-    os.close(fd)
-    try:
+    try:  # (a temporary left by a signal before this is removed by the next write here)
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, mode)  # mkstemp, and writers such as save_file, make 0600 whatever the umask
     except BaseException:
