@@ -289,6 +289,21 @@ def test_an_interrupt_while_the_study_is_created_leaves_one_that_a_rerun_complet
     assert len(record.outcomes) == 8 and record.trials == 8
 
 
+def test_a_sampled_study_of_an_earlier_version_is_resumed_without_a_second_plan(db, monkeypatch):
+    """Earlier versions marked only a grid plan as made (and claimed nothing): their sampled
+    study is not planned again (twelve more queued entries) when it is resumed."""
+    space = Space(("a", "b"), (1, 2, 3, 4), (4, 8, 16, 32, 64), ("float32",))
+    with monkeypatch.context() as patch:
+        for module in ("study", "trials"):
+            patch.setattr(f"looptune.search.{module}.claim", lambda *args: True)
+        run_study(space, synthetic, 12, db, "earlier")
+    study = optuna.load_study(study_name="earlier", storage=db)
+    for key in ("planned", "instance"):  # as an earlier looptune left it
+        study._storage.set_study_user_attr(study._study_id, key, None)
+    record = run_study(space, synthetic, 12, db, "earlier")
+    assert record.trials == 12 and not study.get_trials(states=[TrialState.WAITING])
+
+
 def test_a_full_disk_under_the_study_is_one_line_and_a_rerun_resumes(db, monkeypatch):
     import sqlite3
 

@@ -136,7 +136,10 @@ def open_study(
                 f"give another study name, or none to have one named after "
                 f"the settings"
             ) from None
-    if study.user_attrs.get("planned") is None:
+    attrs = study.user_attrs
+    # A plan not marked done is finished; but a study of an earlier looptune (no "instance")
+    # marked only a grid plan, and its sampled plan is done once it has trials.
+    if attrs.get("planned") is None and (attrs.get("instance") or not study.get_trials()):
         _enqueue_plan(study, space, trials)
     return study
 
