@@ -773,3 +773,29 @@ def test_content_hash_follows_a_file_rewritten_with_its_size_and_mtime_kept(tmp_
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert weights.stat().st_size == st.st_size
     assert content_hash(tmp_path / "a") == content_hash(tmp_path / "b") != first
+
+
+@pytest.mark.parametrize("shards", [None, 4096])
+def test_a_save_that_waited_for_another_writes_its_config_over_that_ones(
+    tmp_path, monkeypatch, shards
+):
+    """B's config equals the directory's when B starts, but A (another config) saves while
+    B waits for the directory's lock: B, the last save, must win whole with its own config,
+    never put its weights under A's config (it decided 'weights only' before the wait)."""
+    from looptune.model import save
+
+    ck = tmp_path / "ck"
+    save_checkpoint(tiny_model(seed=0), ck, max_shard_bytes=shards)
+    a, b = tiny_model(seed=2, window=5), tiny_model(seed=1)  # b: the directory's config
+    real, waited = save._lock, []
+
+    def a_saves_first(directory):
+        if not waited:  # (A's own lock is the next call)
+            waited.append(directory)
+            save_checkpoint(a, ck, max_shard_bytes=shards)
+        return real(directory)
+
+    monkeypatch.setattr(save, "_lock", a_saves_first)
+    save_checkpoint(b, ck, max_shard_bytes=shards)
+    assert waited
+    assert_loads_as(ck, b)

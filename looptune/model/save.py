@@ -247,12 +247,14 @@ def save_checkpoint(
     config.update(extra_config or {})
     config_bytes = (json.dumps(config, indent=2) + "\n").encode()
     existed = directory.is_dir()
-    staged = StagedFiles(directory, flush=(directory / "config.json").exists())
+    staged = StagedFiles(directory)
     kept = "the directory keeps what it held before" if existed else "nothing was kept"
     old = directory / "config.json"
-    new_config = not (old.is_file() and old.read_bytes() == config_bytes)  # else weights only
     try:
         with staged:
+            # read under the lock: a save that ran while this one waited for it counts
+            staged.flush = old.is_file()
+            new_config = not (old.is_file() and old.read_bytes() == config_bytes)  # else weights
             # A new config: the old one goes just before the first weight file it does not
             # describe, so a save killed from there on leaves no config.json (a clear error
             # on load, naming the interrupted save), never new weights under the old config.
