@@ -799,3 +799,69 @@ def test_a_save_that_waited_for_another_writes_its_config_over_that_ones(
     save_checkpoint(b, ck, max_shard_bytes=shards)
     assert waited
     assert_loads_as(ck, b)
+
+
+@pytest.mark.parametrize("what", ["config.json", "model.safetensors", INDEX_NAME])
+def test_a_file_that_cannot_be_read_is_one_line_from_load_and_hash(tmp_path, what):
+    """A checkpoint file this user may not read (another user's 0600 file; as root, whom
+    modes do not stop, a directory in its place) is one line naming it, from the loader and
+    from content_hash alike (was a PermissionError traceback, or safetensors' 'No such file')."""
+    import os
+    import shutil
+
+    from looptune.model.checkpoint import content_hash
+
+    ck = tmp_path / "ck"
+    save_checkpoint(tiny_model(), ck, max_shard_bytes=4096 if what == INDEX_NAME else None)
+    if os.geteuid() == 0:
+        (ck / what).unlink()
+        (ck / what).mkdir()
+    else:
+        (ck / what).chmod(0)
+    for read in (lambda: load_model(ck, device="cpu"), lambda: content_hash(ck)):
+        with pytest.raises(CheckpointError, match=f"{what}: cannot read it") as e:
+            read()
+        assert "\n" not in str(e.value)
+    shutil.rmtree(ck / what, ignore_errors=True)
+
+
+def test_a_dangling_weights_link_is_named_not_taken_for_a_save(tmp_path):
+    """A hub snapshot whose blob is gone leaves model.safetensors a link to nothing: one line
+    that says so (content_hash said a save changed the directory, three times)."""
+    import os
+
+    from looptune.model.checkpoint import content_hash
+
+    ck = tmp_path / "ck"
+    save_checkpoint(tiny_model(), ck)
+    (ck / "model.safetensors").unlink()
+    os.symlink(tmp_path / "blobs" / "gone", ck / "model.safetensors")
+    for read in (lambda: load_model(ck, device="cpu"), lambda: content_hash(ck)):
+        with pytest.raises(CheckpointError, match="model.safetensors: a symbolic link to .*gone"):
+            read()
+
+
+def test_content_hash_overtaken_between_the_index_and_its_shards_starts_again(
+    tmp_path, monkeypatch
+):
+    """A save that replaces the shards just after the hash read the index (the old shards
+    gone) makes it start again, as a load does: not 'names ..., which is missing'."""
+    import types
+
+    from looptune.model import checkpoint
+
+    ck, _, new, _ = old_and_new(tmp_path, 4096, 4096)
+    saved = []
+
+    def loads(text):
+        out = json.loads(text)
+        if "weight_map" in out and not saved:
+            saved.append(save_checkpoint(new, ck, max_shard_bytes=4096))
+        return out
+
+    fake = types.SimpleNamespace(loads=loads, JSONDecodeError=json.JSONDecodeError)
+    monkeypatch.setattr(checkpoint, "json", fake)
+    got = checkpoint.content_hash(ck)
+    assert saved
+    checkpoint._HASHES.clear()
+    assert got == checkpoint.content_hash(ck)

@@ -95,7 +95,7 @@ def info(
     safetensors headers are read."""
     from looptune.bundled import resolve_checkpoints
     from looptune.cli.app import parse_int_list
-    from looptune.model.checkpoint import describe_checkpoint
+    from looptune.model.info import describe_checkpoint
 
     path = resolve_checkpoints([checkpoint] if checkpoint else None)[0]
     doc = describe_checkpoint(path, parse_int_list(contexts, "--contexts"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,6 @@ from safetensors import SafetensorError, safe_open
 from looptune.errors import CheckpointError, LooptuneError
 from looptune.model.arch import (
     ARCHITECTURES,
-    ENGINES,
     PLT,
     Spelling,
     detect_spelling,
@@ -82,6 +82,8 @@ def read_config(directory: Path) -> tuple[PLTConfig, dict]:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise _unreadable(path, e) from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     cfg = from_hf_dict(raw, str(path))
@@ -92,6 +94,16 @@ def read_config(directory: Path) -> tuple[PLTConfig, dict]:
     return cfg, raw
 
 
+def _unreadable(path: Path, e: OSError) -> CheckpointError:
+    return CheckpointError(f"{path}: cannot read it ({e.strerror or e})")
+
+
+def _dangling(f: Path) -> None:
+    """Refuse a link to nothing (a hub snapshot whose blob is gone) in one line naming both."""
+    if f.is_symlink() and not f.exists():
+        raise CheckpointError(f"{f}: a symbolic link to {os.readlink(f)}, which does not exist")
+
+
 def weight_files(directory: Path) -> list[Path]:
     index = directory / INDEX
     if index.exists():
@@ -99,14 +111,20 @@ def weight_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        except OSError as e:
+            raise _unreadable(index, e) from None
         files = sorted({directory / f for f in weight_map.values()})
         for f in files:
+            _dangling(f)
             if not f.exists():
                 raise CheckpointError(f"{index}: names {f.name}, which is missing")
         return files
-    if (directory / SINGLE).exists():
+    if (directory / SINGLE).exists() or (directory / SINGLE).is_symlink():
+        _dangling(directory / SINGLE)
         return [directory / SINGLE]
     shards = sorted(directory.glob("*.safetensors"))
+    for f in shards:
+        _dangling(f)
     if shards:
         return shards
     if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
@@ -136,6 +154,11 @@ def read_layout(directory: Path, cfg: PLTConfig, files: list[Path], expected: di
     key of the model to its shape. Raises a one-line CheckpointError on any disagreement."""
     stored: dict[str, tuple[Path, tuple, str]] = {}
     for f in files:
+        try:
+            with open(f, "rb"):  # safetensors says 'No such file' of one it may not read
+                pass
+        except OSError as e:
+            raise _unreadable(f, e) from None
         try:
             with safe_open(str(f), framework="pt") as handle:
                 for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
@@ -293,29 +316,23 @@ _HASHES: dict[tuple, str] = {}
 def content_hash(path) -> str:
     """sha256 over config.json and the weight files, in name order (memoised per process on
     each file's identity, size and times). Caches and profiles key on it, so a changed model
-    never reuses results. A save into the directory while it is hashed makes it start again:
-    the hash is of one checkpoint, never of a mix."""
+    never reuses results. A save into the directory while it is hashed makes it start again
+    (config.json or the index changed, as `load_model` tells): the hash is of one checkpoint,
+    never of a mix."""
     directory = Path(path)
     for _ in range(_READS):
+        before = _stamp(directory)
         try:
             files, key = _file_stamps(directory)
-        except FileNotFoundError:  # config.json missing says why; a weight file: a save's
-            read_config(directory)
-            continue
-        if key in _HASHES:
+            if key not in _HASHES:
+                digest = _digest(files)
+                if _file_stamps(directory)[1] != key:
+                    continue  # a file rewritten while it was read
+                _HASHES[key] = digest
             return _HASHES[key]
-        h = hashlib.sha256()
-        try:
-            for f in files:
-                h.update(f.name.encode())
-                with open(f, "rb") as fh:
-                    for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                        h.update(block)
-        except FileNotFoundError:  # removed by a save under way
-            continue
-        if _file_stamps(directory)[1] == key:
-            _HASHES[key] = h.hexdigest()
-            return _HASHES[key]
+        except CheckpointError:  # a file gone (or a wrong index read) amid a save: again
+            if _stamp(directory) == before:
+                raise
     raise CheckpointError(
         f"{directory}: changed by a save while it was read, {_READS} times; try again when "
         "the save is done"
@@ -325,10 +342,28 @@ def content_hash(path) -> str:
 def _file_stamps(directory: Path) -> tuple[list[Path], tuple]:
     """The files `content_hash` reads, and what tells a file replaced or rewritten: inode,
     size, mtime and ctime (a copy that keeps the mtime, `cp -p`, still moves the ctime)."""
+    if not (directory / "config.json").is_file():
+        read_config(directory)  # says why, in one line
     files = [directory / "config.json"] + weight_files(directory)
-    stats = [(str(f), f.stat()) for f in files]
+    try:
+        stats = [(str(f), f.stat()) for f in files]
+    except OSError as e:
+        raise _unreadable(Path(e.filename), e) from None
     key = tuple((n, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for n, s in stats)
     return files, key
+
+
+def _digest(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        try:
+            with open(f, "rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                    h.update(block)
+        except OSError as e:
+            raise _unreadable(f, e) from None
+    return h.hexdigest()
 
 
 INIT_ARCHS = {a.init_name: a for a in ARCHITECTURES.values()}  # `looptune init --arch`
@@ -375,64 +410,4 @@ def init_checkpoint(
         "window": cfg.window,
         "architecture": cfg.architecture,
         "dtype": str(torch_dtype).removeprefix("torch."),
-    }
-
-
-def describe_layout(cfg: PLTConfig, spelling: Spelling) -> dict:
-    """The layout and gate spelling a checkpoint uses and the engines known to load it."""
-    arch = ARCHITECTURES[cfg.architecture]
-    return {
-        "architecture": arch.name,
-        "family": arch.family,
-        "spelling": spelling.key,
-        "label": spelling.label,
-        "gate_tensors": spelling.names(cfg.gate),
-        "gate": cfg.gate,
-        "gate_rule": arch.gate_rule,
-        "written_by": list(spelling.writers),
-        "loaded_by": [ENGINES[e] for e in spelling.loaders],
-        "note": spelling.note,
-        "looptune_writes": arch.spelling(arch.written).names(cfg.gate),
-    }
-
-
-def describe_checkpoint(path, contexts=(512, 2048, 8192)) -> dict:
-    """`looptune info`: the config, the layout and gate spelling, parameter counts and KV bytes
-    per sequence by mode and R.
-
-    Reads only the config and the safetensors headers: nothing is loaded."""
-    from dataclasses import asdict
-
-    from looptune.model.cache import kv_bytes
-    from looptune.model.config import MODES
-
-    directory = Path(path)
-    cfg, _ = read_config(directory)
-    model, expected = _meta_model(cfg)
-    layout = read_layout(directory, cfg, weight_files(directory), expected)
-    dtype = layout.dtype
-    rows = []
-    for mode in MODES:
-        for R in range(1, 5):
-            rows.append(
-                {
-                    "mode": mode,
-                    "loops": R,
-                    "bytes": {
-                        str(S): kv_bytes(cfg, mode, R, cfg.window, S, 1, dtype) for S in contexts
-                    },
-                }
-            )
-    return {
-        "path": str(directory),
-        "config": asdict(cfg),
-        "dtype": str(dtype).removeprefix("torch."),
-        # False: the config names tokenizer.json but it is not there, so the model takes ids only
-        "tokenizer_found": cfg.tokenizer != "tokenizer.json"
-        or (directory / "tokenizer.json").is_file(),
-        "layout": describe_layout(cfg, layout.spelling),
-        "parameters": model.num_params(),
-        "parameters_non_embedding": model.num_params(False),
-        "contexts": list(contexts),
-        "kv_bytes": rows,
     }
