@@ -5,7 +5,9 @@ it must not be cached as if it were. `CpuWatch` records, over a measurement, the
 average before and after against the usable cores, and the CPU time that *other* processes used
 (from /proc/stat, minus this process's own time), and the share of the time this process's
 threads were runnable but had no CPU ("cpu wait", from schedstat: the load average lags by a
-minute, and others' CPU time is capped by what they took from us). `interference(...)` turns
+minute, and others' CPU time is capped by what they took from us). Where the last two were
+measured, the load average is recorded but is no reason: it would still say "busy" a minute
+after the other work ended. `interference(...)` turns
 those and the dispersion of the runs into reasons, such as ["load", "cpu wait", "dispersion"]. The
 limits are `Limits`; `$LOOPTUNE_INTERFERENCE=record` keeps the record but never flags (for a
 machine that is always shared, such as CI). Measurements on one device are serialised between
@@ -144,9 +146,12 @@ def interference(conditions: dict, threads: int, limits: Limits) -> list[str]:
     loads = [
         x for x in (conditions.get("load_before"), conditions.get("load_after")) if x is not None
     ]
-    if loads and max(loads) > limits.load_per_core * cores:
-        reasons.append("load")
     others, cpus = conditions.get("other_busy_cores"), conditions.get("cpus") or cores
+    # The load average lags a minute behind the machine: where what others took during the
+    # runs was measured (Linux), it alone says "busy", and a load that has ended is no reason.
+    measured = others is not None and conditions.get("cpu_wait") is not None
+    if not measured and loads and max(loads) > limits.load_per_core * cores:
+        reasons.append("load")
     if others is not None and others > max(cpus - threads, 0) + limits.other_cores:
         reasons.append("other processes")
     ratio, cv = conditions.get("tpot_p90_over_p50"), conditions.get("run_cv")
