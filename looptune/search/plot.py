@@ -112,7 +112,7 @@ def front_figure(
             s=60,
             color="tab:red",
             zorder=4,
-            label="measured under interference",
+            label="measured under load (busy machine)",
         )
     numbered = front + kv_only
     for i, o in enumerate(numbered, 1):
