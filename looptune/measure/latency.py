@@ -186,21 +186,28 @@ IDENTITY = ("model_hash", "mode", "loops", "batch", "window", "prompt_len", "gen
 
 def _cached(store: ResultCache, c: Candidate) -> Measurement | None:
     """The cached Measurement of `c`, under `c`'s own path (a copy of a checkpoint has the same
-    content, so the same result); None, with a warning for a result of another candidate."""
-    hit = store.get(c.key)
-    if hit is None:
-        return None
-    m = Measurement.from_dict(hit)
-    wrong = [f for f in IDENTITY if getattr(m, f) != getattr(c.m, f)]
-    if wrong:
-        warn(
-            f"ignoring profile cache entry {store.path(c.key)}: its {wrong[0]} "
-            f"{getattr(m, wrong[0])!r} is not the candidate's {getattr(c.m, wrong[0])!r}; "
-            "measuring again"
-        )
-        return None
-    m.checkpoint, m.cached = c.m.checkpoint, True
-    return m
+    content, so the same result); None, with a warning for a result of another candidate.
+    R = 1 is one plain decoder in every mode: one measured in another mode is `c`'s too."""
+    others = [mode for mode in MODES if mode != c.m.mode] if c.m.loops == 1 else []
+    for mode in [c.m.mode, *others]:
+        key = {**c.key, "mode": mode}
+        hit = store.get(key)
+        if hit is None:
+            continue
+        m = Measurement.from_dict(hit)
+        if m.mode == mode:  # as its key says: the same step, shown under `c`'s mode
+            m.mode = c.m.mode
+        wrong = [f for f in IDENTITY if getattr(m, f) != getattr(c.m, f)]
+        if wrong:
+            warn(
+                f"ignoring profile cache entry {store.path(key)}: its {wrong[0]} "
+                f"{getattr(m, wrong[0])!r} is not the candidate's {getattr(c.m, wrong[0])!r}; "
+                "measuring again"
+            )
+            continue
+        m.checkpoint, m.cached = c.m.checkpoint, True
+        return m
+    return None
 
 
 def _measure(todo: list[Candidate], dev, plan: Plan, store: ResultCache, say):
