@@ -340,27 +340,6 @@ def test_r1_measured_in_one_mode_is_the_cached_r1_of_every_mode(ckpt):
         assert [m.label for m in ms] == [first[0].label.replace("plt", mode) for mode in modes]
 
 
-def test_r1_measured_in_one_mode_is_the_cached_r1_of_every_mode(ckpt):
-    """R = 1 measured in the first mode asked is every mode's: a later profile that asks the
-    modes in another order, or one of the others alone, finds it cached (it measured R = 1
-    again, at 7B a compile and a measurement, and overwrote the cached row with it)."""
-    runs = []
-
-    def progress(message):
-        if ": run " in message:
-            runs.append(message.split(":")[0])
-
-    args = dict(loops=[1, 2], progress=progress, **FAST)
-    first = profile_candidates([ckpt], modes=["plt", "sequential"], fresh=True, **args)
-    assert len(set(runs)) == 3
-    for modes in (["sequential", "plt"], ["sequential"], ["plt-noshift"]):
-        runs.clear()
-        ms = profile_candidates([ckpt], modes=modes, **{**args, "loops": [1]})
-        assert runs == [] and [(m.mode, m.cached) for m in ms] == [(mode, True) for mode in modes]
-        assert {m.tpot_ms_p50 for m in ms} == {first[0].tpot_ms_p50}
-        assert [m.label for m in ms] == [first[0].label.replace("plt", mode) for mode in modes]
-
-
 def test_ctrl_c_caches_only_finished_candidates_and_raises(ckpt):
     seen = []
 
