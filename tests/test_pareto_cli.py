@@ -18,6 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from looptune.cli import app
+from looptune.errors import LooptuneError
 from looptune.model.checkpoint import init_checkpoint
 
 FAST = [
@@ -400,3 +401,43 @@ def test_killed_run_resumes_without_losing_trials(family, tmp_path):
     doc = json.loads(rerun.stdout)
     assert len(doc["outcomes"]) == 6  # the whole grid, the finished trials kept
     assert doc["measurements"]["latency"] <= 6 - before + 1  # the killed one at most again
+
+
+def test_compile_choice_reaches_the_study_and_a_bad_one_is_one_line(family, tmp_path, monkeypatch):
+    """`--compile off|on|both` sets the compile knob's options (a GPU user keeps 30-40 s
+    compiles of a 7B out of the study with `off`); anything else is one line, exit 2."""
+    seen = []
+
+    def stop(*args, **kwargs):
+        seen.append(kwargs["compile_options"])
+        raise LooptuneError("stopped here")
+
+    monkeypatch.setattr("looptune.search.pareto.run_pareto", stop)
+    for choice, options in (("off", [False]), ("on", [True]), ("both", [False, True])):
+        result = pareto(family, tmp_path, "--budget-ms", "1000", "--compile", choice)
+        assert result.exit_code == 2 and "stopped here" in result.stderr
+        assert seen[-1] == options
+    pareto(family, tmp_path, "--budget-ms", "1000")
+    assert seen[-1] is None  # the device decides: both on a GPU, off on the CPU
+    result = pareto(family, tmp_path, "--budget-ms", "1000", "--compile", "yes")
+    assert result.exit_code == 2 and len(seen) == 4
+    assert last_line(result) == "error: --compile must be one of off, on, both; got 'yes'"
+
+
+@pytest.mark.slow  # two inductor compiles on the CPU
+def test_compile_both_on_the_cpu_measures_each_setting_both_ways(family, tmp_path):
+    result = pareto(
+        family,
+        tmp_path,
+        "--budget-ms",
+        "1000",
+        "--compile",
+        "both",
+        "--json",
+        loops="1",
+        members=("plt-r2",),
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["grid_size"] == 2
+    assert sorted(o["knobs"]["compile"] for o in doc["outcomes"]) == [False, True]

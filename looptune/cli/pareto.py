@@ -20,6 +20,7 @@ BUDGET_FLAGS = {
     "kv_mib": "--budget-kv-mib",
     "ttft_ms": "--budget-ttft-ms",
 }
+COMPILE_CHOICES = {"off": [False], "on": [True], "both": [False, True]}
 
 
 @app.command()
@@ -59,6 +60,14 @@ def pareto(
     dtypes: Annotated[
         str | None,
         typer.Option(help="dtypes to search (default: float32 on CPU, bfloat16 on GPU)."),
+    ] = None,
+    compile_: Annotated[
+        str | None,
+        typer.Option(
+            "--compile",
+            help="Compiled decode steps to search: off, on or both (default: both on a GPU, "
+            "off on the CPU). Each compiled setting costs a compile (30-40 s at 7B).",
+        ),
     ] = None,
     trials: Annotated[
         int,
@@ -103,7 +112,7 @@ def pareto(
 ):
     """Find the best setting within budgets and write it as a deployable profile.
 
-    An Optuna study over loop count, window, dtype (and compile on a GPU). Rerunning the same
+    An Optuna study over loop count, window, dtype (and compile on a GPU, see --compile). Rerunning the same
     command resumes the study and measures only what is missing; other budgets re-choose from
     what was measured. Several workers with one --storage and --study share it. Exit code 3
     when nothing fits (the nearest miss is reported)."""
@@ -128,6 +137,11 @@ def pareto(
         else None
     )
     window_list = parse_int_list(windows, "--windows") if windows else None
+    if compile_ is not None and compile_ not in COMPILE_CHOICES:
+        raise LooptuneError(
+            f"--compile must be one of {', '.join(COMPILE_CHOICES)}; got {compile_!r}"
+        )
+    compile_options = COMPILE_CHOICES.get(compile_)
     loop_list = parse_int_list(loops, "--loops")
     if quality_set == "humaneval":
         raise LooptuneError(
@@ -158,6 +172,7 @@ def pareto(
             windows=window_list,
             loops=loop_list,
             dtypes=dtype_list,
+            compile_options=compile_options,
             trials=trials,
             storage=storage,
             study_name=study,
