@@ -272,6 +272,35 @@ def test_state_dict_names_are_the_checkpoint_names(gate):
     assert len(keys) == 2 + 2 * per_layer  # embeddings, final norm (the head is tied)
 
 
+def test_a_prefill_into_a_cache_made_for_other_knobs_is_one_line():
+    """The prefill fills the cache with the loops, mode and window it is given, the decode
+    reads it with the cache's: another window filled it silently with what the next steps
+    then read as the cache's (no error, wrong logits); another R, batch or dtype was an
+    IndexError or RuntimeError traceback."""
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(9))
+    cache = model.new_cache(2, 12, loops=2, window=4)
+    for wrong, said in [
+        ({"loops": 2, "window": 8}, "window 8"),
+        ({"loops": 3, "window": 4}, "loops 3"),
+        ({"loops": 2, "window": 4, "mode": "sequential"}, "mode 'sequential'"),
+    ]:
+        with pytest.raises(LooptuneError, match=f"{said}, but the cache was made for"):
+            model(ids[:, :5], cache=cache, **wrong)
+    with pytest.raises(LooptuneError, match="3 sequences, but the cache holds 2"):
+        model(ids[:1].expand(3, -1), loops=2, window=4, cache=cache)
+    half = model.new_cache(2, 12, loops=2, window=4, dtype=torch.bfloat16)
+    with pytest.raises(LooptuneError, match="float32, but the cache is bfloat16"):
+        model(ids[:, :5], loops=2, window=4, cache=half)
+    assert cache.length == 0  # nothing was filled
+    with torch.no_grad():  # the sequential cache does not depend on the window
+        full = model(ids, loops=2, mode="sequential", window=4)
+        cache = model.new_cache(2, 12, loops=2, mode="sequential", window=8)
+        model(ids[:, :5], loops=2, mode="sequential", window=4, cache=cache)
+        rest = torch.stack([model.decode_step(ids[:, t], cache) for t in range(5, 12)], 1)
+    torch.testing.assert_close(rest, full[:, 5:], atol=1e-5, rtol=0)
+
+
 def test_a_prompt_of_no_tokens_is_one_clear_error():
     model = tiny_model()
     ids = torch.zeros((2, 0), dtype=torch.long)

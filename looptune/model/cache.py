@@ -271,6 +271,25 @@ class KVCache:
 
     # ----- prefill -----
 
+    def check_prefill(self, loops: int, mode: str, window: int, batch: int, dtype):
+        """Refuse, before anything is written, a prefill that would fill this cache with other
+        knobs than its decode reads it with (a window only where the cache has rings)."""
+        asked = {"loops": loops, "mode": mode, "window": window if self.rings else self.window}
+        made = {"loops": self.loops, "mode": self.mode, "window": self.window}
+        name = next((k for k in asked if asked[k] != made[k]), None)
+        if name is not None:
+            raise LooptuneError(
+                f"a prefill with {name} {asked[name]!r}, but the cache was made for "
+                f"{name} {made[name]!r}: make the cache with the same loops, mode and window"
+            )
+        if batch != self.batch:
+            raise LooptuneError(f"a prompt of {batch} sequences, but the cache holds {self.batch}")
+        if dtype != self.dtype:
+            raise LooptuneError(
+                f"a model in {str(dtype).removeprefix('torch.')}, but the cache is "
+                f"{str(self.dtype).removeprefix('torch.')}: make it with the model's dtype"
+            )
+
     def fill(self, layer: int, loop: int, k, v):
         """Store one loop's keys and values of a whole prompt `[B, H_kv, T, d_h]` from 0."""
         T = k.shape[2]

@@ -87,8 +87,7 @@ def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
 
 
 def gswa_mix(g, y_global, y_local):
-    """The G-SWA output: `g * Attn(q, K_1, V_1) + (1 - g) * Attn(q, K_r, V_r, window W)`, as
-    one op."""
+    """G-SWA's output in one op: `g * Attn(q, K_1, V_1) + (1 - g) * Attn(q, K_r, V_r, W)`."""
     return torch.lerp(y_local, y_global, g)
 
 
@@ -361,11 +360,13 @@ class PLTForCausalLM(nn.Module):
     ):
         """Logits `[B, T, vocab]`; with `return_hidden`, also every loop's output `[R][B, T, d]`.
 
-        With `cache` (empty, sized for at least T >= 1), this is the prefill: the cache then
+        With `cache` (empty, of these knobs, T >= 1 long), this is the prefill: the cache then
         holds what incremental decode needs to continue at T (no prefill: decode from 0)."""
         if input_ids.shape[-1] == 0:
             raise LooptuneError("input_ids holds no tokens (to start from none, decode at 0)")
         R, mode, W = self.knobs(loops, mode, window)
+        if cache is not None:
+            cache.check_prefill(R, mode, W, len(input_ids), self.model.embed_tokens.weight.dtype)
         h, loop1_kv = self.first_loop(input_ids, W)
         kvs, hidden = loop1_kv, [h]
         for r in range(R):
