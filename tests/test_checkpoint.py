@@ -865,3 +865,61 @@ def test_content_hash_overtaken_between_the_index_and_its_shards_starts_again(
     assert saved
     checkpoint._HASHES.clear()
     assert got == checkpoint.content_hash(ck)
+
+
+def test_a_new_tokenizer_takes_the_config_out_before_the_weights_go_in(tmp_path, monkeypatch):
+    """The same config with another tokenizer.json: killed between the weights and the
+    tokenizer, the old tokenizer would be left beside the new weights under a valid config. So
+    a new tokenizer is switched like a new config (config.json out before the weights, back
+    last); the same tokenizer and config switch the weights alone."""
+    from looptune.model import save
+
+    order = []
+    real = save.StagedFiles.commit
+
+    def recording(self):
+        order.append(
+            [("remove " if tmp is None else "") + final.name for tmp, final in self._steps]
+        )
+        real(self)
+
+    monkeypatch.setattr(save.StagedFiles, "commit", recording)
+    (tmp_path / "a.json").write_text('{"a": 1}')
+    (tmp_path / "b.json").write_text('{"b": 2}')
+    ck = tmp_path / "ck"
+    save_checkpoint(tiny_model(seed=0), ck, tokenizer_json=tmp_path / "a.json")
+    save_checkpoint(tiny_model(seed=1), ck, tokenizer_json=tmp_path / "b.json")
+    save_checkpoint(tiny_model(seed=2), ck, tokenizer_json=tmp_path / "b.json")
+    assert order[1][0] == "remove config.json"
+    assert order[1].index("tokenizer.json") < order[1].index("config.json") == len(order[1]) - 1
+    assert not [step for step in order[2] if "config.json" in step]
+    assert (ck / "tokenizer.json").read_text() == '{"b": 2}'
+
+
+def test_a_load_that_fails_because_a_save_overtook_it_starts_again(tmp_path, monkeypatch):
+    """A save of another shape between the layout and the tensors makes `load_state_dict`
+    raise a size mismatch (a RuntimeError): that is the same race, read again; the same error
+    with nothing changed is the error."""
+    from looptune.model import checkpoint
+
+    ck = tmp_path / "ck"
+    save_checkpoint(tiny_model(seed=0), ck)
+    new = tiny_model(seed=1, window=5)
+    real, calls = checkpoint.read_layout, []
+
+    def overtaken(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            save_checkpoint(new, ck)
+            raise RuntimeError("size mismatch for model.embed_tokens.weight")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "read_layout", overtaken)
+    assert_loads_as(ck, new)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("size mismatch for model.embed_tokens.weight")
+
+    monkeypatch.setattr(checkpoint, "read_layout", broken)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_model(ck, device="cpu")

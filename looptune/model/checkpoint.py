@@ -237,7 +237,7 @@ def load_model(path, device="auto", dtype="auto", eval_mode: bool = True):
         before = _stamp(directory)
         try:
             loaded = _load(directory, device, dtype, eval_mode)
-        except CheckpointError:
+        except (CheckpointError, RuntimeError):  # (a tensor of another shape: the same race)
             if _stamp(directory) == before:
                 raise
             continue  # a file went while it was read: the save's, read the new checkpoint
@@ -253,10 +253,11 @@ _READS = 3
 
 
 def _stamp(directory: Path) -> list[bytes | None]:
-    """What a save changes when it puts another checkpoint in place: config.json and the index,
-    by content (small files; a file's inode and mtime can repeat when saves come quickly)."""
+    """What a save changes when it puts another checkpoint in place: config.json, the index and
+    the tokenizer, by content (small files; a file's inode and mtime can repeat when saves come
+    quickly)."""
     stamp = []
-    for name in ("config.json", INDEX):
+    for name in ("config.json", INDEX, "tokenizer.json"):
         try:
             stamp.append((directory / name).read_bytes())
         except OSError:

@@ -254,13 +254,17 @@ def save_checkpoint(
         with staged:
             # read under the lock: a save that ran while this one waited for it counts
             staged.flush = old.is_file()
-            new_config = not (old.is_file() and old.read_bytes() == config_bytes)  # else weights
-            # A new config: the old one goes just before the first weight file it does not
-            # describe, so a save killed from there on leaves no config.json (a clear error
-            # on load, naming the interrupted save), never new weights under the old config.
+            tokenizer = None if tokenizer_json is None else Path(tokenizer_json).read_bytes()
+            new_config = not (old.is_file() and old.read_bytes() == config_bytes) or (
+                tokenizer is not None and _bytes(directory / "tokenizer.json") != tokenizer
+            )  # else weights only
+            # A new config (or tokenizer): the old config goes just before the first weight
+            # file it does not describe, so a save killed from there on leaves no config.json
+            # (a clear error on load, naming the interrupted save), never new weights under the
+            # old config or beside the old tokenizer.
             weights = _stage_weights(staged, shards, state, new_config and old.is_file())
-            if tokenizer_json is not None:
-                staged.write_bytes("tokenizer.json", Path(tokenizer_json).read_bytes())
+            if tokenizer is not None:
+                staged.write_bytes("tokenizer.json", tokenizer)
             if new_config:
                 staged.write_bytes("config.json", config_bytes)
             for name in sorted(_old_weights(directory) - weights):
@@ -276,6 +280,13 @@ def save_checkpoint(
         said = "the new checkpoint was written first" if staged.committed else kept
         raise Interrupted(f"{directory}: {said}") from None
     return directory
+
+
+def _bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _stage_weights(
