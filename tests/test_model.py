@@ -337,3 +337,16 @@ def test_plt_step_makes_one_attention_call_per_layer_whatever_R():
         counts[R] = sum(ops.ops.values())
     assert counts[2] == counts[3] == counts[4]
     assert counts[2] < 1.3 * counts[1]
+
+
+def test_a_decode_on_a_cache_of_another_dtype_is_one_line():
+    """With no prefill to check it first, a step on a cache of another dtype than the model's
+    was a RuntimeError traceback from attention; every runner refuses it in one line."""
+    from looptune.model.step import make_decode_step
+
+    model = tiny_model()
+    cache = model.new_cache(1, 8, loops=2, dtype=torch.bfloat16)
+    with torch.no_grad(), pytest.raises(LooptuneError, match="model in float32, but the cache"):
+        model.decode_step(torch.zeros(1, dtype=torch.long), cache)
+    with pytest.raises(LooptuneError, match="model in float32, but the cache"):
+        make_decode_step(model, cache, "compile", backend="eager")

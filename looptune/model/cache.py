@@ -160,13 +160,23 @@ class KVCache:
             return self.max_len
         return min(self.max_len, max(16, 1 << self.length.bit_length()))
 
-    def check_room(self):
+    def check_room(self, dtype: torch.dtype | None = None):
         """Refuse a step that would write past the last slot (on a GPU an out-of-bounds write
-        is a device-side assert that ends the process's CUDA context); free when unknown."""
+        is a device-side assert that ends the process's CUDA context); free when unknown. With
+        `dtype`, the model's: refuse a cache of another dtype (attention would not run)."""
         if self.length is not None and self.length >= self.max_len:
             raise LooptuneError(
                 f"the cache is full: it holds max_len = {self.max_len} tokens; "
                 "allocate a longer one or reset() it"
+            )
+        if dtype is not None:
+            self._check_dtype(dtype)
+
+    def _check_dtype(self, dtype: torch.dtype):
+        if dtype != self.dtype:
+            raise LooptuneError(
+                f"a model in {str(dtype).removeprefix('torch.')}, but the cache is "
+                f"{str(self.dtype).removeprefix('torch.')}: make it with the model's dtype"
             )
 
     def stepped(self):
@@ -284,11 +294,7 @@ class KVCache:
             )
         if batch != self.batch:
             raise LooptuneError(f"a prompt of {batch} sequences, but the cache holds {self.batch}")
-        if dtype != self.dtype:
-            raise LooptuneError(
-                f"a model in {str(dtype).removeprefix('torch.')}, but the cache is "
-                f"{str(self.dtype).removeprefix('torch.')}: make it with the model's dtype"
-            )
+        self._check_dtype(dtype)
 
     def fill(self, layer: int, loop: int, k, v):
         """Store one loop's keys and values of a whole prompt `[B, H_kv, T, d_h]` from 0."""

@@ -405,7 +405,7 @@ class PLTForCausalLM(nn.Module):
         if torch.compiler.is_compiling() or cache.length is None:  # no count in a graph: from
             cache.length = None  # here on it is unknown, and steps read the whole cache
             return self.decode_static(token_ids, cache)
-        cache.check_room()
+        cache.check_room(self.model.embed_tokens.weight.dtype)
         logits = self.decode_static(token_ids, cache, cache.length + 1, exact=True)
         cache.stepped()
         return logits

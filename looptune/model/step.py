@@ -81,7 +81,7 @@ def make_decode_step(
     model.fuse()
     if how == "eager":
         return _no_grad(lambda ids: model.decode_step(_one_per_sequence(ids, cache), cache)), 0.0
-    cache.check_room()  # set-up runs a step at the cache's position
+    cache.check_room(model.model.embed_tokens.weight.dtype)  # set-up runs a step here
     if how == "graphs":
         return _graphed(model, cache)
     return _compiled(model, cache, backend)
