@@ -51,8 +51,9 @@ def write_model_dir(source: Path, target: Path, renames: dict[str, str], config:
     _claim(target)
     shards = weight_files(source)
     linked, rewritten = [], []
-    with StagedFiles(target, flush=(target / "config.json").exists()) as staged:
+    with StagedFiles(target) as staged:
         earlier = _written_before(target)  # read under the lock: a copy made meanwhile counts
+        staged.flush = (target / "config.json").exists()  # a copy to replace: flush the new
         if (target / "config.json").exists():  # the earlier copy's shards have the same names:
             staged.remove("config.json")  # killed among their renames, no config, not a mix
         for shard in shards:
