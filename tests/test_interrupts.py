@@ -245,3 +245,52 @@ def test_an_interrupt_after_the_command_is_one_line_and_130(point):
         assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
     else:
         assert (proc.returncode, proc.stderr) == (130, "interrupted\n"), proc.stderr
+
+
+OUTPUT = """
+import resource, signal, sys
+from looptune.cli import app, main
+from looptune.cli.app import emit_json
+
+
+@app.command()
+def done(size: int):
+    emit_json({{"x": "a" * size}})
+
+
+if {no_room}:  # every write to a file fails, as on a full disk or /dev/full (EFBIG, ENOSPC)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+sys.argv = ["looptune", *{argv!r}]
+main()
+"""
+
+
+def _output(argv, stdout, no_room=False):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a user runs it
+    return subprocess.Popen(
+        [sys.executable, "-c", OUTPUT.format(argv=argv, no_room=no_room)],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+# a document stdout's buffer holds to the exit, one written within the command, typer's help
+@pytest.mark.parametrize("argv", [["done", "10"], ["done", "100000"], ["--help"]])
+def test_a_stdout_that_takes_no_more_is_one_line_and_2(tmp_path, argv):
+    with open(tmp_path / "out", "wb") as out:
+        proc = _output(argv, out, no_room=True)
+        _, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stderr) == (
+        2,
+        "error: the output could not be written to stdout: File too large\n",
+    )  # was exit 0 and not a word, or a traceback
+
+
+def test_a_reader_that_is_gone_ends_it_quietly_as_sigpipe_would():  # `looptune ... | head -c 10`
+    proc = _output(["done", "1000000"], subprocess.PIPE)
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stderr) == (128 + signal.SIGPIPE, "")

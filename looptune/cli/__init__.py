@@ -30,7 +30,7 @@ from looptune.cli import score  # noqa: F401  (score)
 from looptune.cli import pareto  # noqa: F401  (pareto)
 from looptune.cli import diagnose  # noqa: F401  (diagnose)
 from looptune.cli import deploy  # noqa: F401  (show, export, generate)
-from looptune.cli.app import app
+from looptune.cli.app import OutputLost, app, output_lost
 
 # isort: on
 if _loading:
@@ -60,7 +60,11 @@ def main():
         ending["code"] = e.code if isinstance(e.code, int) else int(e.code is not None)
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
-    _flush()  # its output goes out whole before the teardown, which a Ctrl-C ends at once
+    except OSError as e:  # typer writing --help, or a command writing past `write_out`
+        if _stdout_refusal() is None:  # not stdout's: a bug, with its traceback
+            raise
+        ending["code"] = output_lost(OutputLost(e))
+    ending["code"] = _written_out(ending["code"])
     raise SystemExit(ending["code"])
 
 
@@ -81,6 +85,27 @@ def _end(ending: dict) -> None:
     if "code" in ending:
         _flush()
         os._exit(ending["code"])
+
+
+def _written_out(code: int) -> int:
+    """The exit code once the command's output went out whole, before the teardown (which a
+    Ctrl-C ends at once): a stdout that took no more makes it a failure, not a silent 0."""
+    refusal = _stdout_refusal()
+    if refusal is not None and code != 130:
+        code = output_lost(OutputLost(refusal))
+    _flush()
+    return code
+
+
+def _stdout_refusal() -> OSError | None:
+    """The error with which stdout refuses what it holds (a failed write stays buffered)."""
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        return e
+    except ValueError:  # closed
+        pass
+    return None
 
 
 def _flush() -> None:

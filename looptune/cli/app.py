@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
 import sys
 import threading
@@ -80,6 +82,8 @@ class _Group(TyperGroup):
                 self._interrupted(main_thread, "")  # get_tensor a ValueError): still one
             if isinstance(e, UsageError):
                 _usage_error(e)
+            if isinstance(e, OutputLost):
+                raise typer.Exit(output_lost(e)) from None
             if isinstance(e, LooptuneError):
                 print(f"error: {e}", file=sys.stderr)
                 raise typer.Exit(e.exit_code) from None
@@ -112,9 +116,43 @@ app = typer.Typer(
 )
 
 
+class OutputLost(LooptuneError):
+    """stdout takes no more: a full disk or quota, or a pipe whose reader is gone."""
+
+    def __init__(self, error: OSError):
+        super().__init__(f"the output could not be written to stdout: {error.strerror or error}")
+        self.reader_gone = error.errno == errno.EPIPE
+
+
+def write_out(text: str) -> None:
+    """Write `text` on stdout now, so that a stdout that takes no more is known while the
+    command can still say so (at the exit it was silent: exit 0 with the document cut)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:
+        raise OutputLost(e) from None
+
+
+def output_lost(e: OutputLost) -> int:
+    """One line and exit 2 for a full stdout; nothing and 141 (as a tool that SIGPIPE ends)
+    for `| head`, whose reader has what it wanted. What stdout still holds is dropped, so
+    the exit's flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a test's stream): nothing to drop
+        pass
+    if e.reader_gone:
+        return 128 + signal.SIGPIPE
+    print(f"error: {e}", file=sys.stderr)
+    return e.exit_code
+
+
 def emit_json(document) -> None:
     """Exactly one JSON document on stdout."""
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    write_out(json.dumps(document, indent=2, default=str) + "\n")
 
 
 def parse_int_list(text: str, name: str, minimum: int = 1) -> list[int]:
