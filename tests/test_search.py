@@ -530,7 +530,9 @@ def test_three_workers_queue_a_killed_workers_retry_exactly_once(db, kind):
     assert retry.user_attrs["attempt"] == 2
 
 
-@pytest.mark.parametrize("claimer", ["gone", "alive", "gone, retried since"])
+@pytest.mark.parametrize(
+    "claimer", ["gone", "alive", "gone, retried since", "gone, a sampler's repeat since"]
+)
 def test_a_retry_claimed_by_a_worker_that_died_before_queuing_it_is_queued_by_another(db, claimer):
     """The claim and the queueing are two writes: a worker killed between them leaves a claim
     and no retry, which the next plan takes over; a live claimer's is left to it, and so is a
@@ -545,16 +547,19 @@ def test_a_retry_claimed_by_a_worker_that_died_before_queuing_it_is_queued_by_an
     pid, start = (parent, trials.started(parent)) if claimer == "alive" else (dead_pid(), 1)
     key = f"looptune:retry:{failed.number}"
     assert storage.claim(study, key, {"process": [trials.MACHINE, pid, start]})
-    if claimer == "gone, retried since":
+    if claimer.startswith("gone, "):
         grid = {k: optuna.distributions.CategoricalDistribution(v) for k, v in SMALL.grid().items()}
-        retried = optuna.trial.create_trial(  # the retry, failed already
-            state=TrialState.FAIL, params=vars(bad).copy(), distributions=grid
+        retried = optuna.trial.create_trial(  # the retry, failed already; or a repeat (no trial)
+            state=TrialState.FAIL if "retried" in claimer else TrialState.PRUNED,
+            params=vars(bad).copy(),
+            distributions=grid,
+            user_attrs={} if "retried" in claimer else {"repeat": True},
         )
         study.add_trial(retried)
     trials.enqueue_once(study, vars(bad).copy(), key.removeprefix("looptune:"), since=failed.number)
     waiting = study.get_trials(states=[TrialState.WAITING])
     retries = [t for t in waiting if Knobs(**t.system_attrs["fixed_params"]) == bad]
-    assert len(retries) == (1 if claimer == "gone" else 0)
+    assert len(retries) == (0 if claimer in ("alive", "gone, retried since") else 1)
 
 
 def running_trial(db, process):
@@ -771,6 +776,38 @@ def test_a_machine_busy_run_after_run_costs_one_measurement_a_run_not_the_whole_
     assert {o.knobs: o.latency_ms for o in idle.outcomes} == {
         k: synthetic(k).latency_ms for k in SMALL.settings()
     }
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_re_measurement_that_was_interrupted_or_failed_is_queued_again_by_the_next_run(db, stop):
+    """Ctrl-C (or a crash) while a setting measured under load is measured again: the next run
+    on an idle machine measures it again (its claim stood for good: no run ever did, and each
+    sampled a hundred repeats instead), and a crash is retried up to its attempts."""
+    busy, load, stopping, calls = Knobs("b", 2, 8, "float32"), [True], [True], []
+
+    def evaluate(knobs):
+        calls.append(knobs)
+        if knobs == busy and not load[0] and stopping[0]:
+            raise stop()
+        o = synthetic(knobs)
+        if knobs == busy and load[0]:
+            o.latency_ms, o.interference = o.latency_ms * 7, "load"
+        return o
+
+    run_study(SMALL, evaluate, 100, db, "re-measure")
+    load[0] = False
+    for _ in range(1 if stop is KeyboardInterrupt else MAX_ATTEMPTS):
+        with pytest.raises(Interrupted if stop is KeyboardInterrupt else RuntimeError):
+            run_study(SMALL, evaluate, 100, db, "re-measure")
+    assert calls[8:] == [busy] * (len(calls) - 8)
+    stopping[0] = False
+    again = run_study(SMALL, evaluate, 100, db, "re-measure")
+    measured = {o.knobs: o for o in again.outcomes}[busy]
+    if stop is KeyboardInterrupt:  # no attempt: measured again, clean
+        assert calls[-1] == busy and measured.interference is None
+    else:  # three crashes: the flagged measurement stands, and nothing is sampled instead
+        assert measured.interference == "load" and len(calls) == 8 + MAX_ATTEMPTS
+    assert again.trials == len(calls)  # no sampled repeats
 
 
 def test_a_probe_of_a_busy_machine_is_one_setting_however_often_the_worker_plans(db):

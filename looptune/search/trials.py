@@ -317,7 +317,14 @@ def plan(
     redo = remeasurable(state, earlier)
     room = None if remeasure is None else max(0, remeasure - len(redo & busy))
     for knobs in sorted(redo - busy - state.queued, key=str)[:room]:
-        last = state.flagged[knobs][-1].number
+        # Claimed after the setting's latest trial: a re-measurement that was interrupted (no
+        # attempt) or failed is queued again, as a first measurement would be (keyed by the
+        # flagged one alone, its claim stood for good and no run measured the setting again).
+        flagged_last = state.flagged[knobs][-1].number
+        failed = [t for t in state.failures.get(knobs, []) if t.number > flagged_last]
+        if attempts(failed) >= MAX_ATTEMPTS:
+            continue  # the flagged measurement stands
+        last = max([flagged_last, *(t.number for t in failed)])
         _enqueue(study, state, knobs, f"remeasure:{last}", {"remeasure": True}, last)
     if len(state.done) >= target and not redo & (state.queued | set(state.running)):
         return None
@@ -341,24 +348,28 @@ def fill_key(knobs: Knobs) -> str:
 
 
 def _enqueue(study, state: StudyState, knobs: Knobs, replaces: str, attrs: dict, since=None):
-    enqueue_once(study, vars(knobs).copy(), replaces, attrs, since)
-    state.queued.add(knobs)
+    if enqueue_once(study, vars(knobs).copy(), replaces, attrs, since):
+        state.queued.add(knobs)
 
 
 def enqueue_once(
     study, params: dict, replaces: str, attrs: dict | None = None, since: int | None = None
-) -> None:
+) -> bool:
     """Queue a trial of `params` unless another worker claimed `replaces` first (it queues
     it). A claim whose worker stopped before it queued (it is gone, and no trial of `params`
     waits, runs or came after trial `since`) is taken over under the next key, so an entry is
-    never lost either."""
+    never lost either. False when a trial that came after `since` made the entry needless:
+    nothing is queued, and a plan must not count it as waiting (its worker sampled instead)."""
     key, me = f"looptune:{replaces}", {"process": [MACHINE, *this_process()]}
     while not claim(study, key, me):
         holder = study._storage.get_study_system_attrs(study._study_id).get(key, {})
-        if not _gone(holder.get("process")) or _superseded(study, params, since):
-            return
+        if not _gone(holder.get("process")):
+            return True  # its holder queues it
+        if _superseded(study, params, since):
+            return False
         key += "+"
     study.enqueue_trial(params, user_attrs=attrs)
+    return True
 
 
 def _gone(process) -> bool:
@@ -376,6 +387,8 @@ def _gone(process) -> bool:
 def _superseded(study, params: dict, since: int | None) -> bool:
     """Whether a trial of `params` waits or runs, or came after trial `since` (any, for None)."""
     for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("repeat"):  # a sampler's proposal of a measured setting: no trial
+            continue
         if params.items() <= {**t.system_attrs.get("fixed_params", {}), **t.params}.items():
             unfinished = t.state in (TrialState.WAITING, TrialState.RUNNING)
             if unfinished or since is None or t.number > since:
