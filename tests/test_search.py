@@ -289,6 +289,39 @@ def test_an_interrupt_while_the_study_is_created_leaves_one_that_a_rerun_complet
     assert len(record.outcomes) == 8 and record.trials == 8
 
 
+@pytest.mark.parametrize("rerun", ["later", "at once"])
+def test_a_plan_entry_left_by_a_worker_on_another_machine_is_queued_once_its_claim_is_old(
+    db, monkeypatch, rerun
+):
+    """A worker on another machine (sharing the database) stopped amid its plan, between the
+    claim of an entry and its queueing: whether it is gone is not known here, and its claim
+    stood for good, so that setting was never measured and no run said so. A run once the
+    claim is older than the heartbeat's grace measures it, and so does one that starts before
+    (its plan before each trial finds the entry missing)."""
+    third, enqueue, calls = vars(SMALL.settings()[2]), optuna.Study.enqueue_trial, []
+
+    def stop_at_the_third(self, params, *args, **kwargs):
+        if params == third:
+            raise KeyboardInterrupt
+        return enqueue(self, params, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trials, "MACHINE", "another machine")
+        patch.setattr(optuna.Study, "enqueue_trial", stop_at_the_third)
+        with pytest.raises(KeyboardInterrupt):
+            run_study(SMALL, synthetic, 100, db, "left")
+
+    def evaluate(knobs):  # the claim grows old while this run measures
+        calls.append(knobs)
+        if len(calls) == 4:
+            monkeypatch.setattr(trials, "GRACE_S", -1)
+        return synthetic(knobs)
+
+    monkeypatch.setattr(trials, "GRACE_S", -1 if rerun == "later" else 3600)
+    record = run_study(SMALL, evaluate, 100, db, "left")
+    assert len(record.outcomes) == 8 and record.trials == 8
+
+
 def test_a_sampled_study_of_an_earlier_version_is_resumed_without_a_second_plan(db, monkeypatch):
     """Earlier versions marked only a grid plan as made (and claimed nothing): their sampled
     study is not planned again (twelve more queued entries) when it is resumed."""

@@ -325,8 +325,10 @@ class _Worker:
         self.target, self.on_trial, self.heartbeat = target, on_trial, heartbeat
         self.run_id = uuid.uuid4().hex  # this call's trials (see `trials.running_here`)
         self.earlier: set[int] | None = None  # trials of finished workers, when this run began
-        # A study made to be sampled that is now to cover its grid (a larger `trials`).
-        self.unplanned = target == space.size and study.user_attrs.get("planned") != "grid"
+        # A grid study's plan queues every setting missing from it: one sampled before that now
+        # covers its grid (a larger `trials`), or whose plan entry a worker on another machine
+        # claimed and stopped before it queued (taken over once the claim is old: `trials`).
+        self.fills = target == space.size
         self.instance = study.user_attrs.get("instance")
         self.report: TrialReport | None = None
         self.trial: optuna.Trial | None = None  # the trial this worker measures now
@@ -364,7 +366,7 @@ class _Worker:
         if replaced(self.study, self.instance):  # its trial numbers are another study's now
             raise _started_over(self.study.study_name)
         fail_abandoned(self.study, self.heartbeat)
-        settings = self.space.settings() if self.unplanned else None
+        settings = self.space.settings() if self.fills else None
         if self.earlier is None:
             self.earlier = measured_earlier(self.study)
         # Re-measure what earlier runs measured under load only while it helps: one first,

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import socket
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ import optuna
 from optuna.trial import TrialState
 
 from looptune.search.choice import Knobs, Outcome
-from looptune.search.storage import claim
+from looptune.search.storage import GRACE_S, claim
 
 MAX_ATTEMPTS = 3  # failed trials of one setting before the study gives it up
 INTERRUPTED = "interrupted"  # a failed trial's reason when it was stopped, not failing
@@ -360,10 +361,11 @@ def enqueue_once(
     waits, runs or came after trial `since`) is taken over under the next key, so an entry is
     never lost either. False when a trial that came after `since` made the entry needless:
     nothing is queued, and a plan must not count it as waiting (its worker sampled instead)."""
-    key, me = f"looptune:{replaces}", {"process": [MACHINE, *this_process()]}
+    key = f"looptune:{replaces}"
+    me = {"process": [MACHINE, *this_process()], "at": time.time()}
     while not claim(study, key, me):
         holder = study._storage.get_study_system_attrs(study._study_id).get(key, {})
-        if not _gone(holder.get("process")):
+        if not _gone(holder):
             return True  # its holder queues it
         if _superseded(study, params, since):
             return False
@@ -372,15 +374,19 @@ def enqueue_once(
     return True
 
 
-def _gone(process) -> bool:
-    """Whether `process` ([machine, pid, start], as `mark_worker` records it) is known to have
-    ended: a process of this machine that no longer runs, or this one (which claims and queues
-    in one go, so a claim of its own left unqueued is from a run that stopped)."""
+def _gone(holder: dict) -> bool:
+    """Whether the worker that made claim `holder` stopped before it queued: a process of this
+    machine that no longer runs, or this one (which claims and queues in one go, so a claim of
+    its own left unqueued is from a run that stopped). Of another machine's worker only the
+    claim's age tells: it queues right after it claims, so a claim older than `GRACE_S` was
+    left (were that worker only slow, the entry is queued twice: measured twice at worst)."""
+    process = holder.get("process") if isinstance(holder, dict) else None
     if not isinstance(process, list) or len(process) != 3 or MACHINE is None:
-        return False
+        process = [None, None, None]
     machine, pid, start = process
     if machine != MACHINE or not isinstance(pid, int) or pid <= 0 or not isinstance(start, int):
-        return False
+        at = holder.get("at") if isinstance(holder, dict) else None
+        return isinstance(at, (int, float)) and time.time() - at > GRACE_S
     return (pid, start) == this_process() or not _runs(pid, start)
 
 
