@@ -289,3 +289,26 @@ def test_a_completion_that_stops_inside_a_character_keeps_it_as_a_replacement():
     assert pieces == ["a"]
     text.end()
     assert pieces == ["a", "\ufffd"]
+
+
+def test_generate_into_a_pipe_whose_reader_is_gone_ends_quietly_as_sigpipe_would(made_profile):
+    """`looptune generate ... | head -c 3`: the reader has what it wanted, so the generation
+    stops, with no word and 141 (it was exit 1), as a tool that SIGPIPE ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out, _, _ = made_profile
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a user runs it
+    args = ["generate", "--profile", str(out), "--prompt", "def f(", "--max-new-tokens", "200"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "looptune", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=120)
+    assert (proc.returncode, stderr) == (128 + signal.SIGPIPE, "")

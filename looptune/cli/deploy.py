@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from looptune.cli.app import app, console, emit_json
+from looptune.cli.app import app, console, emit_json, write_out
 
 
 @app.command()
@@ -191,9 +190,9 @@ def generate(
 
     def put(piece: str):
         if not echoed:
-            echoed.append(sys.stdout.write(prompt))
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+            echoed.append(prompt)
+            write_out(prompt)
+        write_out(piece)  # a reader gone (`| head`) ends the generation quietly, as SIGPIPE would
 
     runner.generate(
         prompt,
@@ -203,4 +202,4 @@ def generate(
         top_p=top_p,
         seed=seed,
     )
-    sys.stdout.write(("" if echoed else prompt) + "\n")
+    write_out(("" if echoed else prompt) + "\n")
