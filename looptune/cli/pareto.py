@@ -112,9 +112,9 @@ def pareto(
 ):
     """Find the best setting within budgets and write it as a deployable profile.
 
-    An Optuna study over loop count, window, dtype (and compile on a GPU, see --compile). Rerunning the same
-    command resumes the study and measures only what is missing; other budgets re-choose from
-    what was measured. Several workers with one --storage and --study share it. Exit code 3
+    An Optuna study over loop count, window, dtype (and compile on a GPU, see --compile).
+    Rerunning the same command resumes the study and measures only what is missing; other
+    budgets re-choose from what was measured. Several workers with one --storage and --study share it. Exit code 3
     when nothing fits (the nearest miss is reported)."""
     from looptune.bundled import resolve_checkpoints
     from looptune.search.choice import Budgets, check_budgets

@@ -35,8 +35,8 @@ cache-length dimensions and the span are dynamic, so one compile serves every ba
 inputs). It recompiles for a new architecture (shape, gate), dtype, mode or loop count R (going
 back to one already compiled, R = 2 after R = 3, reuses that one), once for batch 1 (dynamo
 specialises sizes of 1) and once for the first ring of another size (a new window, or a cache
-shorter than the window; the ring is dynamic from then on). Inductor's on-disk cache then makes a second
-process's compile of the same shapes cheap.
+shorter than the window; the ring is dynamic from then on). Inductor's on-disk cache then
+makes a second process's compile of the same shapes cheap.
 
 A step past the cache's last slot raises `LooptuneError` in every runner (on a GPU the write
 would be a device-side assert).
