@@ -480,6 +480,24 @@ def test_boundary_only_the_number_of_files_is_capped():
     assert boundary_alone(made, limits=limits).passed
 
 
+@needs_boundary
+def test_boundary_only_a_pass_made_past_the_file_limit_fails():
+    """The files made before it answered are counted once more after the verdict: a pass that
+    went past the limit between two reads is no pass (as one past its CPU limit is none)."""
+    program = fn("import os\nfor i in range(500):\n    os.mkdir(f'/tmp/{i}')")
+    r = boundary_alone(program, limits=Limits(timeout_s=10.0, files=100))
+    assert (r.status, r.detail) == ("failed", "file limit (100 files)"), r
+
+
+@needs_boundary
+def test_boundary_only_the_files_are_capped_whatever_the_disk_size():
+    # the tmpfs rounds its size up to whole pages: 10,000,000 bytes is 10,002,432
+    limits = Limits(timeout_s=20.0, cpu_s=20, files=2000, disk_bytes=10_000_000)
+    program = fn("import os\nfor i in range(10 ** 6):\n    os.mkdir(f'/tmp/{i}')")
+    r = boundary_alone(program, limits=limits)
+    assert (r.status, r.detail) == ("failed", "file limit (2000 files)"), r
+
+
 # --- processes and user namespaces -------------------------------------------------------------
 
 FORKS = fn(

@@ -295,12 +295,14 @@ class Sandbox:
             return SandboxResult(
                 "timeout", f"time limit ({limits.cpu_s} s CPU)", seconds, kind, output
             )
-        if said == "passed":
-            return SandboxResult("passed", "", seconds, kind, output)
+        # past its file limit, counted once more once it answered: a pass made between two
+        # counts is none either
         if watch.tripped:
             return SandboxResult(
                 "failed", f"file limit ({limits.files} files)", seconds, kind, output
             )
+        if said == "passed":
+            return SandboxResult("passed", "", seconds, kind, output)
         if out_bytes >= limits.file_bytes:
             detail = f"file size limit ({limits.file_bytes} bytes)"
         elif said is not None:

@@ -42,8 +42,8 @@ class Watch:
             fs = os.statvfs(self._where)
         except (OSError, IndexError):  # not set up yet, or already gone
             return
-        if fs.f_blocks * fs.f_frsize != self.disk_bytes:  # not its tmpfs (yet)
-            return
+        if fs.f_blocks != -(-self.disk_bytes // fs.f_frsize):  # not its tmpfs (yet), whose
+            return  # size is rounded up to whole pages
         if fs.f_files - fs.f_ffree > self.files:
             self.tripped = True
             try:  # not reaped yet: its group id cannot have been reused
