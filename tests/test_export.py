@@ -522,3 +522,32 @@ def test_a_forced_export_without_the_model_says_the_engine_picks_the_context(tmp
     assert "context 0 tokens ()" not in lines
     assert any(line.startswith("context: the engine's default") for line in lines)
     assert "context-length" not in yaml.safe_load((tmp_path / "s" / "sglang.yaml").read_text())
+
+
+def test_a_copy_stopped_among_its_renames_leaves_no_file_a_later_copy_keeps(tmp_path, monkeypatch):
+    """Stopped (SIGKILL, a full disk) after some of a sharded model's shards went in over a
+    single-file copy: the next copy removes them, since the copy's list named them before they
+    went in (left, an engine that loads every *.safetensors without an index mixes them in)."""
+    from looptune.model import save
+
+    _, prof_single = loop_profile(tmp_path)
+    sharded = tmp_path / "sharded"
+    init_checkpoint(sharded, "tiny", arch="iquest-loop", shard_bytes=4096)
+    _, prof_sharded = loop_profile(tmp_path / "s", ckpt=sharded)
+    out = tmp_path / "hf"
+    assert export(prof_single, "--to", "hf", "--out", out).exit_code == 0
+    whole = sorted(p.name for p in out.iterdir())
+    replace, renames = os.replace, []
+
+    def stopped_after_three(src, dst):
+        renames.append(dst)
+        if len(renames) > 3:
+            raise OSError(28, "No space left on device", str(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(save.os, "replace", stopped_after_three)
+    stopped = export(prof_sharded, "--to", "hf", "--out", out)
+    monkeypatch.undo()
+    assert stopped.exit_code == 2 and list(out.glob("model-*.safetensors")), stopped.output
+    assert export(prof_single, "--to", "hf", "--out", out).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == whole

@@ -51,8 +51,17 @@ def write_model_dir(source: Path, target: Path, renames: dict[str, str], config:
     _claim(target)
     shards = weight_files(source)
     linked, rewritten = [], []
+    others = [f for f in sorted(source.iterdir()) if f.is_file() and not f.name.startswith(".")]
+    keep = {s.name for s in shards} | {"config.json"}
+    if (source / INDEX).exists():
+        keep.add(INDEX)
+    others = [f for f in others if f.name not in keep]  # tokenizer, generation config, code
+    written = keep | {f.name for f in others}
     with StagedFiles(target) as staged:
         earlier = _written_before(target)  # read under the lock: a copy made meanwhile counts
+        # first, the list names every file this copy may put in: stopped among the renames
+        # (SIGKILL, a full disk), it leaves none that a later copy would not remove
+        staged.write_bytes(MARK, (json.dumps(sorted(earlier | written)) + "\n").encode())
         staged.flush = (target / "config.json").exists()  # a copy to replace: flush the new
         if (target / "config.json").exists():  # the earlier copy's shards have the same names:
             staged.remove("config.json")  # killed among their renames, no config, not a mix
@@ -67,17 +76,13 @@ def write_model_dir(source: Path, target: Path, renames: dict[str, str], config:
                     continue
             staged.link(shard.name, shard)
             linked.append(shard.name)
-        keep = {s.name for s in shards} | {"config.json"}
-        if (source / INDEX).exists():
+        if INDEX in keep:
             index = json.loads((source / INDEX).read_text())
             index["weight_map"] = {renames.get(k, k): v for k, v in index["weight_map"].items()}
             staged.write_bytes(INDEX, (json.dumps(index, indent=2) + "\n").encode())
-            keep.add(INDEX)
-        for f in sorted(source.iterdir()):
-            if f.is_file() and f.name not in keep and not f.name.startswith("."):
-                staged.link(f.name, f)  # tokenizer, generation config, remote code
-                linked.append(f.name)
-        written = keep | set(linked)
+        for f in others:
+            staged.link(f.name, f)
+            linked.append(f.name)
         for name in sorted(earlier - written):
             staged.remove(name)  # left by an earlier copy of another checkpoint
         staged.write_bytes(MARK, (json.dumps(sorted(written)) + "\n").encode())
