@@ -551,3 +551,14 @@ def test_a_copy_stopped_among_its_renames_leaves_no_file_a_later_copy_keeps(tmp_
     assert stopped.exit_code == 2 and list(out.glob("model-*.safetensors")), stopped.output
     assert export(prof_single, "--to", "hf", "--out", out).exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == whole
+
+
+def test_a_copy_inside_the_checkpoint_it_is_made_from_is_refused(tmp_path):
+    """`--to hf --out <ckpt>/sub`: the copy's files would join the checkpoint (a later copy
+    would take them along, and its hash would change); one line, nothing written."""
+    ckpt, prof = loop_profile(tmp_path, loops=2, window=4, compile=False, batch=1)
+    before = sorted(p.name for p in ckpt.iterdir())
+    result = export(prof, "--to", "hf", "--out", ckpt / "sub")
+    assert result.exit_code == 2
+    assert "cannot go inside the checkpoint it is made from" in result.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == before

@@ -48,6 +48,8 @@ def write_model_dir(source: Path, target: Path, renames: dict[str, str], config:
     source, target = Path(source).resolve(), Path(target).resolve()
     if source == target:
         raise LooptuneError(f"{target}: the copy cannot replace the checkpoint it is made from")
+    if target.is_relative_to(source):  # its files would join the checkpoint (and its hash)
+        raise LooptuneError(f"{target}: the copy cannot go inside the checkpoint it is made from")
     _claim(target)
     shards = weight_files(source)
     linked, rewritten = [], []
