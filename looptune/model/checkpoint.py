@@ -233,23 +233,29 @@ def load_model(path, device="auto", dtype="auto", eval_mode: bool = True):
     of one and the weights of the next.
     """
     directory = Path(path)
-    for _ in range(_READS):
-        before = _stamp(directory)
-        try:
-            loaded = _load(directory, device, dtype, eval_mode)
-        except (CheckpointError, RuntimeError):  # (a tensor of another shape: the same race)
-            if _stamp(directory) == before:
-                raise
-            continue  # a file went while it was read: the save's, read the new checkpoint
-        if _stamp(directory) == before:
-            return loaded
-    raise CheckpointError(
-        f"{directory}: changed by a save while it was read, {_READS} times; load it again "
-        "when the save is done"
-    )
+    return _read_whole(directory, lambda: _load(directory, device, dtype, eval_mode))
 
 
 _READS = 3
+
+
+def _read_whole(directory: Path, read):
+    """`read()` of one checkpoint: run again when a save into `directory` changed it meanwhile
+    (`_stamp`), or when `read` returns None (it saw a file rewritten), three times at most."""
+    for _ in range(_READS):
+        before = _stamp(directory)
+        try:
+            result = read()
+        except (CheckpointError, RuntimeError):  # a file gone, a tensor of another shape
+            if _stamp(directory) == before:
+                raise
+            continue  # the save's doing: read the new checkpoint
+        if result is not None and _stamp(directory) == before:
+            return result
+    raise CheckpointError(
+        f"{directory}: changed by a save while it was read, {_READS} times; read it again "
+        "when the save is done"
+    )
 
 
 def _stamp(directory: Path) -> list[bytes | None]:
@@ -321,23 +327,17 @@ def content_hash(path) -> str:
     (config.json or the index changed, as `load_model` tells): the hash is of one checkpoint,
     never of a mix."""
     directory = Path(path)
-    for _ in range(_READS):
-        before = _stamp(directory)
-        try:
-            files, key = _file_stamps(directory)
-            if key not in _HASHES:
-                digest = _digest(files)
-                if _file_stamps(directory)[1] != key:
-                    continue  # a file rewritten while it was read
-                _HASHES[key] = digest
-            return _HASHES[key]
-        except CheckpointError:  # a file gone (or a wrong index read) amid a save: again
-            if _stamp(directory) == before:
-                raise
-    raise CheckpointError(
-        f"{directory}: changed by a save while it was read, {_READS} times; try again when "
-        "the save is done"
-    )
+
+    def read() -> str | None:
+        files, key = _file_stamps(directory)
+        if key not in _HASHES:
+            digest = _digest(files)
+            if _file_stamps(directory)[1] != key:
+                return None  # a file rewritten while it was read
+            _HASHES[key] = digest
+        return _HASHES[key]
+
+    return _read_whole(directory, read)
 
 
 def _file_stamps(directory: Path) -> tuple[list[Path], tuple]:
