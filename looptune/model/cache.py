@@ -110,14 +110,13 @@ class KVCache:
         # Kept by `filled`, `reset`, `PLTForCausalLM.decode_step` and the runners in step.py.
         self.length: int | None = 0
         slots = torch.arange(off + max_len, device=device)
-        self._slots = slots
         # the position a slot holds once written, mod W' in the rings: written iff <= pos
         self._slot_pos = torch.where(slots < off, slots % W, slots - off)
         self._ring_base = torch.arange(rings, device=device) * W  # first slot of each ring
-        self._pass_mask = self._pass_masks()
+        self._pass_mask = self._pass_masks(slots)
         self.begin_step()
 
-    def _pass_masks(self) -> dict[int, torch.Tensor]:
+    def _pass_masks(self, slots: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per pass with G-SWA rows (by its first loop), the additive mask of which slots each
         query row may see once they are written: its global rows (every loop of the pass) see
         loop 0's full-length cache, then its local rows each their own ring. Stacked per head
@@ -126,7 +125,7 @@ class KVCache:
         if not self.rings:
             return {}
         starts = [0] if self.mode == "plt" else range(1, self.loops)  # plt: all R in one pass
-        slots, out = self._slots, {}
+        out = {}
         width = -(-len(slots) // 16) * 16
         for start in starts:
             stop = self.loops if self.mode == "plt" else start + 1
@@ -191,7 +190,6 @@ class KVCache:
             torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(t, 2)
         torch._dynamo.maybe_mark_dynamic(self.carry, 1)
-        torch._dynamo.maybe_mark_dynamic(self._slots, 0)
         torch._dynamo.maybe_mark_dynamic(self._slot_pos, 0)
         for mask in self._pass_mask.values():
             torch._dynamo.maybe_mark_dynamic(mask, 1)
