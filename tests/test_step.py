@@ -95,18 +95,25 @@ class _Compiles:
         return F.scaled_dot_product_attention(q, k, v, *args, **kwargs)
 
 
+def _prefilled(batch, T, prefix, seed):
+    """A fresh dynamo, a one-layer model (the trace is what these tests wait on), ids
+    `[batch, T]`, their full forward at R = 2, W = 4, and a cache holding the first `prefix`."""
+    torch._dynamo.reset()
+    model = tiny_model(num_hidden_layers=1)
+    ids = torch.randint(0, 256, (batch, T), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        full = model(ids, loops=2, window=4)
+        cache = model.new_cache(batch, T, loops=2, window=4)
+        model(ids[:, :prefix], loops=2, window=4, cache=cache)
+    return model, ids, full, cache
+
+
 def test_compiled_step_reads_the_span_and_never_recompiles_as_the_length_grows():
     """The compiled step costs what the length needs, not the cache size: it reads exactly
     the tokens held plus the new one (6, 7, ..., 70) and the ring, from one compile made in
     set-up."""
-    torch._dynamo.reset()
-    model = tiny_model(num_hidden_layers=1)  # one layer: the trace is what this test waits on
     T, prefix = 70, 5
-    ids = torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(15))
-    with torch.no_grad():
-        full = model(ids, loops=2, window=4)
-        cache = model.new_cache(2, T, loops=2, window=4)
-        model(ids[:, :prefix], loops=2, window=4, cache=cache)
+    model, ids, full, cache = _prefilled(2, T, prefix, seed=15)
     backend = _Compiles()
     step, _ = make_decode_step(model, cache, "compile", backend=backend)
     assert backend.compiles == 1 and cache.length == prefix  # set-up compiled, then put back
@@ -123,14 +130,8 @@ def test_a_batch_of_one_fed_column_by_column_compiles_once():
     """`ids[:, t]` of batch 1 has stride T (size-1 tensors count as contiguous): the runner
     must not recompile on it, nor on int32 ids; a recompile after set-up also took the span as
     a constant and recompiled again as it grew (three compiles, at 7B 30-40 s each)."""
-    torch._dynamo.reset()
-    model = tiny_model(num_hidden_layers=1)
     T, prefix = 12, 3
-    ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(17))
-    with torch.no_grad():
-        full = model(ids, loops=2, window=4)
-        cache = model.new_cache(1, T, loops=2, window=4)
-        model(ids[:, :prefix], loops=2, window=4, cache=cache)
+    model, ids, full, cache = _prefilled(1, T, prefix, seed=17)
     backend = _Compiles()
     step, _ = make_decode_step(model, cache, "compile", backend=backend)
     out = [step(ids[:, t] if t % 2 else ids[:, t].int()).clone() for t in range(prefix, T)]
@@ -178,14 +179,8 @@ def test_a_runner_set_up_without_a_count_compiles_once_more_when_it_gets_one():
     """A runner set up on a cache whose count is unknown (the whole cache read under a mask)
     and later refilled compiles the exact step once, its span unbacked too: not a constant
     span that recompiles again as the length grows."""
-    torch._dynamo.reset()
-    model = tiny_model(num_hidden_layers=1)
     T = 12
-    ids = torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(19))
-    with torch.no_grad():
-        full = model(ids, loops=2, window=4)
-        cache = model.new_cache(2, T, loops=2, window=4)
-        model(ids[:, :3], loops=2, window=4, cache=cache)
+    model, ids, full, cache = _prefilled(2, T, 3, seed=19)
     cache.length = None  # as after a compiled `decode_step`
     backend = _Compiles()
     step, _ = make_decode_step(model, cache, "compile", backend=backend)
