@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from step_timing import failure, ints, say, summary, time_runs
+from step_timing import failure, ints, outcome, say, summary, time_runs
 from torch._dynamo.utils import counters
 
 from looptune.errors import LooptuneError
@@ -176,10 +176,7 @@ def main(argv=None):
         for how, read, context in itertools.product(hows, reads, contexts):
             row = measure(model, cache, how, read, context, args)
             rows.append(row)
-            what = row["status"]
-            if what == "ok":
-                what = f"{row['tpot_ms_p50']:.3f} ms/step, setup {row['setup_ms']:.0f} ms"
-            say(f"{how} {read} context {context}: {what}")
+            say(f"{how} {read} context {context}: {outcome(row)}")
             if args.out:
                 keep(args.out, row)
     except KeyboardInterrupt:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from step_timing import failure, ints, say, summary, time_runs
+from step_timing import failure, ints, outcome, say, summary, time_runs
 
 from looptune.errors import LooptuneError
 from looptune.measure.env import environment
@@ -254,10 +254,7 @@ def main(argv=None):
         ):
             row = measure(model, how, batch, context, mode, R, window, args)
             rows.append(row)
-            what = row["status"]
-            if what == "ok":
-                what = f"{row['tpot_ms_p50']:.3f} ms/step, setup {row['setup_ms']:.0f} ms"
-            say(f"{how} batch {batch} context {context} {mode} R={R}: {what}")
+            say(f"{how} batch {batch} context {context} {mode} R={R}: {outcome(row)}")
             if args.out:
                 keep(args.out, row, weight_bytes, copy_gbs)
     except KeyboardInterrupt:

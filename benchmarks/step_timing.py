@@ -60,3 +60,10 @@ def failure(e: Exception) -> dict:
     """A result that ran out of memory or failed: recorded, and the next one runs."""
     oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
     return {"status": "oom" if oom else "error", "error": str(e).strip()[:300]}
+
+
+def outcome(row: dict) -> str:
+    """A result in a few words for the progress line: its TPOT and set-up, or its status."""
+    if row["status"] != "ok":
+        return row["status"]
+    return f"{row['tpot_ms_p50']:.3f} ms/step, setup {row['setup_ms']:.0f} ms"
