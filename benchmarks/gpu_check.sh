@@ -19,12 +19,9 @@
 #   decode_context.jsonl, decode_context.md, decode_context_env.json
 set -u
 OUT=${OUT:-$PWD/gpu_check_out}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 source "$(dirname "$0")/stages.sh"
 
-if $PY -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+if has_cuda; then
     GPU=1
     PRESET=${PRESET:-loopcoder-v2-7b}
 else

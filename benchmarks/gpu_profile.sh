@@ -14,11 +14,8 @@
 # (its table), and with PARETO=1 pareto.json, pareto.yaml.
 set -u
 OUT=${OUT:-$PWD/gpu_profile_out}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 source "$(dirname "$0")/stages.sh"
-if $PY -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+if has_cuda; then
     PRESET=${PRESET:-loopcoder-v2-7b} DEVICE=cuda HOW=${HOW:---graphs} LENGTHS=""
 else  # the tiny preset holds 512 positions
     PRESET=${PRESET:-tiny} DEVICE=cpu HOW=${HOW:-} LENGTHS="--prompt-len 128 --gen-len 32"

@@ -1,7 +1,11 @@
-# Shared by the prepared GPU scripts: a log with UTC times, and stages under their own timeouts
-# (SIGINT first, so a benchmark or looptune keeps what it measured, SIGKILL 15 s later).
-# Source it after setting OUT.
+# Shared by the prepared GPU scripts: the output folder and Python, a log with UTC times, and
+# stages under their own timeouts (SIGINT first, so a benchmark or looptune keeps what it
+# measured, SIGKILL 15 s later). Source it after setting OUT.
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG="$OUT/$(basename "$0" .sh).log"
+has_cuda() { $PY -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; }
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG" >&2; }
 stage() {  # stage NAME SECONDS command...: run under a timeout, log how it ended and its time
     local name=$1 limit=$2 t0=$SECONDS
